@@ -1,0 +1,113 @@
+"""Input statistics of Linear layers, accumulated by forward pre-hooks in float32 (or float64).
+
+Kinds:
+- ``"sq_norm"``: per input feature, the sum of x_j^2 over real tokens (Wanda's and RIA's ||x_j||).
+- ``"gram"``: X^T X over real tokens (SparseGPT's Hessian is 2 X^T X / N; ModHiFi's Gram is X^T X / N).
+
+Padding tokens never count: the walker sets ``token_mask`` ([B, T] bool) before each batch, and an
+input whose leading dims match it is filtered to the real tokens first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import NonFiniteStatisticsError
+
+KINDS = ("sq_norm", "gram")
+
+
+@dataclass
+class LinearStats:
+    """Accumulated input statistics of one Linear layer."""
+
+    in_features: int
+    kinds: frozenset
+    dtype: torch.dtype = torch.float32
+    tokens: int = 0
+    sq_sum: torch.Tensor | None = None
+    xtx: torch.Tensor | None = None
+    _finite: bool = field(default=True, repr=False)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features)
+        if x.shape[0] == 0:
+            return
+        x = x.to(self.dtype)
+        if "sq_norm" in self.kinds:
+            part = x.pow(2).sum(dim=0)
+            self.sq_sum = part if self.sq_sum is None else self.sq_sum.add_(part)
+        if "gram" in self.kinds:
+            if self.xtx is None:
+                self.xtx = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=x.device)
+            self.xtx.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    # ---- derived statistics (all float) ------------------------------------------------------
+    @property
+    def col_sq_mean(self) -> torch.Tensor:
+        """Mean over tokens of x_j^2, per input feature ([in])."""
+        return self.sq_sum / max(1, self.tokens)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """E[x x^T] over tokens ([in, in])."""
+        return self.xtx / max(1, self.tokens)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """SparseGPT's layer Hessian 2 E[x x^T] ([in, in])."""
+        return self.xtx * (2.0 / max(1, self.tokens))
+
+    def check(self, name: str) -> None:
+        if self.tokens == 0:
+            raise NonFiniteStatisticsError(
+                f"{name} saw no real (non-padding) token during calibration; check that the calibration "
+                "batches carry an attention_mask with ones for real tokens.")
+        for label, tensor in (("squared input norms", self.sq_sum), ("input Gram/Hessian", self.xtx)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteStatisticsError(
+                    f"NaN/inf in the {label} of {name}: the activations reaching it overflow or are NaN. "
+                    "Load the model in float32 or bfloat16 (not float16), or check the calibration inputs.")
+
+
+class StatsCollector:
+    """Registers pre-hooks on the given Linear modules for the duration of a ``with`` block."""
+
+    def __init__(self, modules: dict[str, tuple[nn.Module, frozenset]], dtype: torch.dtype = torch.float32):
+        self.modules = modules
+        self.dtype = dtype
+        self.token_mask: torch.Tensor | None = None
+        self.stats: dict[str, LinearStats] = {}
+        self._handles: list = []
+        for name, (module, kinds) in modules.items():
+            unknown = set(kinds) - set(KINDS)
+            if unknown:
+                raise ValueError(f"unknown statistic kinds {sorted(unknown)} for {name}; known: {KINDS}.")
+            self.stats[name] = LinearStats(module.in_features, frozenset(kinds), dtype)
+
+    def _hook(self, name: str):
+        stats = self.stats[name]
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            mask = self.token_mask
+            if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.to(x.device)]
+            stats.update(x.detach())
+
+        return hook
+
+    def __enter__(self) -> "StatsCollector":
+        for name, (module, _) in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.token_mask = None

@@ -1,0 +1,305 @@
+"""``hf-prune``: prune, evaluate and inspect models from the command line.
+
+Method options mirror the config dataclass fields (``--block-size`` is ``SparseGPTConfig.block_size``);
+calibration options mirror ``CalibrationConfig``. Bad input exits with status 2 and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from typing import Any, Sequence
+
+from .config import CalibrationConfig, available_methods, get_method
+from .errors import HFPruneError
+
+EXIT_BAD_INPUT = 2
+
+_CALIBRATION_FLAGS = {  # CalibrationConfig field -> flag
+    "dataset": "--calibration",
+    "dataset_config": "--calibration-config",
+    "split": "--calibration-split",
+    "text_column": "--text-column",
+    "image_column": "--image-column",
+    "num_samples": "--num-samples",
+    "seq_len": "--seq-len",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+    "packing": "--packing",
+}
+
+
+class CLIError(Exception):
+    pass
+
+
+def _json_value(text: str) -> Any:
+    """A JSON literal, or the path of a JSON file."""
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as fh:
+            return json.load(fh)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither JSON nor the path of a JSON file") from None
+
+
+def _add_field(parser: argparse.ArgumentParser, flag: str, hint: Any, default: Any, dest: str, owner: str) -> None:
+    text = str(hint)
+    help_text = f"{owner}.{dest} (default: {default!r})"
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+    if hint is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif "list" in text or "tuple" in text:
+        parser.add_argument(flag, nargs="+", metavar="VALUE", **kwargs)
+    elif "dict" in text:
+        parser.add_argument(flag, type=_json_value, metavar="JSON", **kwargs)
+    elif "float" in text:
+        parser.add_argument(flag, type=float, **kwargs)
+    elif "int" in text:
+        parser.add_argument(flag, type=int, **kwargs)
+    else:
+        parser.add_argument(flag, type=str, **kwargs)
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    group = parser.add_argument_group(f"{config_class.__name__} options")
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        if f.name == "calibration":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        _add_field(group, "--" + f.name.replace("_", "-"), hints[f.name], default, f.name, config_class.__name__)
+    cal = parser.add_argument_group("calibration (CalibrationConfig)")
+    cal_hints = typing.get_type_hints(CalibrationConfig)
+    for f in dataclasses.fields(CalibrationConfig):
+        hint = str if f.name == "dataset" else cal_hints[f.name]
+        _add_field(cal, _CALIBRATION_FLAGS[f.name], hint, f.default, "calibration." + f.name, "CalibrationConfig")
+
+
+def _split_config_args(ns: argparse.Namespace) -> tuple[dict, dict]:
+    method_kwargs, cal_kwargs = {}, {}
+    for key, value in vars(ns).items():
+        if key.startswith("calibration."):
+            cal_kwargs[key.split(".", 1)[1]] = value
+        else:
+            method_kwargs[key] = value
+    return method_kwargs, cal_kwargs
+
+
+def _dtype(text: str) -> Any:
+    import torch
+
+    if text == "auto":
+        return "auto"
+    value = getattr(torch, text, None)
+    if not isinstance(value, torch.dtype):
+        raise CLIError(f"--dtype {text!r} is not a torch dtype; use auto, float32, bfloat16 or float16.")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .io import check_output_dir
+    from .pruner import Pruner
+
+    spec = get_method(args.method)
+    parser = argparse.ArgumentParser(prog=f"hf-prune prune --method {args.method}", add_help=False)
+    _add_config_options(parser, spec.config_class)
+    ns = parser.parse_args(extra)
+    method_kwargs, cal_kwargs = _split_config_args(ns)
+    config = spec.config_class(**method_kwargs, calibration=CalibrationConfig(**cal_kwargs))
+    check_output_dir(args.output)  # before any download or pruning
+    pruner = Pruner.from_pretrained(args.model, dtype=_dtype(args.dtype))
+    evaluations = []
+    dense_ppl = None
+    if args.eval_texts:
+        from .evaluation import perplexity
+
+        dense_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
+                               max_windows=args.eval_max_windows)
+    result = pruner.prune(config, device=args.device, progress=not args.no_progress)
+    if args.eval_texts:
+        pruned_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
+                                max_windows=args.eval_max_windows)
+        evaluations.append({"metric": "perplexity", "dataset": str(args.eval_texts), "split": "test",
+                            "seq_len": args.eval_seq_len, "dense": round(dense_ppl, 4), "value": round(pruned_ppl, 4)})
+    path = pruner.save_pretrained(args.output, evaluations=evaluations or None)
+    print(result.summary())
+    for e in evaluations:
+        print(f"perplexity ({e['dataset']}, seq_len={e['seq_len']}): dense {e['dense']:.3f} -> pruned {e['value']:.3f}")
+    print(f"saved to {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .evaluation import perplexity, perplexity_windows
+    from .pruner import Pruner
+
+    if extra:
+        raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
+    pruner = Pruner.from_pretrained(args.model, dtype=_dtype(args.dtype))
+    windows, record = perplexity_windows(pruner.tokenizer, args.texts, seq_len=args.seq_len,
+                                         text_column=args.text_column, split=args.split)
+    value = perplexity(pruner.model, pruner.tokenizer, args.texts, seq_len=args.seq_len, batch_size=args.batch_size,
+                       text_column=args.text_column, split=args.split, max_windows=args.max_windows,
+                       progress=not args.no_progress)
+    used = min(len(windows), args.max_windows or len(windows))
+    print(f"perplexity {value:.4f}  ({used} windows x {args.seq_len} tokens of {record.get('source')}, "
+          f"split {args.split})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .report import format_table
+
+    if extra:
+        raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
+    path = os.path.join(args.dir, "pruning_report.json")
+    if not os.path.isfile(path):
+        raise CLIError(f"{args.dir!r} has no pruning_report.json; is it a folder written by hf-prune / "
+                       "Pruner.save_pretrained?")
+    with open(path, encoding="utf-8") as fh:
+        report = json.load(fh)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    verified = _verify_weights(args.dir, report)
+    sp = report["sparsity"]
+    cal = report.get("calibration") or {}
+    print(f"method: {report['method']}  pattern: {report.get('pattern')}  model: {report['model']['class']} "
+          f"({report['model'].get('name_or_path')})")
+    print(f"calibration: {cal.get('source')}  samples={cal.get('num_samples')} seq_len={cal.get('seq_len')} "
+          f"seed={cal.get('seed')} packing={cal.get('packing')}")
+    print(f"time: {report['run']['time_s']:.2f}s  peak RSS: "
+          f"{(report['run'].get('peak_rss_bytes') or 0) / 2**20:.0f} MiB")
+    rows = [[k, v["modules"], f"{v['achieved']:.4f}"] for k, v in sorted(sp["per_module_kind"].items())]
+    rows.append(["overall", sp["overall"]["modules"], f"{sp['overall']['achieved']:.4f}"])
+    print(format_table(rows, ["module kind", "modules", "achieved sparsity"]))
+    if args.per_module:
+        rows = [[n, "x".join(map(str, e["shape"])), e.get("target", ""), f"{e['achieved']:.4f}"]
+                for n, e in sp["per_module"].items()]
+        print(format_table(rows, ["module", "shape", "target", "achieved"]))
+    print(verified)
+    return 0
+
+
+def _verify_weights(folder: str, report: dict) -> str:
+    """Recount the zeros of the pruned weights from the safetensors files themselves."""
+    from safetensors import safe_open
+
+    wanted = {f"{name}.weight": entry for name, entry in report["sparsity"]["per_module"].items()}
+    found, mismatched = 0, []
+    for file in sorted(os.listdir(folder)):
+        if not file.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(folder, file), framework="pt") as fh:
+            for key in fh.keys():
+                if key in wanted:
+                    zeros = int((fh.get_tensor(key) == 0).sum())
+                    found += 1
+                    if zeros != wanted[key]["zeros"]:
+                        mismatched.append(key)
+    if found == 0:
+        return "weights: not checked (no matching tensors in the safetensors files)"
+    if mismatched:
+        return f"weights: {len(mismatched)} tensors differ from the report, e.g. {mismatched[0]}"
+    return f"weights: the zeros of all {found} pruned tensors in the safetensors files match the report"
+
+
+def cmd_methods(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    for name in available_methods():
+        cls = get_method(name).config_class
+        print(f"{name:<12} {cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .demo import run_demo
+
+    if extra:
+        raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
+    run_demo(quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-prune", description="Prune Hugging Face models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and save it for stock from_pretrained",
+                       description="Method options (e.g. --sparsity, --pattern, --block-size) mirror the method's "
+                                   "config fields; run 'hf-prune prune --method M --help-method' to list them.")
+    p.add_argument("model", help="Hub id or local folder of the model")
+    p.add_argument("--method", required=True, choices=available_methods())
+    p.add_argument("--output", required=True, help="folder to write (created atomically)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="where each block runs (default: cuda if present, else cpu)")
+    p.add_argument("--eval-texts", default=None, help="measure perplexity before and after on this text source")
+    p.add_argument("--eval-seq-len", type=int, default=2048)
+    p.add_argument("--eval-max-windows", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--help-method", action="store_true", help="list the chosen method's options and exit")
+    p.set_defaults(func=cmd_prune)
+
+    e = sub.add_parser("eval", help="perplexity of a causal LM with the pruning papers' protocol")
+    e.add_argument("model")
+    e.add_argument("--texts", required=True, help="list source: file, dataset name or builtin:python-docs")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--split", default="test")
+    e.add_argument("--text-column", default="text")
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="summarise a pruned folder and re-check its weights")
+    r.add_argument("dir")
+    r.add_argument("--per-module", action="store_true")
+    r.add_argument("--json", action="store_true", help="print the raw pruning_report.json")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo", help="the embedded main job: prune all-MiniLM-L6-v2 with every method (no Hub)")
+    d.add_argument("--quick", action="store_true", help="fewer calibration samples and sentences")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("methods", help="list the pruning methods")
+    m.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "help_method", False):
+        method_parser = argparse.ArgumentParser(prog=f"hf-prune prune --method {args.method}")
+        _add_config_options(method_parser, get_method(args.method).config_class)
+        method_parser.print_help()
+        return 0
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return args.func(args, extra)
+    except SystemExit:
+        raise
+    except (HFPruneError, CLIError, ValueError, TypeError, FileNotFoundError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"hf-prune: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Named exceptions. Every one is a ``ValueError`` so callers that catch bad input generically still do."""
+
+from __future__ import annotations
+
+
+class HFPruneError(ValueError):
+    """Base class of the errors hf_prune raises on bad input or an unusable model."""
+
+
+class UnsupportedModelError(HFPruneError):
+    """The model family is not one the block walker knows."""
+
+
+class CalibrationDataError(HFPruneError):
+    """Calibration data is missing, empty, too short, or lacks the named column."""
+
+
+class NonFiniteStatisticsError(HFPruneError):
+    """NaN or inf appeared in activation statistics (Hessians, norms, Grams)."""
+
+
+class OutputDirError(HFPruneError):
+    """The output folder cannot be written."""

@@ -1,0 +1,8 @@
+"""Built-in pruning methods; importing this package registers each of them."""
+
+from .magnitude import MagnitudeConfig
+from .ria import RIAConfig
+from .sparsegpt import SparseGPTConfig
+from .wanda import WandaConfig
+
+__all__ = ["MagnitudeConfig", "RIAConfig", "SparseGPTConfig", "WandaConfig"]

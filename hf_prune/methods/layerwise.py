@@ -1,0 +1,297 @@
+"""Glue shared by the one-shot layer-wise pruners (Magnitude, Wanda, SparseGPT, RIA).
+
+A layer-wise method is a ``LayerwiseConfig`` subclass that names the input statistics it needs and
+implements ``prune_weight`` by calling its pure math in ``ops.py``. Everything else (which modules,
+which sparsity for each, validation before any weight changes, calibration data, the block walk,
+the report) is here, once.
+"""
+
+from __future__ import annotations
+
+import abc
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..architectures import Stage, get_adapter
+from ..calibration.data import build_calibration
+from ..calibration.stats import LinearStats
+from ..calibration.walker import resolve_device, walk
+from ..config import PrunerConfig, check_choice, check_number
+from ..errors import HFPruneError
+from ..masks import Pattern
+from ..report import RunMeter, environment, model_totals, module_entry, sparsity_section
+from ..result import PruningResult
+
+
+def _regex_list(owner: str, name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{owner}.{name} must be a regex string or a non-empty list of them, got {value!r}.")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{owner}.{name}: {pattern!r} is not a valid regular expression ({exc}).") from None
+    return list(value)
+
+
+@dataclass(kw_only=True)
+class LayerwiseConfig(PrunerConfig, abc.ABC):
+    """Fields every layer-wise pruner shares.
+
+    - ``sparsity``: fraction of weights *removed* in each targeted Linear (default 0.5; implied by N:M).
+    - ``pattern``: ``"unstructured"`` or ``"N:M"`` (keep N of every M consecutive inputs), e.g. ``"2:4"``.
+    - ``target_modules`` / ``exclude_modules``: regexes searched in module names (``named_modules()``);
+      by default every ``nn.Linear`` inside the transformer blocks is pruned (never embeddings/heads).
+    - ``module_sparsity``: ``{module_name: sparsity}`` overrides, e.g. an allocation from ECoFLaP.
+    """
+
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] | None = None
+    module_sparsity: dict[str, float] | None = None
+
+    statistics: ClassVar[frozenset] = frozenset()  # what the method reads: "sq_norm", "gram"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        pattern = Pattern.parse(self.pattern)
+        self.pattern = str(pattern)
+        if pattern.is_nm:
+            if self.sparsity is None:
+                self.sparsity = pattern.sparsity
+            elif not isinstance(self.sparsity, (int, float)) or abs(self.sparsity - pattern.sparsity) > 1e-9:
+                raise ValueError(
+                    f"{owner}: pattern {pattern} removes exactly {pattern.sparsity:g} of every group, so "
+                    f"sparsity={self.sparsity!r} contradicts it; leave sparsity out or set it to {pattern.sparsity:g}.")
+            if self.module_sparsity:
+                raise ValueError(f"{owner}: module_sparsity cannot be combined with pattern {pattern}, which fixes "
+                                 "every module's sparsity; use pattern='unstructured'.")
+        elif self.sparsity is None:
+            self.sparsity = 0.5
+        check_number(owner, "sparsity", self.sparsity, 0.0, 1.0)
+        self.sparsity = float(self.sparsity)
+        self.target_modules = _regex_list(owner, "target_modules", self.target_modules)
+        self.exclude_modules = _regex_list(owner, "exclude_modules", self.exclude_modules)
+        if self.module_sparsity is not None:
+            if not isinstance(self.module_sparsity, dict):
+                raise ValueError(f"{owner}.module_sparsity must be a dict {{module_name: sparsity}}, "
+                                 f"got {type(self.module_sparsity).__name__}.")
+            for name, value in self.module_sparsity.items():
+                check_number(owner, f"module_sparsity[{name!r}]", value, 0.0, 1.0)
+            self.module_sparsity = {str(k): float(v) for k, v in self.module_sparsity.items()}
+
+    @abc.abstractmethod
+    def prune_weight(self, weight: torch.Tensor, stats: LinearStats | None, sparsity: float,
+                     pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Return ``(new_weight_fp32, prune_mask, info)`` for one Linear weight ``[out, in]`` (fp32);
+        a method implements it with a call into its ``ops.py``."""
+
+
+def check_scope(owner: str, scope: str) -> None:
+    check_choice(owner, "scope", scope, ("row", "matrix"))
+
+
+# --------------------------------------------------------------------------------------------
+# which modules, at which sparsity
+
+
+@dataclass
+class Target:
+    name: str
+    module: nn.Linear
+    block: str
+    stage: str
+    sparsity: float
+
+
+def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, nn.Linear, str, str]]:
+    """(name, module, block name, stage name) of every nn.Linear inside the blocks, in walk order."""
+    found = []
+    for stage in stages:
+        for block_name, block in zip(stage.block_names(model), stage.blocks(model)):
+            for sub, module in block.named_modules(prefix=block_name):
+                if isinstance(module, nn.Linear):
+                    found.append((sub, module, block_name, stage.name))
+    return found
+
+
+def _close(name: str, names: list[str]) -> str:
+    near = difflib.get_close_matches(name, names, n=3)
+    return f" Did you mean {', '.join(near)}?" if near else ""
+
+
+def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[str] | None,
+                   exclude_modules: list[str] | None) -> list[tuple[str, nn.Linear, str, str]]:
+    """The candidate Linears that the target/exclude regexes select; each regex must match something."""
+    candidates = linear_candidates(model, stages)
+    names = [c[0] for c in candidates]
+    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(names)]
+    examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+    def check_matches(field: str, regex: str) -> None:
+        if any(re.search(regex, n) for n in names):
+            return
+        hit = [n for n in outside if re.search(regex, n)]
+        extra = (f" It matches {', '.join(hit[:3])}, which lie outside the transformer blocks and are never "
+                 "pruned by layer-wise methods." if hit else "")
+        raise ValueError(f"{field} regex {regex!r} matches no Linear layer inside the transformer blocks "
+                         f"(e.g. {examples}).{extra}")
+
+    selected = candidates
+    if target_modules:
+        for regex in target_modules:
+            check_matches("target_modules", regex)
+        selected = [c for c in selected if any(re.search(r, c[0]) for r in target_modules)]
+    if exclude_modules:
+        for regex in exclude_modules:
+            check_matches("exclude_modules", regex)
+        selected = [c for c in selected if not any(re.search(r, c[0]) for r in exclude_modules)]
+    if not selected:
+        raise ValueError("target_modules/exclude_modules leave no module to prune.")
+    return selected
+
+
+def plan_targets(model: nn.Module, stages: list[Stage], config: LayerwiseConfig) -> list[Target]:
+    """Resolve the modules to prune and their sparsities, validating everything against the model."""
+    selected = select_modules(model, stages, config.target_modules, config.exclude_modules)
+    names = [c[0] for c in selected]
+    overrides = config.module_sparsity or {}
+    unknown = [n for n in overrides if n not in set(names)]
+    if unknown:
+        raise ValueError(f"module_sparsity names {unknown[0]!r}, which is not a module being pruned."
+                         f"{_close(unknown[0], names)}")
+    targets = [Target(n, m, b, s, overrides.get(n, config.sparsity)) for n, m, b, s in selected]
+    for t in targets:
+        if not bool(torch.isfinite(t.module.weight).all()):
+            raise ValueError(f"{t.name} holds NaN/inf weights; the checkpoint is corrupt or overflowed when loaded "
+                             "(try dtype=torch.float32). Nothing was pruned.")
+    pattern = Pattern.parse(config.pattern)
+    if pattern.is_nm:
+        bad = [f"{t.name} (in_features={t.module.in_features})" for t in targets if t.module.in_features % pattern.m]
+        if bad:
+            raise ValueError(f"pattern {pattern} needs every pruned layer's input width to be a multiple of "
+                             f"{pattern.m}, but {len(bad)} are not: {', '.join(bad[:3])}. Exclude them with "
+                             "exclude_modules or pick another pattern.")
+    return targets
+
+
+def check_model_ready(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Pruner needs a torch.nn.Module (a transformers model), got {type(model).__name__}.")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("some weights are on the 'meta' device (accelerate disk/CPU offload or an empty model); "
+                         "load the model with device_map=None (or 'cpu') to prune it.")
+
+
+# --------------------------------------------------------------------------------------------
+# the block processor and the run
+
+
+class LayerwiseProcessor:
+    def __init__(self, config: LayerwiseConfig, targets: list[Target]):
+        self.config = config
+        self.pattern = Pattern.parse(config.pattern)
+        self.by_block: dict[str, list[Target]] = {}
+        for t in targets:
+            self.by_block.setdefault(t.block, []).append(t)
+        self.info: dict[str, dict] = {}
+
+    def statistics(self, block_name: str, block: nn.Module) -> dict[str, tuple[nn.Module, frozenset]]:
+        if not self.config.statistics:
+            return {}
+        return {t.name: (t.module, self.config.statistics) for t in self.by_block.get(block_name, [])}
+
+    def process(self, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
+        for t in self.by_block.get(block_name, []):
+            weight = t.module.weight
+            new, prune, info = self.config.prune_weight(weight.detach().to(torch.float32), stats.get(t.name),
+                                                        t.sparsity, self.pattern)
+            new = new.to(weight.dtype)
+            new[prune] = 0
+            weight.data.copy_(new)
+            self.info[t.name] = info
+
+
+def stages_with_targets(stages: list[Stage], targets: list[Target]) -> list[Stage]:
+    names = {t.stage for t in targets}
+    return [s for s in stages if s.name in names]
+
+
+def calibration_needs(stages: list[Stage]) -> set[str]:
+    return {key for s in stages for key in s.requires}
+
+
+def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.device | None = None,
+                  progress: bool = True) -> PruningResult:
+    """Prune ``pruner.model`` in place with a layer-wise method and report what was done."""
+    model = pruner.model
+    check_model_ready(model)
+    adapter = get_adapter(model)
+    stages = adapter.stages(model)
+    targets = plan_targets(model, stages, config)
+    active = stages_with_targets(stages, targets)
+    try:
+        exec_device = resolve_device(model, device)
+    except RuntimeError as exc:
+        raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+    processor = LayerwiseProcessor(config, targets)
+    with RunMeter() as meter:
+        batches, provenance = None, {"source": None, "note": "data-free: the method reads no activations"}
+        if config.statistics:
+            with meter.phase("calibration_data"):
+                calibration = build_calibration(config.calibration, tokenizer=pruner.tokenizer,
+                                                processor=pruner.processor, needs=calibration_needs(active),
+                                                causal_lm=adapter.causal_lm)
+            batches, provenance = calibration.batches, calibration.provenance
+        with meter.phase("walk_and_prune"):
+            try:
+                walk(model, active, batches, processor, device=exec_device, progress=progress, desc=config.method)
+            except HFPruneError as exc:
+                if processor.info:
+                    raise type(exc)(f"{exc} Note: {len(processor.info)} of {len(targets)} modules were already "
+                                    "pruned in place before this failure; reload the model before retrying.") from exc
+                raise
+    report = layerwise_report(model, adapter.name, active, targets, config, processor.info, provenance, meter,
+                              exec_device)
+    return PruningResult(config=config, report=report, model=model)
+
+
+def layerwise_report(model: nn.Module, family: str, stages: list[Stage], targets: list[Target],
+                     config: PrunerConfig, info: dict[str, dict], provenance: dict, meter: RunMeter,
+                     device: torch.device) -> dict:
+    pattern = Pattern.parse(getattr(config, "pattern", "unstructured"))
+    entries = {}
+    for t in targets:
+        entry = module_entry(t.module.weight.detach(), t.sparsity, pattern)
+        entry.update({k: v for k, v in info.get(t.name, {}).items()})
+        entries[t.name] = entry
+    first = next(model.parameters())
+    return {
+        "method": config.method,
+        "config": config.to_dict(),
+        "pattern": str(pattern),
+        "model": {
+            "class": type(model).__name__,
+            "model_type": getattr(model.config, "model_type", None),
+            "name_or_path": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+            "family": family,
+            "stages": [{"name": s.name, "path": s.path, "blocks": len(s.blocks(model))} for s in stages],
+            "dtype": str(first.dtype).replace("torch.", ""),
+        },
+        "calibration": provenance,
+        "sparsity": sparsity_section(entries, {t.name: t.block for t in targets}),
+        "model_totals": model_totals(model),
+        "run": meter.to_dict(),
+        "environment": environment(device),
+    }

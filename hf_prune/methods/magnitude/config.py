@@ -1,0 +1,29 @@
+"""``MagnitudeConfig``: remove the weights of smallest |W| (data-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...masks import Pattern
+from ..layerwise import LayerwiseConfig, check_scope
+from .ops import magnitude_prune_mask
+
+
+@dataclass(kw_only=True)
+class MagnitudeConfig(LayerwiseConfig):
+    """Magnitude pruning. ``scope``: where the unstructured budget is exact, per ``"matrix"`` (default,
+    the papers' baseline) or per ``"row"``. Needs no calibration data."""
+
+    method: ClassVar[str] = "magnitude"
+    statistics: ClassVar[frozenset] = frozenset()
+
+    scope: str = "matrix"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_scope(type(self).__name__, self.scope)
+
+    def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
+        mask = magnitude_prune_mask(weight, sparsity, pattern, self.scope)
+        return weight.masked_fill(mask, 0.0), mask, {}

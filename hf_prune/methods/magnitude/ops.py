@@ -1,0 +1,16 @@
+"""Magnitude pruning: remove the smallest |W|. Pure tensor math."""
+
+from __future__ import annotations
+
+import torch
+
+from ...masks import Pattern, mask_from_scores
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().to(torch.float32).abs()
+
+
+def magnitude_prune_mask(weight: torch.Tensor, sparsity: float, pattern: Pattern, scope: str = "matrix") -> torch.Tensor:
+    """Prune mask of the smallest-magnitude weights; one threshold per matrix by default (the papers' baseline)."""
+    return mask_from_scores(magnitude_scores(weight), sparsity, pattern, scope=scope)

@@ -1,0 +1,32 @@
+"""``RIAConfig``: relative importance x activation norm^alpha."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...config import check_number
+from ...masks import Pattern
+from ..layerwise import LayerwiseConfig, check_scope
+from .ops import ria_prune_mask
+
+
+@dataclass(kw_only=True)
+class RIAConfig(LayerwiseConfig):
+    """RIA. ``alpha``: exponent of the activation norm (0.5 in the paper); ``scope``: ``"matrix"``
+    (RIA's default, one threshold per layer) or ``"row"``."""
+
+    method: ClassVar[str] = "ria"
+    statistics: ClassVar[frozenset] = frozenset({"sq_norm"})
+
+    alpha: float = 0.5
+    scope: str = "matrix"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(type(self).__name__, "alpha", self.alpha, 0.0, 4.0, high_inclusive=True)
+        check_scope(type(self).__name__, self.scope)
+
+    def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
+        mask = ria_prune_mask(weight, stats.col_sq_mean, sparsity, pattern, self.alpha, self.scope)
+        return weight.masked_fill(mask, 0.0), mask, {}

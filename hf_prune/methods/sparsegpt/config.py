@@ -1,0 +1,40 @@
+"""``SparseGPTConfig``: OBS pruning with weight reconstruction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...config import check_int, check_number
+from ...masks import Pattern
+from ..layerwise import LayerwiseConfig
+from .ops import sparsegpt_prune
+
+
+@dataclass(kw_only=True)
+class SparseGPTConfig(LayerwiseConfig):
+    """SparseGPT. ``block_size``: columns per lazy-update block (128); ``damp``: dampening as a fraction of
+    the mean Hessian diagonal (0.01), raised tenfold up to ``max_damp`` when the Hessian is not positive
+    definite."""
+
+    method: ClassVar[str] = "sparsegpt"
+    statistics: ClassVar[frozenset] = frozenset({"gram"})
+
+    block_size: int = 128
+    damp: float = 0.01
+    max_damp: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        check_int(owner, "block_size", self.block_size, 1)
+        check_number(owner, "damp", self.damp, 0.0, 1.0, low_inclusive=False, high_inclusive=True)
+        check_number(owner, "max_damp", self.max_damp, self.damp, 100.0, high_inclusive=True)
+        pattern = Pattern.parse(self.pattern)
+        if pattern.is_nm and self.block_size % pattern.m:
+            raise ValueError(f"{owner}.block_size={self.block_size} must be a multiple of M={pattern.m} "
+                             f"for pattern {pattern}.")
+
+    def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
+        return sparsegpt_prune(weight, stats.hessian, sparsity, pattern, block_size=self.block_size,
+                               damp=self.damp, max_damp=self.max_damp)

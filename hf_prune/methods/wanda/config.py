@@ -1,0 +1,29 @@
+"""``WandaConfig``: |W| x ||x||, compared within each output row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...masks import Pattern
+from ..layerwise import LayerwiseConfig, check_scope
+from .ops import wanda_prune_mask
+
+
+@dataclass(kw_only=True)
+class WandaConfig(LayerwiseConfig):
+    """Wanda. ``scope``: comparison group of the unstructured budget, ``"row"`` (the paper's per-output
+    rule, default) or ``"matrix"``."""
+
+    method: ClassVar[str] = "wanda"
+    statistics: ClassVar[frozenset] = frozenset({"sq_norm"})
+
+    scope: str = "row"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_scope(type(self).__name__, self.scope)
+
+    def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
+        mask = wanda_prune_mask(weight, stats.col_sq_mean, sparsity, pattern, self.scope)
+        return weight.masked_fill(mask, 0.0), mask, {}

@@ -1,0 +1,148 @@
+"""``Pruner``: load a model, prune it with any registered method, save it for stock ``from_pretrained``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PrunerConfig, get_method
+from .hub import build_model_card
+from .io import atomic_output_dir, check_output_dir
+from .result import PruningResult
+
+REPORT_NAME = "pruning_report.json"
+
+
+def _split_processing(tokenizer: Any, processor: Any) -> tuple[Any, Any]:
+    """Accept a multimodal processor passed as ``tokenizer`` and expose its tokenizer."""
+    from transformers import PreTrainedTokenizerBase, ProcessorMixin
+
+    if isinstance(tokenizer, ProcessorMixin) and processor is None:
+        processor, tokenizer = tokenizer, None
+    if tokenizer is None and isinstance(processor, ProcessorMixin):
+        tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerBase) and not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}.")
+    return tokenizer, processor
+
+
+def load_processing(name_or_path: str, **hub_kwargs: Any) -> tuple[Any, Any]:
+    """(tokenizer, processor) for a checkpoint; either may be None when the checkpoint has none."""
+    from transformers import (AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase,
+                              ProcessorMixin)
+
+    for loader in (AutoProcessor, AutoTokenizer, AutoImageProcessor):
+        try:
+            loaded = loader.from_pretrained(name_or_path, **hub_kwargs)
+        except Exception:  # each loader raises its own errors for checkpoints without that component
+            continue
+        if isinstance(loaded, PreTrainedTokenizerBase):
+            return loaded, None
+        if isinstance(loaded, ProcessorMixin):
+            return getattr(loaded, "tokenizer", None), loaded
+        return None, loaded  # an image processor
+    warnings.warn(f"no tokenizer or processor found for {name_or_path!r}; pass calibration batches of model "
+                  "inputs or create Pruner(model, tokenizer=...).", stacklevel=3)
+    return None, None
+
+
+def _model_class(config: Any) -> type:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+class Pruner:
+    """Prunes one Hugging Face model in place.
+
+    >>> pruner = Pruner.from_pretrained("meta-llama/Llama-2-7b-hf", dtype="auto")
+    >>> result = pruner.prune(WandaConfig(sparsity=0.5, pattern="2:4"), calibration_dataset=texts)
+    >>> pruner.save_pretrained("out/")
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, processor: Any = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Pruner needs a transformers model (torch.nn.Module), got {type(model).__name__}.")
+        self.model = model
+        self.tokenizer, self.processor = _split_processing(tokenizer, processor)
+        self.results: list[PruningResult] = []
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: Any = "auto", device_map: Any = None,
+                        model_class: type | None = None, trust_remote_code: bool = False,
+                        **load_kwargs: Any) -> "Pruner":
+        """Load the model (its own architecture class, e.g. ``LlamaForCausalLM``) and its tokenizer/processor.
+
+        ``dtype`` defaults to the checkpoint's dtype; ``device_map``/``load_kwargs`` go to ``from_pretrained``.
+        """
+        from transformers import AutoConfig
+
+        name_or_path = os.fspath(name_or_path)
+        hub_kwargs = {k: load_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only")
+                      if k in load_kwargs}
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **hub_kwargs)
+        cls_ = model_class or _model_class(config)
+        model = cls_.from_pretrained(name_or_path, dtype=dtype, device_map=device_map,
+                                     trust_remote_code=trust_remote_code, **load_kwargs)
+        tokenizer, processor = load_processing(name_or_path, **hub_kwargs)
+        return cls(model, tokenizer, processor=processor)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def last_result(self) -> PruningResult | None:
+        return self.results[-1] if self.results else None
+
+    def prune(self, config: PrunerConfig | dict, calibration_dataset: Any = None, *,
+              device: str | torch.device | None = None, progress: bool = True) -> PruningResult:
+        """Prune ``self.model`` in place with ``config``'s method.
+
+        ``calibration_dataset`` overrides ``config.calibration.dataset``: a list of texts, a
+        ``datasets.Dataset``, a local file, ``"builtin:python-docs"``, a Hub name, or model-input batches.
+        ``device`` is where each block runs (default: the model's accelerator, else CUDA if present, else CPU).
+        Everything is validated before any weight changes.
+        """
+        if isinstance(config, dict):
+            config = PrunerConfig.from_dict(config)
+        if not isinstance(config, PrunerConfig):
+            raise TypeError(f"prune() needs a PrunerConfig (e.g. WandaConfig(sparsity=0.5)), got {type(config).__name__}.")
+        if calibration_dataset is not None:  # the effective config records where the data came from
+            config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration,
+                                                                                dataset=calibration_dataset))
+        result = get_method(config.method).run(self, config, device=device, progress=progress)
+        self.results.append(result)
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: str | int = "5GB",
+                        evaluations: list[dict] | None = None, repo_id: str | None = None) -> str:
+        """Write the pruned model (safetensors), tokenizer/processor, ``pruning_config.json``,
+        ``pruning_report.json`` and a ``README.md`` model card, atomically: the folder appears complete or
+        not at all. Returns the folder's absolute path."""
+        if not self.results:
+            raise ValueError("nothing was pruned yet: call pruner.prune(config, ...) before save_pretrained.")
+        check_output_dir(save_directory)
+        result = self.results[-1]
+        report = dict(result.report)
+        if len(self.results) > 1:
+            report["previous_runs"] = [r.report for r in self.results[:-1]]
+        with atomic_output_dir(save_directory) as tmp:
+            self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            for component in (self.processor, self.tokenizer):
+                if component is not None:
+                    component.save_pretrained(tmp)
+            result.config.save_pretrained(tmp)
+            with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as fh:
+                json.dump(report, fh, indent=2, sort_keys=True, default=str)
+                fh.write("\n")
+            build_model_card(report, repo_id=repo_id, evaluations=evaluations).save(os.path.join(tmp, "README.md"))
+        return os.path.abspath(os.fspath(save_directory))

