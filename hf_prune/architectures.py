@@ -36,6 +36,20 @@ def _call_model(model: nn.Module, batch: dict) -> Any:
     return model(**batch)
 
 
+@dataclass(frozen=True)
+class MLPSpec:
+    """Where a block's MLP hidden neurons live, for structured removal.
+
+    ``inputs``: Linears (relative to the block) whose output rows (and bias entries) are the neurons;
+    ``output``: the Linear whose input columns consume them; ``width_key``: the config field holding
+    their number, in the stage's (sub-)config.
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    width_key: str
+
+
 @dataclass
 class Stage:
     """One sequence of blocks walked by the calibration engine."""
@@ -45,6 +59,17 @@ class Stage:
     run: Callable[[nn.Module, dict], Any] = _call_model
     requires: tuple[str, ...] = ("input_ids",)
     mask_key: str | None = "attention_mask"  # batch key whose [B, T] mask marks real tokens, or None
+    mlp: MLPSpec | None = None  # the block's MLP neurons (structured methods)
+    config_attr: str = ""  # attribute of model.config holding this stage's sub-config ("" = model.config)
+
+    def config(self, model: nn.Module) -> Any:
+        """The (sub-)config describing this stage's blocks (a standalone tower uses its own root config)."""
+        root = model.config
+        for part in self.config_attr.split(".") if self.config_attr else ():
+            if not hasattr(root, part):
+                return model.config
+            root = getattr(root, part)
+        return root
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.path)
@@ -106,21 +131,28 @@ def get_adapter(model: nn.Module) -> Adapter:
 # decoder-only language models
 
 
-def _decoder_stage(paths: tuple[str, ...]) -> Callable[[nn.Module], list[Stage]]:
+LLAMA_MLP = MLPSpec(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size")
+OPT_MLP = MLPSpec(("fc1",), "fc2", "ffn_dim")
+BERT_MLP = MLPSpec(("intermediate.dense",), "output.dense", "intermediate_size")
+FC_MLP = MLPSpec(("mlp.fc1",), "mlp.fc2", "intermediate_size")  # ViT, CLIP and BLIP-2 vision towers
+QFORMER_MLP = MLPSpec(("intermediate_query.dense",), "output_query.dense", "intermediate_size")
+
+
+def _decoder_stage(paths: tuple[str, ...], mlp: MLPSpec) -> Callable[[nn.Module], list[Stage]]:
     def resolve(model: nn.Module) -> list[Stage]:
         path = _first_existing(model, paths)
-        return [Stage("decoder", path)] if path else []
+        return [Stage("decoder", path, mlp=mlp)] if path else []
 
     return resolve
 
 
 LLAMA = register_adapter(Adapter(
     "llama", ("llama", "mistral", "qwen2", "qwen3"), causal_lm=True,
-    resolve=_decoder_stage(("model.layers", "layers"))))
+    resolve=_decoder_stage(("model.layers", "layers"), LLAMA_MLP)))
 
 OPT = register_adapter(Adapter(
     "opt", ("opt",), causal_lm=True,
-    resolve=_decoder_stage(("model.decoder.layers", "decoder.layers"))))
+    resolve=_decoder_stage(("model.decoder.layers", "decoder.layers"), OPT_MLP)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +161,7 @@ OPT = register_adapter(Adapter(
 
 def _bert(model: nn.Module) -> list[Stage]:
     path = _first_existing(model, ("bert.encoder.layer", "encoder.layer"))
-    return [Stage("encoder", path)] if path else []
+    return [Stage("encoder", path, mlp=BERT_MLP)] if path else []
 
 
 BERT = register_adapter(Adapter("bert", ("bert",), resolve=_bert))
@@ -137,7 +169,10 @@ BERT = register_adapter(Adapter("bert", ("bert",), resolve=_bert))
 
 def _vit(model: nn.Module) -> list[Stage]:
     path = _first_existing(model, ("vit.layers", "layers", "vit.encoder.layer", "encoder.layer"))
-    return [Stage("encoder", path, requires=("pixel_values",), mask_key=None)] if path else []
+    if not path:
+        return []
+    mlp = BERT_MLP if path.endswith("encoder.layer") else FC_MLP  # older ViT layout used BERT's names
+    return [Stage("encoder", path, requires=("pixel_values",), mask_key=None, mlp=mlp)]
 
 
 VIT = register_adapter(Adapter("vit", ("vit",), resolve=_vit))
@@ -159,9 +194,10 @@ def _clip(model: nn.Module) -> list[Stage]:
     stages = []
     if _first_existing(model, ("vision_model.encoder.layers",)):
         stages.append(Stage("vision", "vision_model.encoder.layers", run=_run_clip_vision,
-                            requires=("pixel_values",), mask_key=None))
+                            requires=("pixel_values",), mask_key=None, mlp=FC_MLP, config_attr="vision_config"))
     if _first_existing(model, ("text_model.encoder.layers",)):
-        stages.append(Stage("text", "text_model.encoder.layers", run=_run_clip_text))
+        stages.append(Stage("text", "text_model.encoder.layers", run=_run_clip_text, mlp=FC_MLP,
+                            config_attr="text_config"))
     return stages
 
 
@@ -184,10 +220,11 @@ def _blip2(model: nn.Module) -> list[Stage]:
     stages = []
     if _first_existing(model, ("vision_model.encoder.layers",)):
         stages.append(Stage("vision", "vision_model.encoder.layers", run=_run_blip2_vision,
-                            requires=("pixel_values",), mask_key=None))
+                            requires=("pixel_values",), mask_key=None, mlp=FC_MLP, config_attr="vision_config"))
     if _first_existing(model, ("qformer.encoder.layer",)):
         stages.append(Stage("qformer", "qformer.encoder.layer", run=_run_blip2_qformer,
-                            requires=("pixel_values",), mask_key=None))
+                            requires=("pixel_values",), mask_key=None, mlp=QFORMER_MLP,
+                            config_attr="qformer_config"))
     language_model = getattr(model, "language_model", None)
     if language_model is not None:
         lm_type = _model_type(language_model)
@@ -199,7 +236,8 @@ def _blip2(model: nn.Module) -> list[Stage]:
                 f"{', '.join(decoders)}.")
         for stage in lm_adapter.stages(language_model):
             stages.append(Stage("language", f"language_model.{stage.path}", run=_call_model,
-                                requires=("pixel_values", "input_ids"), mask_key="attention_mask"))
+                                requires=("pixel_values", "input_ids"), mask_key="attention_mask",
+                                mlp=stage.mlp, config_attr="text_config"))
     return stages
 
 

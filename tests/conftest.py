@@ -13,6 +13,7 @@ import torch
 import transformers as T
 
 from hf_prune.calibration import builtin_texts
+from hf_prune.toy import train_tokenizer
 
 IMAGE = 32  # tiny image side
 IMAGE_TOKEN = 5  # BLIP-2 image placeholder id in the tiny vocabulary
@@ -27,20 +28,6 @@ def corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def heldout() -> list[str]:
     return list(builtin_texts("builtin:python-docs", "test"))
-
-
-def train_tokenizer(texts: list[str], vocab_size: int = 512) -> T.PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<mask>", "<image>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                     pad_token="<pad>", mask_token="<mask>")
 
 
 @pytest.fixture(scope="session")
