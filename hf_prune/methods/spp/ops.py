@@ -1,0 +1,160 @@
+"""SPP's math as pure tensor functions: the inverse-scale-space (ISS) updates, path records, read-off ranking and
+budgets, and the training-free weight path (ours). No hooks, no models.
+
+Notation (Ding et al., 2025; DessiLBI): alpha is the mask (trained by the task loss), z the Bregman / ISS
+auxiliary variable, Gamma the sparse proxy whose support is the selected structure. An entry *enters* the path
+when Gamma becomes non-zero; path time t is the cumulative learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ria.ops import ria_scores
+
+
+# --------------------------------------------------------------------------------------------------
+# the search dynamics
+
+
+def adam_step_size(lr: float, step: int, beta1: float, bias_correction: bool) -> float:
+    """The z step eta_k: the released code reuses Adam's bias-corrected step lr / (1 - beta1^k)."""
+    if not bias_correction:
+        return lr
+    return lr / (1.0 - beta1 ** max(1, step))
+
+
+def released_update(z: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, eta: float, kappa: float,
+                    lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released code's step (``adamw_spp.py``): z += kappa * eta * (alpha_{k+1} - Gamma_k), then the
+    non-negative shrinkage Gamma_{k+1} = max(z_{k+1} - lam, 0). Float32 in, new (z, Gamma) out."""
+    z = z + (kappa * eta) * (alpha - gamma)
+    return z, (z - lam).clamp_min(0.0)
+
+
+def split_lbi_update(z: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, eta: float, kappa: float,
+                     lam: float, nu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split LBI (DessiLBI): z += eta * (alpha - Gamma) / nu, Gamma = kappa * shrink(z, lam) (soft threshold)."""
+    z = z + (eta / nu) * (alpha - gamma)
+    return z, kappa * torch.sign(z) * (z.abs() - lam).clamp_min(0.0)
+
+
+def coupling_gradient(alpha: torch.Tensor, gamma: torch.Tensor, nu: float) -> torch.Tensor:
+    """Gradient of the split coupling (1 / 2nu) ||alpha - Gamma||^2 with respect to alpha."""
+    return (alpha - gamma) / nu
+
+
+def record_entries(gamma: torch.Tensor, was_on: torch.Tensor, first_entry: torch.Tensor, last_exit: torch.Tensor,
+                   t: float) -> torch.Tensor:
+    """Update first-entry and last-exit times in place at path time ``t``; returns the new on-mask."""
+    on = gamma != 0
+    first_entry[on & torch.isinf(first_entry)] = t
+    last_exit[was_on & ~on] = t
+    return on
+
+
+# --------------------------------------------------------------------------------------------------
+# reading models off the path
+
+
+def priority(first_entry: torch.Tensor, z: torch.Tensor, on_count: torch.Tensor, order: str) -> torch.Tensor:
+    """Indices of the entries from most to least important (a fixed total order, so read-offs are nested).
+
+    ``"first_entry"``: earlier entry first (never-entered last); ties by larger z (deeper past the threshold,
+    or closer to it for entries that never entered), then by index. ``"on_count"``: the released ranking,
+    more records on the path first; ties by first entry, then z, then index.
+    """
+    n = first_entry.numel()
+    idx = torch.arange(n)
+    perm = torch.argsort(-z.double(), stable=True)  # least significant key first
+    perm = perm[torch.argsort(first_entry.double()[perm], stable=True)]
+    if order == "on_count":
+        perm = perm[torch.argsort(-on_count.double()[perm], stable=True)]
+    elif order != "first_entry":
+        raise ValueError(f"order={order!r} is not supported; choose 'first_entry' or 'on_count'.")
+    return idx[perm]
+
+
+def removal_count(costs_low_first: torch.Tensor, target: float) -> int:
+    """How many of the removable entries (ordered least important first) to remove so that their total cost is
+    the closest to ``target`` (ties: remove more). Monotone in ``target``, so read-offs are nested."""
+    if costs_low_first.numel() == 0 or target <= 0:
+        return 0
+    cum = torch.cumsum(costs_low_first.double(), 0)
+    r = int(torch.searchsorted(cum, torch.tensor(float(target), dtype=torch.float64), right=False))
+    if r >= cum.numel():
+        return cum.numel()
+    below = float(cum[r - 1]) if r > 0 else 0.0
+    above = float(cum[r])
+    return r if target - below < above - target else r + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# the training-free path (ours)
+
+
+def iss_weight_path(weight: torch.Tensor, gram: torch.Tensor, *, alpha: float = 0.5,
+                    step_fraction: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-free inverse-scale-space path of the weights of one Linear layer (hf_prune's own method).
+
+    The mask m (1 = kept) starts empty and entries enter one event batch at a time. The loss is the layer's
+    output error on calibration inputs, L(m) = 1/2 E||(W - W*m) x||^2, whose descent direction for entry ij is
+    W_ij [(W*(1-m)) G]_ij with G = E[x x^T]. Each entry integrates that signal, rescaled so that with
+    uncorrelated inputs (diagonal G) it is exactly RIA's score S_ij (relative importance x E[x_j^2]^(alpha/2)):
+
+        dz_ij/dt = S_ij * [(W*(1-m)) G]_ij / (W_ij G_jj),     entry ij enters when z_ij reaches 1.
+
+    With correlated inputs a weight whose contribution is already carried by kept weights slows down (or stops),
+    one that is needed to cancel pruned ones speeds up: the ordering is RIA's corrected by the layer's
+    reconstruction error, and one pass gives every sparsity (keep the first k entries). Between events the
+    rates are constant, so entry times are exact except that up to ``step_fraction`` of the matrix may enter
+    on one rate evaluation (one [out, in] x [in, in] product per batch).
+
+    Returns ``(rank, curve)``: ``rank`` ([out, in], int32, 0 = enters first, a permutation) and ``curve`` (101
+    path times at which 0%, 1%, ..., 100% of the weights had entered; inf where never reached).
+    """
+    w = weight.detach().to(torch.float32)
+    g = gram.detach().to(torch.float32).to(w.device)
+    rows, cols = w.shape
+    if g.shape != (cols, cols):
+        raise ValueError(f"gram must be [{cols}, {cols}] for a weight of shape {tuple(w.shape)}, got {tuple(g.shape)}.")
+    diag = g.diagonal().clamp_min(0.0)
+    scores = ria_scores(w, diag, alpha)
+    own = w * w * diag.unsqueeze(0)  # W_ij^2 G_jj: entry ij's own contribution to its gradient signal
+    scale = torch.where(own > 0, scores / own.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(own))
+    numel = w.numel()
+    active = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    z = torch.zeros(rows, cols, dtype=torch.float32, device=w.device)
+    entry = torch.full((rows, cols), math.inf, dtype=torch.float64, device=w.device)
+    batch = max(1, math.ceil(step_fraction * numel))
+    t = 0.0
+    while True:
+        residual = torch.where(active, torch.zeros_like(w), w)
+        rate = scale * w * (residual @ g)
+        candidate = ~active & (rate > 0)
+        count = int(candidate.sum())
+        if count == 0:
+            break
+        need = torch.where(candidate, (1.0 - z) / rate.clamp_min(torch.finfo(torch.float32).tiny),
+                           torch.full_like(z, math.inf))
+        k = min(batch, count)
+        dt = float(need.flatten().kthvalue(k).values) if k < numel else float(need[candidate].max())
+        enter = candidate & (need <= dt)
+        entry[enter] = t + need[enter].double()
+        z = torch.where(active, z, z + dt * rate)
+        active |= enter
+        t += dt
+    # rank: entered entries by time, then the rest by how close they came (z), then RIA score, then index
+    order = torch.argsort(-scores.flatten().double(), stable=True)
+    order = order[torch.argsort(-z.flatten().double()[order], stable=True)]
+    order = order[torch.argsort(entry.flatten()[order], stable=True)]
+    rank = torch.empty(numel, dtype=torch.int32, device=w.device)
+    rank[order] = torch.arange(numel, dtype=torch.int32, device=w.device)
+    times = torch.sort(entry.flatten()).values
+    picks = torch.clamp((torch.arange(101, device=w.device, dtype=torch.float64) / 100 * numel).ceil().long() - 1,
+                        min=0)
+    curve = times[picks].to(torch.float32)
+    curve[0] = 0.0
+    return rank.view(rows, cols).cpu(), curve.cpu()
