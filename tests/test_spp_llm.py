@@ -142,26 +142,23 @@ def test_manual_loop_without_trainer(llama, batch):
 
 
 def _exact_path(weight, gram, alpha):
-    """Brute-force reference: the same ISS, advanced one entry at a time (rates recomputed after each entry)."""
+    """Brute-force reference: the same removal ISS, one weight at a time (rates recomputed after each removal)."""
     from hf_prune.methods.ria.ops import ria_scores
 
     w, g = weight.float(), gram.float()
     scores = ria_scores(weight, gram.diagonal(), alpha)
-    scale = scores / (w * w * g.diagonal())
-    active = torch.zeros_like(w, dtype=torch.bool)
+    removed = torch.zeros_like(w, dtype=torch.bool)
     z = torch.zeros_like(w)
     order = []
-    while True:
-        rate = scale * w * (torch.where(active, 0.0, w) @ g)
-        need = torch.where(~active & (rate > 0), (1 - z) / rate, torch.full_like(z, math.inf))
-        if not torch.isfinite(need).any():
-            break
+    while not bool(removed.all()):
+        ratio = (1 + 2 * (torch.where(removed, w, 0.0) @ g) / (w * g.diagonal())).clamp_min(1e-3)
+        rate = 1 / (scores * ratio)
+        need = torch.where(removed, torch.full_like(z, math.inf), (1 - z) / rate)
         flat = int(need.flatten().argmin())
-        dt = float(need.flatten()[flat])
-        z = torch.where(active, z, z + dt * rate)
-        active.view(-1)[flat] = True
+        z = torch.where(removed, z, z + float(need.flatten()[flat]) * rate)
+        removed.view(-1)[flat] = True
         order.append(flat)
-    return order
+    return order[::-1]  # the last removed first, as ranks count
 
 
 def test_training_free_path_is_ria_with_uncorrelated_inputs_and_exact_event_by_event():
@@ -177,9 +174,8 @@ def test_training_free_path_is_ria_with_uncorrelated_inputs_and_exact_event_by_e
     x = torch.randn(400, 6, generator=g) @ torch.randn(6, 6, generator=g)  # correlated inputs
     gram = x.T @ x / 400
     weight = torch.randn(5, 6, generator=g)
-    rank, _ = iss_weight_path(weight, gram, alpha=0.5, step_fraction=1 / 30)  # one entry per event
-    entered = _exact_path(weight, gram, 0.5)
-    assert rank.flatten().argsort().tolist()[: len(entered)] == entered
+    rank, _ = iss_weight_path(weight, gram, alpha=0.5, step_fraction=1 / 30)  # one weight per event
+    assert rank.flatten().argsort().tolist() == _exact_path(weight, gram, 0.5)
     ria_order = ria_prune_mask(weight, gram.diagonal(), 0.5, Pattern.parse("unstructured"), 0.5, "matrix")
     assert not torch.equal(rank >= 15, ria_order)  # correlations change the selection
 

@@ -50,9 +50,10 @@ class SPPConfig(PrunerConfig):
     - ``path``: a saved ``SolutionPath`` (folder or Hub id) to read from in ``Pruner.prune``. Without it,
       ``Pruner.prune`` runs the training-free variant (ours) on calibration data.
 
-    Training-free variant (ours, unstructured, for LLMs): ``alpha`` (RIA's activation exponent),
-    ``step_fraction`` (share of a matrix's weights allowed to enter the path per event batch; smaller is closer
-    to the exact event-by-event path), ``target_modules`` / ``exclude_modules`` (regexes, as for layer-wise methods).
+    Training-free variant (ours, unstructured, for LLMs; ``ops.iss_weight_path``): ``alpha`` (RIA's activation
+    exponent), ``step_fraction`` (share of a matrix's weights allowed to leave the path per rate evaluation;
+    smaller is closer to the exact event-by-event path and costs more), ``target_modules`` / ``exclude_modules``
+    (regexes, as for layer-wise methods).
     """
 
     method: ClassVar[str] = "spp"

@@ -99,21 +99,25 @@ def iss_weight_path(weight: torch.Tensor, gram: torch.Tensor, *, alpha: float = 
                     step_fraction: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-free inverse-scale-space path of the weights of one Linear layer (hf_prune's own method).
 
-    The mask m (1 = kept) starts empty and entries enter one event batch at a time. The loss is the layer's
-    output error on calibration inputs, L(m) = 1/2 E||(W - W*m) x||^2, whose descent direction for entry ij is
-    W_ij [(W*(1-m)) G]_ij with G = E[x x^T]. Each entry integrates that signal, rescaled so that with
-    uncorrelated inputs (diagonal G) it is exactly RIA's score S_ij (relative importance x E[x_j^2]^(alpha/2)):
+    The path starts at the simplest removal set, the dense layer, and weights leave it one event batch at a time.
+    Each remaining weight accumulates removal pressure z_ij at a rate inversely proportional to its RIA score S_ij
+    (relative importance x E[x_j^2]^(alpha/2)) times how much more its removal would now cost than on its own:
 
-        dz_ij/dt = S_ij * [(W*(1-m)) G]_ij / (W_ij G_jj),     entry ij enters when z_ij reaches 1.
+        dz_ij/dt = 1 / (S_ij * c_ij),   c_ij = E_ij(R) / E_ij(0) = 1 + 2 [R G]_ij / (W_ij G_jj),
 
-    With correlated inputs a weight whose contribution is already carried by kept weights slows down (or stops),
-    one that is needed to cancel pruned ones speeds up: the ordering is RIA's corrected by the layer's
-    reconstruction error, and one pass gives every sparsity (keep the first k entries). Between events the
-    rates are constant, so entry times are exact except that up to ``step_fraction`` of the matrix may enter
-    on one rate evaluation (one [out, in] x [in, in] product per batch).
+    where G = E[x x^T] is the layer's input Gram on calibration data, R = W * removed the weights already gone and
+    E_ij(R) = W_ij [R G]_ij + W_ij^2 G_jj / 2 the exact increase of the layer's output error 1/2 E||R x||^2 when
+    W_ij is removed too; it leaves when z_ij reaches 1. With uncorrelated inputs (diagonal G) c = 1 and the
+    removal order is exactly RIA's; with correlated inputs a weight whose removal would compound the error of
+    removed weights slows down, one whose removal cancels it speeds up (c is floored at 1e-3). Integrating the
+    pressure over the path (rather than ranking by the instantaneous cost, a greedy elimination) is what makes
+    the correction robust. One pass gives every sparsity: keep the last (1 - s) weights to leave.
 
-    Returns ``(rank, curve)``: ``rank`` ([out, in], int32, 0 = enters first, a permutation) and ``curve`` (101
-    path times at which 0%, 1%, ..., 100% of the weights had entered; inf where never reached).
+    Between events the rates are constant, so removal times are exact except that up to ``step_fraction`` of the
+    matrix may leave on one rate evaluation (one [out, in] x [in, in] product per batch).
+
+    Returns ``(rank, curve)``: ``rank`` ([out, in], int32, a permutation; 0 = the weight that stays longest) and
+    ``curve`` (101 path times at which 0%, 1%, ..., 100% of the weights had been removed).
     """
     w = weight.detach().to(torch.float32)
     g = gram.detach().to(torch.float32).to(w.device)
@@ -122,37 +126,34 @@ def iss_weight_path(weight: torch.Tensor, gram: torch.Tensor, *, alpha: float = 
         raise ValueError(f"gram must be [{cols}, {cols}] for a weight of shape {tuple(w.shape)}, got {tuple(g.shape)}.")
     diag = g.diagonal().clamp_min(0.0)
     scores = ria_scores(w, diag, alpha)
-    own = w * w * diag.unsqueeze(0)  # W_ij^2 G_jj: entry ij's own contribution to its gradient signal
-    scale = torch.where(own > 0, scores / own.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(own))
+    own = w * diag.unsqueeze(0)  # W_ij G_jj
+    safe_own = torch.where(own != 0, own, torch.ones_like(own))
+    tiny = torch.finfo(torch.float32).tiny
     numel = w.numel()
-    active = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    removed = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     z = torch.zeros(rows, cols, dtype=torch.float32, device=w.device)
-    entry = torch.full((rows, cols), math.inf, dtype=torch.float64, device=w.device)
+    leave = torch.full((rows, cols), math.inf, dtype=torch.float64, device=w.device)
     batch = max(1, math.ceil(step_fraction * numel))
-    t = 0.0
-    while True:
-        residual = torch.where(active, torch.zeros_like(w), w)
-        rate = scale * w * (residual @ g)
-        candidate = ~active & (rate > 0)
-        count = int(candidate.sum())
-        if count == 0:
-            break
-        need = torch.where(candidate, (1.0 - z) / rate.clamp_min(torch.finfo(torch.float32).tiny),
-                           torch.full_like(z, math.inf))
-        k = min(batch, count)
-        dt = float(need.flatten().kthvalue(k).values) if k < numel else float(need[candidate].max())
-        enter = candidate & (need <= dt)
-        entry[enter] = t + need[enter].double()
-        z = torch.where(active, z, z + dt * rate)
-        active |= enter
+    t, left = 0.0, 0
+    while left < numel:
+        gone = torch.where(removed, w, torch.zeros_like(w))
+        ratio = torch.where(own != 0, 1.0 + 2.0 * (gone @ g) / safe_own, torch.ones_like(own)).clamp_min(1e-3)
+        rate = 1.0 / (scores * ratio).clamp_min(tiny)  # a zero score (zero weight or dead input) leaves at once
+        need = torch.where(removed, torch.full_like(z, math.inf), (1.0 - z) / rate)
+        k = min(batch, numel - left)
+        dt = float(need.flatten().kthvalue(k).values)
+        out = ~removed & (need <= dt)
+        leave[out] = t + need[out].double()
+        z = torch.where(removed, z, z + dt * rate)
+        removed |= out
+        left += int(out.sum())
         t += dt
-    # rank: entered entries by time, then the rest by how close they came (z), then RIA score, then index
+    # rank 0 = the last to leave; ties (same time) by higher RIA score, then index
     order = torch.argsort(-scores.flatten().double(), stable=True)
-    order = order[torch.argsort(-z.flatten().double()[order], stable=True)]
-    order = order[torch.argsort(entry.flatten()[order], stable=True)]
+    order = order[torch.argsort(-leave.flatten()[order], stable=True)]
     rank = torch.empty(numel, dtype=torch.int32, device=w.device)
     rank[order] = torch.arange(numel, dtype=torch.int32, device=w.device)
-    times = torch.sort(entry.flatten()).values
+    times = torch.sort(leave.flatten()).values
     picks = torch.clamp((torch.arange(101, device=w.device, dtype=torch.float64) / 100 * numel).ceil().long() - 1,
                         min=0)
     curve = times[picks].to(torch.float32)

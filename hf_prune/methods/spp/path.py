@@ -6,9 +6,10 @@ Two kinds:
   last-exit path times, z, Gamma, alpha and on-counts, plus what each entry costs. ``masks_at`` ranks the entries
   once and keeps a prefix, so the masks are nested across sparsities; ``materialize`` slices the kept structures
   out into a physically smaller model with the masked model's outputs.
-- ``"unstructured"`` (the training-free LLM variant, ours): per Linear layer the rank at which each weight
-  entered the path. ``masks_at`` keeps the first (1 - s) of every matrix; ``apply`` zeroes the rest (the model
-  keeps its shapes: unstructured sparsity cannot make it smaller).
+- ``"unstructured"`` (the training-free LLM variant, ours): per Linear layer each weight's rank on the path
+  (0 = the weight that stays longest) and the path times at every 1% of the matrix. ``masks_at`` keeps the first
+  (1 - s) of every matrix; ``apply`` zeroes the rest (the model keeps its shapes: unstructured sparsity cannot
+  make it smaller).
 
 On disk: ``solution_path.safetensors`` (the tensors) and ``solution_path.json`` (kind, units, the SPPConfig,
 the model it came from, the search schedule), written atomically.
@@ -349,8 +350,9 @@ class SolutionPath:
 
     # ---- plot -----------------------------------------------------------------------------------
     def density_curves(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per group: (path times, fraction of its entries entered by then). Structured paths pool the blocks
-        of a group; unstructured ones give each module its curve (times at 0%, 1%, ..., 100% entered)."""
+        """Per group: (path times, density then). Structured paths pool the blocks of a group and count the entries
+        that have entered (density grows from 0); unstructured (training-free) ones give each module the share of
+        its weights not yet removed (density falls from 1), at every 1% of the matrix."""
         curves = {}
         if self.kind == "structured":
             pooled: dict[str, list[torch.Tensor]] = {}
@@ -365,9 +367,9 @@ class SolutionPath:
         for i, unit in enumerate(self.units):
             curve = self.tensors.get(f"{i}.curve")
             if curve is not None:
-                finite = torch.isfinite(curve)
-                curves[unit["name"]] = (curve.double()[finite], torch.linspace(0, 1, curve.numel(),
-                                                                               dtype=torch.float64)[finite])
+                density = 1.0 - torch.linspace(0, 1, curve.numel(), dtype=torch.float64)
+                keep = torch.isfinite(curve) & (curve > 0)
+                curves[unit["name"]] = (curve.double()[keep], density[keep])
         return curves
 
     def plot(self, path: str | os.PathLike) -> str:
@@ -389,8 +391,8 @@ class SolutionPath:
                     ax.step(times.numpy(), density.numpy(), where="post", label=name,
                             linewidth=1.5 if self.kind == "structured" else 0.8)
             ax.set_xlabel("path time (cumulative learning rate)" if self.kind == "structured"
-                          else "path time (per layer, units of its threshold)")
-            ax.set_ylabel("density (fraction of entries on the path)")
+                          else "path time (per layer: removal pressure / RIA score)")
+            ax.set_ylabel("density (fraction of entries kept)")
             ax.set_ylim(0, 1.02)
             if self.kind == "unstructured":
                 ax.set_xscale("log")

@@ -1,5 +1,6 @@
 """The training-free variant (ours): one calibration pass through the block walker gives an unstructured
-solution path for every targeted Linear (``ops.iss_weight_path``), i.e. every sparsity at once.
+solution path for every targeted Linear (``ops.iss_weight_path``: an inverse-scale-space removal path driven
+by RIA scores and corrected by the layer's exact reconstruction error), i.e. every sparsity at once.
 
 The paper's LLM algorithm (its "Algorithm 2") is not public; this is hf_prune's own, documented as such. The
 blocks are not changed during the pass (there is no single sparsity to prune at while building a whole family),
