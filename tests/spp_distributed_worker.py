@@ -33,13 +33,14 @@ SolutionPath.save_pretrained = spying_save
 torch.set_num_threads(1)
 x, y = digits()
 model = tiny_vit(0)
-config = SPPConfig(lr=1e-2, lam=0.05, record_every=2, share_across_heads=False)
+config = SPPConfig(lr=1e-2, lam=0.05, record_every=2, coupling="released", share_across_heads=False)
 attach_masks(model, config)
 args = config.training_arguments(os.path.join(out, "run"), max_steps=12, per_device_train_batch_size=16,
                                  save_strategy="no", seed=0, disable_tqdm=True, use_cpu=True, report_to="none")
 callback = SolutionPathCallback()
 trainer = T.Trainer(model=model, args=args, train_dataset=Digits(x, y, 256), callbacks=[callback])
 trainer.train()
-save_file({k: v.contiguous() for k, v in callback.path.tensors.items()}, os.path.join(out, f"path_rank{rank}.safetensors"))
+save_file({k: v.contiguous() for k, v in callback.path.tensors.items()},
+          os.path.join(out, f"path_rank{rank}.safetensors"))
 with open(os.path.join(out, f"info_rank{rank}.json"), "w") as fh:
     json.dump({"world_size": trainer.args.world_size, "search": callback.path.search}, fh)

@@ -109,7 +109,8 @@ def test_pruner_reads_the_path_and_the_cli_recounts_the_stored_tensors(llama, ba
     folder = pruner.save_pretrained(tmp_path / "out")
     assert main(["report", folder]) == 0
     printed = capsys.readouterr().out
-    assert "pattern: structured" in printed and "weights: the zeros of all 12 pruned tensors" in printed  # 7 + q, k, gate, up, down
+    # layer 0: all 7 Linears; layer 1: q, k (zeroed q-k dims), gate, up, down
+    assert "pattern: structured" in printed and "weights: the zeros of all 12 pruned tensors" in printed
     loaded = T.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     torch.testing.assert_close(_logits(loaded, batch), _logits(pruner.model, batch), rtol=0, atol=0)
 
@@ -117,7 +118,7 @@ def test_pruner_reads_the_path_and_the_cli_recounts_the_stored_tensors(llama, ba
 def test_manual_loop_without_trainer(llama, batch):
     """``SPPMasks.advance`` is the whole update: a plain loop drives it as the callback does."""
     model = copy.deepcopy(llama)
-    config = SPPConfig(lr=1e-2, lam=0.16, record_every=2, groups=("qk", "mlp"))
+    config = SPPConfig(lr=1e-2, lam=0.16, record_every=2, groups=("qk", "mlp"), coupling="released")
     masks = attach_masks(model, config)
     optimizer = torch.optim.AdamW(masks.alphas(), lr=config.lr, eps=config.adam_epsilon, weight_decay=0.0)
     model.train()

@@ -50,8 +50,9 @@ class SolutionPathCallback(TrainerCallback):
                              "hf_prune.methods.spp.attach_masks(model, SPPConfig(...)) before creating the Trainer.")
         config = masks.config
         if not math.isclose(args.learning_rate, config.lr, rel_tol=1e-9, abs_tol=0.0):
-            raise ValueError(f"SolutionPathCallback: TrainingArguments.learning_rate={args.learning_rate!r} differs from "
-                             f"SPPConfig.lr={config.lr!r}; build the arguments with config.training_arguments(...).")
+            raise ValueError(f"SolutionPathCallback: TrainingArguments.learning_rate={args.learning_rate!r} differs "
+                             f"from SPPConfig.lr={config.lr!r}; build the arguments with "
+                             "config.training_arguments(...).")
         mine = {id(p) for p in masks.alphas()}
         extra = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in mine]
         if extra:
@@ -70,8 +71,8 @@ class SolutionPathCallback(TrainerCallback):
                 raise ValueError("SPPConfig.adam_bias_correction=True needs an Adam-type optimizer (betas); use "
                                  "optim='adamw_torch' or set adam_bias_correction=False.")
         if config.coupling == "split_lbi" and getattr(args, "fp16", False):
-            raise ValueError("SPPConfig.coupling='split_lbi' adds its coupling gradient in float32 and cannot run under "
-                             "fp16 gradient scaling; use bf16=True or full precision.")
+            raise ValueError("SPPConfig.coupling='split_lbi' adds its coupling gradient in float32 and cannot run "
+                             "under fp16 gradient scaling; use bf16=True or full precision.")
         self.masks = masks
 
     # ---- the dynamics ------------------------------------------------------------------------------

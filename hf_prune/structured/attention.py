@@ -78,7 +78,8 @@ def attention_groups(model: nn.Module, stages: list[Stage] | None = None) -> lis
                                  "hf_prune expects.")
             heads, kv_heads = q_out // head_dim, k_out // head_dim
             if heads % kv_heads:
-                raise ValueError(f"{module_name}: {heads} query heads cannot be grouped over {kv_heads} key/value heads.")
+                raise ValueError(f"{module_name}: {heads} query heads cannot be grouped over {kv_heads} key/value "
+                                 "heads.")
             if spec.rope and head_dim % 2:
                 raise ValueError(f"{module_name}: rotary attention needs an even head width, got {head_dim}.")
             groups.append(AttentionGroup(stage, block, names["q"], names["k"], names["v"], names["o"], module_name,

@@ -14,6 +14,9 @@ COUPLINGS = ("released", "split_lbi")
 BUDGETS = ("params", "flops", "entries")
 SCOPES = ("per_group", "global")
 ORDERS = ("first_entry", "on_count")
+# the threshold's unit differs: released z integrates alpha (the released code hard-codes lam=3); split LBI's
+# integrates alpha / nu, so with nu=100 the same search reaches a hundred times less
+LAM_DEFAULTS = {"released": 3.0, "split_lbi": 0.01}
 
 
 @dataclass(kw_only=True)
@@ -31,11 +34,15 @@ class SPPConfig(PrunerConfig):
       ``Trainer`` must use it (``config.training_arguments(...)`` builds matching ``TrainingArguments``);
       ``weight_decay``, ``adam_epsilon``, ``lr_scheduler``, ``min_lr`` and ``warmup_steps`` are the released
       search schedule (AdamW, eps 1e-4, no decay, cosine to 1e-5, no warmup).
-    - ``coupling="released"``: as the released code: the masks follow the task loss only; z <- z + kappa * eta *
-      (alpha - Gamma), Gamma = max(z - lam, 0), with eta the Adam step lr / (1 - beta1^k) when
-      ``adam_bias_correction``. ``"split_lbi"``: the paper's Split LBI: the masks also feel (alpha - Gamma) / nu,
-      z <- z + eta (alpha - Gamma) / nu, Gamma = kappa * shrink(z, lam).
-    - ``kappa``, ``lam`` (the threshold: an entry enters once its integrated mask exceeds it), ``nu``.
+    - ``coupling="split_lbi"`` (default): the paper's Split LBI (DessiLBI): the masks also feel the coupling
+      gradient (alpha - Gamma) / nu, which pulls them toward the sparse Gamma while the task loss holds the
+      important ones up; z <- z + eta (alpha - Gamma) / nu, Gamma = kappa * shrink(z, lam).
+      ``"released"``: as the released code: the masks follow the task loss only (the coupling is computed but never
+      back-propagated there); z <- z + kappa * eta * (alpha - Gamma), Gamma = max(z - lam, 0). eta is the Adam
+      step lr / (1 - beta1^k) when ``adam_bias_correction`` (as released), else lr.
+    - ``kappa``, ``nu``, ``lam``: an entry enters once its integrated mask passes ``lam`` (default 3.0 for
+      ``released``, the released code's hard-coded value; 0.01 for ``split_lbi``, whose z moves nu times slower).
+      Entries that never enter are ranked by z, so a too large ``lam`` still gives a full ranking.
     - ``record_every``: every so many optimizer steps each entry's ``on_count`` grows if it is on (the released
       ``step_record``); first-entry times are recorded at every step on the path time (cumulative learning rate).
 
@@ -67,9 +74,9 @@ class SPPConfig(PrunerConfig):
     share_across_heads: bool = True
     lr: float = 1e-3
     kappa: float = 1.0
-    lam: float = 3.0
+    lam: float | None = None
     nu: float = 100.0
-    coupling: str = "released"
+    coupling: str = "split_lbi"
     adam_bias_correction: bool = True
     record_every: int = 10
     weight_decay: float = 0.0
@@ -109,6 +116,8 @@ class SPPConfig(PrunerConfig):
         for name in ("share_across_heads", "adam_bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{owner}.{name}={getattr(self, name)!r} must be True or False.")
+        if self.lam is None:
+            self.lam = LAM_DEFAULTS[self.coupling]
         for name in ("lr", "kappa", "lam", "nu"):
             check_number(owner, name, getattr(self, name), 0.0, float("inf"), low_inclusive=False)
         check_number(owner, "weight_decay", self.weight_decay, 0.0, float("inf"))

@@ -127,36 +127,34 @@ class SolutionPath:
                 out[unit["name"]] = rank < keep_count
             return out
         min_keep = int(self.config.get("min_keep", 1))
+        order_key = self.config.get("order", "first_entry")
         orders, costs = self._entries(budget)
-        keep = [torch.zeros(math.prod(u["shape"]), dtype=torch.bool) for u in self.units]
+        sizes = [math.prod(u["shape"]) for u in self.units]
+        offsets = [0]
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        keep = torch.zeros(sum(sizes), dtype=torch.bool)  # all units, flattened one after another
         pools: dict[str, list[int]] = {}
         for i, unit in enumerate(self.units):
             pools.setdefault(unit["kind"] if scope == "per_group" else "all", []).append(i)
         for members in pools.values():
-            # protected entries (each unit's top min_keep) are always kept; the rest compete in one ranking
-            cand_unit, cand_idx, cand_first, cand_z, cand_count, cand_cost = [], [], [], [], [], []
+            # each unit's top min_keep entries are always kept; the rest compete in one ranking
+            flat, first, z, count, cost = [], [], [], [], []
             total = 0.0
             for i in members:
-                order = orders[i]
                 total += float(costs[i].sum())
-                protected = order[:min_keep]
-                keep[i][protected] = True
-                rest = order[min_keep:]
-                cand_unit.append(torch.full((rest.numel(),), i, dtype=torch.long))
-                cand_idx.append(rest)
-                cand_first.append(self.tensors[f"{i}.first_entry"].flatten()[rest])
-                cand_z.append(self.tensors[f"{i}.z"].flatten()[rest])
-                cand_count.append(self.tensors[f"{i}.on_count"].flatten()[rest])
-                cand_cost.append(costs[i][rest])
-            units_, idx = torch.cat(cand_unit), torch.cat(cand_idx)
-            order = ops.priority(torch.cat(cand_first), torch.cat(cand_z), torch.cat(cand_count),
-                                 self.config.get("order", "first_entry"))
-            low_first = order.flip(0)
-            removed = ops.removal_count(torch.cat(cand_cost)[low_first], sparsity * total)
-            kept = order[: order.numel() - removed]
-            for j in kept.tolist():
-                keep[int(units_[j])][int(idx[j])] = True
-        return {u["name"]: k.view(u["shape"]) for u, k in zip(self.units, keep)}
+                keep[offsets[i] + orders[i][:min_keep]] = True
+                rest = orders[i][min_keep:]
+                flat.append(offsets[i] + rest)
+                first.append(self.tensors[f"{i}.first_entry"].flatten()[rest])
+                z.append(self.tensors[f"{i}.z"].flatten()[rest])
+                count.append(self.tensors[f"{i}.on_count"].flatten()[rest])
+                cost.append(costs[i][rest])
+            flat = torch.cat(flat)
+            order = ops.priority(torch.cat(first), torch.cat(z), torch.cat(count), order_key)
+            removed = ops.removal_count(torch.cat(cost)[order.flip(0)], sparsity * total)
+            keep[flat[order[: order.numel() - removed]]] = True
+        return {u["name"]: part.view(u["shape"]) for u, part in zip(self.units, keep.split(sizes))}
 
     def read_off(self, sparsity: float, budget: str | None = None, scope: str | None = None) -> dict:
         """What reading ``sparsity`` off the path removes, per group and per block, in every budget unit."""
@@ -210,7 +208,8 @@ class SolutionPath:
         mine = [(u["name"], list(u["shape"]), u["kind"]) for u in self.units]
         theirs = [(u.name, list(u.shape), u.kind) for u in units]
         if mine != theirs:
-            diff = next(((a, b) for a, b in zip(mine, theirs) if a != b), (mine[len(theirs):][:1], theirs[len(mine):][:1]))
+            diff = next(((a, b) for a, b in zip(mine, theirs) if a != b),
+                        (mine[len(theirs):][:1], theirs[len(mine):][:1]))
             raise ValueError(f"the model does not fit this solution path (searched on {self.model.get('class')}): "
                              f"path unit {diff[0]} vs model unit {diff[1]}. Read the path off the model it was "
                              "searched on (before any other structural change).")
@@ -385,18 +384,20 @@ class SolutionPath:
         check_output_dir(os.path.dirname(os.path.abspath(path)))
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
         try:
-            curves = self.density_curves()
+            curves = {k: v for k, v in self.density_curves().items() if v[0].numel()}
             for name, (times, density) in curves.items():
-                if times.numel():
-                    ax.step(times.numpy(), density.numpy(), where="post", label=name,
-                            linewidth=1.5 if self.kind == "structured" else 0.8)
+                ax.step(times.numpy(), density.numpy(), where="post", label=name,
+                        linewidth=1.5 if self.kind == "structured" else 0.8)
+            if not curves:
+                ax.text(0.5, 0.5, "no entry has entered the path yet", ha="center", transform=ax.transAxes)
             ax.set_xlabel("path time (cumulative learning rate)" if self.kind == "structured"
                           else "path time (per layer: removal pressure / RIA score)")
-            ax.set_ylabel("density (fraction of entries kept)")
+            ax.set_ylabel("density (fraction of entries on the path)" if self.kind == "structured"
+                          else "density (fraction of weights not yet removed)")
             ax.set_ylim(0, 1.02)
             if self.kind == "unstructured":
                 ax.set_xscale("log")
-            if len(curves) <= 12:
+            if 0 < len(curves) <= 12:
                 ax.legend(fontsize="small")
             ax.set_title(f"SPP solution path ({self.model.get('class') or 'model'})")
             fig.tight_layout()

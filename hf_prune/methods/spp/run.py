@@ -24,7 +24,8 @@ def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     from ..layerwise import linear_candidates
 
     stages = get_adapter(model).stages(model)
-    return {name: (m.out_features, m.in_features, m.weight.numel()) for name, m, _, _ in linear_candidates(model, stages)}
+    return {name: (m.out_features, m.in_features, m.weight.numel())
+            for name, m, _, _ in linear_candidates(model, stages)}
 
 
 def structured_report(model: nn.Module, before: dict[str, tuple[int, int, int]], path: SolutionPath,
