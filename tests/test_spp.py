@@ -148,6 +148,30 @@ def test_read_offs_are_nested_and_meet_the_budget(searched, budget, scope):
             assert bool(keep[unit["name"]].any())
 
 
+def test_iss_updates_and_records_by_hand():
+    from hf_prune.methods.spp import ops
+
+    assert ops.adam_step_size(0.01, 1, 0.9, True) == pytest.approx(0.1)
+    assert ops.adam_step_size(0.01, 2, 0.9, True) == pytest.approx(0.01 / 0.19)
+    assert ops.adam_step_size(0.01, 1, 0.9, False) == 0.01
+    alpha, z, gamma = torch.tensor([1.0, 0.5, -1.0]), torch.tensor([2.9, 0.0, 0.0]), torch.zeros(3)
+    z1, g1 = ops.released_update(z, gamma, alpha, eta=0.2, kappa=1.0, lam=3.0)
+    torch.testing.assert_close(z1, torch.tensor([3.1, 0.1, -0.2]))
+    torch.testing.assert_close(g1, torch.tensor([0.1, 0.0, 0.0]))  # non-negative shrinkage
+    z2, g2 = ops.split_lbi_update(z1, g1, alpha, eta=0.2, kappa=2.0, lam=3.0, nu=10.0)
+    torch.testing.assert_close(z2, z1 + 0.02 * (alpha - g1))
+    torch.testing.assert_close(g2, 2.0 * (z2 - 3.0).clamp_min(0))
+    torch.testing.assert_close(ops.coupling_gradient(alpha, g1, 10.0), (alpha - g1) / 10)
+    first, last = torch.full((3,), float("inf")), torch.full((3,), float("inf"))
+    on = ops.record_entries(torch.tensor([0.1, 0.0, 0.2]), torch.tensor([False, True, False]), first, last, 0.5)
+    assert on.tolist() == [True, False, True] and first.tolist() == [0.5, float("inf"), 0.5]
+    assert last.tolist() == [float("inf"), 0.5, float("inf")]
+    ops.record_entries(torch.tensor([0.3, 0.1, 0.0]), on, first, last, 0.75)  # first entry never moves
+    assert first.tolist() == [0.5, 0.75, 0.5] and last.tolist() == [float("inf"), 0.5, 0.75]
+    costs = torch.tensor([1.0, 1.0, 4.0, 1.0])  # least important first; closest total, ties remove more
+    assert [ops.removal_count(costs, t) for t in (0.0, 0.4, 0.6, 1.4, 2.6, 4.0, 7.0)] == [0, 0, 1, 1, 2, 3, 4]
+
+
 def test_priority_is_a_total_order_with_documented_ties():
     first = torch.tensor([0.3, float("inf"), 0.1, 0.3, float("inf")])
     z = torch.tensor([1.0, 0.5, 0.0, 2.0, 0.7])

@@ -36,7 +36,8 @@ class SPPConfig(PrunerConfig):
       search schedule (AdamW, eps 1e-4, no decay, cosine to 1e-5, no warmup).
     - ``coupling="split_lbi"`` (default): the paper's Split LBI (DessiLBI): the masks also feel the coupling
       gradient (alpha - Gamma) / nu, which pulls them toward the sparse Gamma while the task loss holds the
-      important ones up; z <- z + eta (alpha - Gamma) / nu, Gamma = kappa * shrink(z, lam).
+      important ones up; z <- z + eta (alpha - Gamma) / nu, Gamma = kappa * max(z - lam, 0) (masks are
+      non-negative, so only the positive side enters).
       ``"released"``: as the released code: the masks follow the task loss only (the coupling is computed but never
       back-propagated there); z <- z + kappa * eta * (alpha - Gamma), Gamma = max(z - lam, 0). eta is the Adam
       step lr / (1 - beta1^k) when ``adam_bias_correction`` (as released), else lr.

@@ -36,9 +36,12 @@ def released_update(z: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, e
 
 def split_lbi_update(z: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, eta: float, kappa: float,
                      lam: float, nu: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split LBI (DessiLBI): z += eta * (alpha - Gamma) / nu, Gamma = kappa * shrink(z, lam) (soft threshold)."""
+    """Split LBI (DessiLBI): z += eta * (alpha - Gamma) / nu, Gamma = kappa * max(z - lam, 0).
+
+    DessiLBI soft-thresholds weights symmetrically; a mask is a non-negative scale, so (as in the released code)
+    only the positive side can enter: a mask the loss drives negative is not "important"."""
     z = z + (eta / nu) * (alpha - gamma)
-    return z, kappa * torch.sign(z) * (z.abs() - lam).clamp_min(0.0)
+    return z, kappa * (z - lam).clamp_min(0.0)
 
 
 def coupling_gradient(alpha: torch.Tensor, gamma: torch.Tensor, nu: float) -> torch.Tensor:
