@@ -2,6 +2,7 @@
 
 from .config import CalibrationConfig, PrunerConfig, available_methods, register_method
 from .methods import MagnitudeConfig, RIAConfig, SparseGPTConfig, WandaConfig
+from .methods.spp import SolutionPath, SPPConfig
 from .pruner import Pruner
 from .result import PruningResult
 from .version import __version__
@@ -13,6 +14,8 @@ __all__ = [
     "PrunerConfig",
     "PruningResult",
     "RIAConfig",
+    "SPPConfig",
+    "SolutionPath",
     "SparseGPTConfig",
     "WandaConfig",
     "__version__",
