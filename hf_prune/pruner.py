@@ -126,7 +126,8 @@ class Pruner:
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: str | int = "5GB",
                         evaluations: list[dict] | None = None, repo_id: str | None = None) -> str:
         """Write the pruned model (safetensors), tokenizer/processor, ``pruning_config.json``,
-        ``pruning_report.json`` and a ``README.md`` model card, atomically: the folder appears complete or
+        ``pruning_report.json``, a ``README.md`` model card and, after an allocating method (ECoFLaP),
+        ``sparsity_allocation.json`` with its PNG, atomically: the folder appears complete or
         not at all. Returns the folder's absolute path."""
         if not self.results:
             raise ValueError("nothing was pruned yet: call pruner.prune(config, ...) before save_pretrained.")
@@ -144,5 +145,7 @@ class Pruner:
             with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as fh:
                 json.dump(report, fh, indent=2, sort_keys=True, default=str)
                 fh.write("\n")
-            build_model_card(report, repo_id=repo_id, evaluations=evaluations).save(os.path.join(tmp, "README.md"))
+            allocation_files = result.allocation.save_pretrained(tmp) if result.allocation is not None else {}
+            build_model_card(report, repo_id=repo_id, evaluations=evaluations,
+                             allocation_plot=allocation_files.get("plot")).save(os.path.join(tmp, "README.md"))
         return os.path.abspath(os.fspath(save_directory))
