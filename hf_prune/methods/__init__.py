@@ -4,5 +4,6 @@ from .magnitude import MagnitudeConfig
 from .ria import RIAConfig
 from .sparsegpt import SparseGPTConfig
 from .wanda import WandaConfig
+from .ecoflap import ECoFLaPConfig  # noqa: E402  (after the layer-wise methods it can run as stage 2)
 
-__all__ = ["MagnitudeConfig", "RIAConfig", "SparseGPTConfig", "WandaConfig"]
+__all__ = ["ECoFLaPConfig", "MagnitudeConfig", "RIAConfig", "SparseGPTConfig", "WandaConfig"]
