@@ -116,7 +116,8 @@ def test_first_order_restores_flags_and_existing_grads(tokenizer, corpus):
     assert model.model.layers[0].mlp.down_proj.weight.grad is kept_grad and bool((kept_grad == 0.25).all())
     assert all(p.grad is None for n, p in model.named_parameters() if n != "model.layers.0.mlp.down_proj.weight")
     assert _unchanged(model, before) and torch.equal(torch.get_rng_state(), rng)
-    assert allocation.provenance["passes"] == {"forward": 2, "backward": 2}
+    assert allocation.provenance["passes"] == {"forward": 2, "backward": 2, "block_recomputations": 2}
+    assert all("forward" not in block.__dict__ for block in model.model.layers)  # checkpointing undone
 
 
 # ------------------------------------------------------------------------------------------------ estimators

@@ -38,7 +38,8 @@ class ECoFLaPConfig(PrunerConfig):
     - ``per_submodel_budget``: solve the allocation separately inside each sub-model, so each meets
       ``sparsity`` (the released ``--prune_per_model``); default one global budget.
     - ``score``: ``"zeroth_order"`` (forward passes only: |L(W+eps z) - L(W-eps z)| / 2eps with Gaussian z,
-      an estimate of the gradient norm) or ``"first_order"`` (one backward per batch; sum |W| * |dL/dW|).
+      an estimate of the gradient norm) or ``"first_order"`` (one backward per batch with checkpointed
+      blocks; sum |W| * |dL/dW|, each gradient reduced and freed as soon as it is complete).
     - ``aggregate``: a group's score is the ``"sum"`` over its weights, or their ``"mean"``.
     - ``zo_eps``, ``zo_num_noise``: perturbation size and number of Gaussian directions per batch.
     - ``zo_perturb``: ``"tensor"`` perturbs one weight tensor at a time (the paper); ``"block"`` is ours:

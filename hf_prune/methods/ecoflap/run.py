@@ -96,10 +96,11 @@ def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[s
                   "perturbation_units": len(units)}
     else:
         weights = {t.name: t.module.weight for ts in groups.values() for t in ts}
+        blocks = [block for stage in plan.stages for block in stage.blocks(model)]
         tensor_scores = first_order_scores(model, weights, batches, loss, seed=seed, device=plan.score_device,
-                                           progress=progress)
+                                           progress=progress, blocks=blocks)
         raw = {group: sum(tensor_scores[t.name] for t in ts) for group, ts in groups.items()}
-        passes = {"forward": len(batches), "backward": len(batches)}
+        passes = {"forward": len(batches), "backward": len(batches), "block_recomputations": len(batches)}
     return raw, passes
 
 

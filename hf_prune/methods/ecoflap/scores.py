@@ -14,16 +14,20 @@ they are subtracted. No autograd graph is built, no ``.grad`` is touched, the gl
 First order: one backward per batch with only the scored weights requiring grad. A hook on each weight
 (``register_post_accumulate_grad_hook``) adds ``sum |W| * |grad|`` to its score as soon as that gradient
 is complete and frees it, so at most a few gradients exist at once, never one per weight of the model.
-Every ``requires_grad`` flag and any pre-existing ``.grad`` are restored afterwards.
+The transformer blocks are checkpointed (their inner activations are recomputed during the backward
+pass instead of being kept), so the autograd graph holds only each block's input: the price is one more
+forward pass per batch. Every ``requires_grad`` flag and any pre-existing ``.grad`` are restored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...calibration.walker import calibration_mode, to_device
 from ...errors import NonFiniteStatisticsError
@@ -127,9 +131,35 @@ def zeroth_order_scores(model: nn.Module, units: list[Unit], batches: list[dict]
     return {name: total / count for name, total in totals.items()}
 
 
+@contextlib.contextmanager
+def checkpointed(blocks: list[nn.Module]):
+    """Run each block under activation checkpointing (non-reentrant, any args/kwargs/outputs), in eval
+    mode too (transformers' own switch only works in training mode); the original forwards come back."""
+    saved = []
+    try:
+        for block in blocks:
+            had_own = "forward" in block.__dict__
+            saved.append((block, had_own, block.__dict__.get("forward")))
+            inner = block.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                return checkpoint(_inner, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+            block.forward = forward
+        yield
+    finally:
+        for block, had_own, own in saved:
+            if had_own:
+                block.forward = own
+            else:
+                del block.forward
+
+
 def first_order_scores(model: nn.Module, weights: dict[str, nn.Parameter], batches: list[dict], loss: ScoringLoss,
-                       *, seed: int, device: torch.device, progress: bool = True) -> dict[str, float]:
-    """Mean over batches of ``sum |W| * |dL/dW|`` per weight tensor, one backward per batch."""
+                       *, seed: int, device: torch.device, progress: bool = True,
+                       blocks: list[nn.Module] | None = None) -> dict[str, float]:
+    """Mean over batches of ``sum |W| * |dL/dW|`` per weight tensor, one backward per batch; ``blocks`` are
+    checkpointed (see the module docstring)."""
     from tqdm.auto import tqdm
 
     scores = {name: 0.0 for name in weights}
@@ -157,7 +187,7 @@ def first_order_scores(model: nn.Module, weights: dict[str, nn.Parameter], batch
             p.grad = None
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(hook(name)))
-        with calibration_mode(model), torch.enable_grad():
+        with calibration_mode(model), torch.enable_grad(), checkpointed(blocks or []):
             for b, batch in enumerate(tqdm(batches, desc="ecoflap scores (first order)", unit="batch",
                                            disable=not progress, leave=False)):
                 batch = to_device(batch, device)
