@@ -213,6 +213,34 @@ def _verify_weights(folder: str, report: dict) -> str:
     return f"weights: the zeros of all {found} pruned tensors in the safetensors files match the report"
 
 
+def _bytes(text: str) -> float:
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TB": 1e12}
+    t = text.strip().upper().replace(" ", "")
+    number = t.rstrip("KMGTIB")
+    unit = t[len(number):]
+    if unit not in units or not number:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 24GB or 80GiB")
+    return float(number) * units[unit]
+
+
+def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .planner import plan
+
+    if extra:
+        raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
+    result = plan(args.model, args.method, num_samples=args.num_samples, seq_len=args.seq_len,
+                  batch_size=args.batch_size, dtype=args.dtype, offload=args.offload, device=args.device,
+                  throughput=args.throughput, measure_block=args.measure_block)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(result.table())
+    if args.device_memory is not None:
+        verdict = "fits" if result.fits(args.device_memory) else "does NOT fit"
+        print(f"{verdict} in {args.device_memory / 2**30:.1f} GiB of device memory")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace, extra: Sequence[str]) -> int:
     for name in available_methods():
         cls = get_method(name).config_class
@@ -273,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="fewer calibration samples and sentences")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    pl = sub.add_parser("plan", help="expected peak memory, disk and time of a prune, without loading weights")
+    pl.add_argument("model", help="Hub id, model folder or config.json file")
+    pl.add_argument("--method", default="wanda", choices=available_methods())
+    pl.add_argument("--num-samples", type=int, default=128)
+    pl.add_argument("--seq-len", type=int, default=2048)
+    pl.add_argument("--batch-size", type=int, default=8)
+    pl.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the config's)")
+    pl.add_argument("--offload", default="none", choices=["none", "cpu", "disk"])
+    pl.add_argument("--device", default=None, help="execution device whose throughput is measured")
+    pl.add_argument("--device-memory", type=_bytes, default=None, help="say whether the plan fits, e.g. 24GB")
+    pl.add_argument("--throughput", type=float, default=None, help="FLOP/s to assume instead of measuring")
+    pl.add_argument("--measure-block", action="store_true", help="time one real block instead of a matmul")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     m = sub.add_parser("methods", help="list the pruning methods")
     m.set_defaults(func=cmd_methods)

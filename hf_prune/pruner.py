@@ -15,6 +15,7 @@ from .config import PrunerConfig, get_method
 from .hub import build_model_card
 from .io import atomic_output_dir, check_output_dir
 from .result import PruningResult
+from .structured.layout import needs_variable_layout, save_variable_layout
 
 REPORT_NAME = "pruning_report.json"
 
@@ -127,8 +128,12 @@ class Pruner:
                         evaluations: list[dict] | None = None, repo_id: str | None = None) -> str:
         """Write the pruned model (safetensors), tokenizer/processor, ``pruning_config.json``,
         ``pruning_report.json``, a ``README.md`` model card and, after an allocating method (ECoFLaP),
-        ``sparsity_allocation.json`` with its PNG, atomically: the folder appears complete or
-        not at all. Returns the folder's absolute path."""
+        ``sparsity_allocation.json`` with its PNG, atomically: the folder appears complete or not at all.
+        Returns the folder's absolute path.
+
+        A structurally pruned model whose per-layer shapes a stock config cannot hold is saved with
+        ``hf_prune_layout.py`` and an ``auto_map`` (see ``hf_prune.structured.layout``): it reloads with
+        ``AutoModel...from_pretrained(folder, trust_remote_code=True)``."""
         if not self.results:
             raise ValueError("nothing was pruned yet: call pruner.prune(config, ...) before save_pretrained.")
         check_output_dir(save_directory)
@@ -138,6 +143,8 @@ class Pruner:
             report["previous_runs"] = [r.report for r in self.results[:-1]]
         with atomic_output_dir(save_directory) as tmp:
             self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            if needs_variable_layout(self.model):  # per-layer widths a stock config cannot hold
+                report["variable_layout"] = save_variable_layout(self.model, tmp)
             for component in (self.processor, self.tokenizer):
                 if component is not None:
                     component.save_pretrained(tmp)

@@ -101,13 +101,19 @@ def toy_causal_lm(size: str = "small", cache_dir: str | None = None):
     """(model, tokenizer): a LLaMA trained on builtin:python-docs (train split), cached on disk."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    folder = toy_folder(size, cache_dir)
+    return LlamaForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def toy_folder(size: str = "small", cache_dir: str | None = None) -> str:
+    """The folder holding the trained toy model and tokenizer (trained and saved on first use)."""
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not one of {sorted(SIZES)}.")
     spec = SIZES[size]
     key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
     folder = os.path.join(cache_dir or default_cache_dir(), f"llama-{size}-{key}")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        return LlamaForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        return folder
     texts = list(builtin_texts("builtin:python-docs", "train"))
     tokenizer = train_tokenizer(texts, spec.vocab_size)
     model = toy_llama(spec, tokenizer)
@@ -119,4 +125,4 @@ def toy_causal_lm(size: str = "small", cache_dir: str | None = None):
     with atomic_output_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return model, tokenizer
+    return folder

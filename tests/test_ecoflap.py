@@ -473,3 +473,19 @@ def test_cli_ecoflap_then_reuse_the_allocation(tmp_path, tokenizer, capsys):
     second = T.LlamaForCausalLM.from_pretrained(again).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert main(["report", str(out)]) == 0 and "match the report" in capsys.readouterr().out
+
+
+def test_planner_adds_the_scoring_stage_with_the_whole_model_on_the_device():
+    import os
+
+    from hf_prune.planner import plan
+
+    config = os.path.join(os.path.dirname(__file__), "data", "configs", "llama-2-7b.json")
+    eco, wanda = plan(config, "ecoflap", throughput=1e12), plan(config, "wanda", throughput=1e12)
+    scores, decoder = eco.stages
+    assert scores.name == "ecoflap scores (zeroth_order)" and decoder == wanda.stages[0]  # then Wanda as usual
+    assert scores.device_peak > eco.weight_bytes and eco.device_peak == scores.device_peak
+    forward = 2 * 8 * (decoder.block_params * 32 * 2048 + 32000 * 4096 * 2048)  # blocks + lm_head, one batch
+    assert scores.flops == 4 * (7 * 32) * 2 * forward  # 32 samples / 8 x 7 Linears x 32 blocks x (+eps, -eps)
+    assert eco.flops == scores.flops + wanda.flops
+

@@ -132,3 +132,19 @@ def test_model_state_restored_after_walk(tokenizer, corpus):
                                    calibration_dataset=corpus[:200], progress=False)
     assert model.training and model.config.use_cache
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_streamed_capture_path_hooks_are_transparent(tokenizer, corpus):
+    """The accelerator path (model on CPU, blocks streamed to the execution device during a capture forward)
+    runs here with the device 'cpu:0', which differs from the tensors' 'cpu' and so takes that path: its hooks
+    must not alter inputs or outputs, and everything must be back where it was afterwards."""
+    model = make_model("blip2", vocab=len(tokenizer))
+    batches = make_batches("blip2", tokenizer, corpus, n=4, batch=2)
+    stages = get_adapter(model).stages(model)
+    with calibration_mode(model):
+        plain = capture_stage_inputs(model, stages[2], stages, batches, torch.device("cpu"))
+        streamed = capture_stage_inputs(model, stages[2], stages, batches, torch.device("cpu", 0))
+    for a, b in zip(plain.hidden, streamed.hidden):
+        assert torch.equal(a, b)
+    hooks = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooks == []

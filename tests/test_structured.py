@@ -3,6 +3,8 @@ stock class from its rewritten config."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as T
@@ -69,3 +71,36 @@ def test_slicing_validates_indices():
     keep_rows(lin, [5, 0])
     keep_columns(lin, [3])
     assert lin.weight.shape == (2, 1) and lin.bias.shape == (2,) and (lin.out_features, lin.in_features) == (2, 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_layer_widths_reload_with_stock_auto_classes(family, tokenizer, corpus, tmp_path):
+    """Different widths per block cannot live in a stock config: the layout file makes them reload through
+    transformers' own trust_remote_code path, with identical outputs and no hf_prune import."""
+    import subprocess
+    import sys
+
+    from hf_prune.structured.layout import needs_variable_layout, save_variable_layout
+
+    model = make_model(family, vocab=len(tokenizer))
+    batch = make_batches(family, tokenizer, corpus, n=2, batch=2)[0]
+    assert not needs_variable_layout(model)
+    for i, group in enumerate(mlp_groups(model)):
+        shrink_mlp(model, group, list(range(0, group.width - 8 * (i + 1))))
+    assert needs_variable_layout(model)
+    model.save_pretrained(tmp_path)
+    layout = save_variable_layout(model, str(tmp_path))
+    assert len(layout["linears"]) >= len(mlp_groups(model))
+    auto = json.load(open(tmp_path / "config.json"))["auto_map"]
+    auto_name = next(k for k in auto if k != "AutoConfig")
+    loaded = getattr(T, auto_name).from_pretrained(tmp_path, trust_remote_code=True)
+    torch.testing.assert_close(_out(loaded, batch), _out(model, batch), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        getattr(T, auto_name).from_pretrained(tmp_path, trust_remote_code=False)
+    if family == "llama":  # a fresh interpreter without hf_prune on the path loads it too
+        code = (f"import sys; sys.modules['hf_prune'] = None; import transformers as T; "
+                f"m = T.{auto_name}.from_pretrained({str(tmp_path)!r}, trust_remote_code=True); "
+                "print(m.model.layers[1].mlp.down_proj.in_features)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == str(128 - 16)

@@ -125,12 +125,19 @@ def _streamed(model: nn.Module, stages: list[Stage], device: torch.device):
         if not name.startswith(block_prefixes) and tensor.device != device:
             moved.append((tensor, tensor.device))
             tensor.data = tensor.data.to(device)
+    def onload(module: nn.Module, args: tuple) -> None:  # hooks must return None: a value would replace args
+        module.to(device)
+
     handles = []
     for stage in stages:
         for block in stage.blocks(model):
             home = model_device(block)
-            handles.append(block.register_forward_pre_hook(lambda m, a, d=device: m.to(d)))
-            handles.append(block.register_forward_hook(lambda m, a, o, h=home: m.to(h)))
+
+            def offload(module: nn.Module, args: tuple, output: Any, home: torch.device = home) -> None:
+                module.to(home)
+
+            handles.append(block.register_forward_pre_hook(onload))
+            handles.append(block.register_forward_hook(offload))
     try:
         yield
     finally:

@@ -1,0 +1,158 @@
+"""hf_prune next to its peers on the same model, the same calibration windows and the same held-out text.
+
+    python benchmarks/vs_peers.py                       # toy LLaMA "small" trained on builtin:python-docs
+    python benchmarks/vs_peers.py --model PATH --num-samples 128 --seq-len 2048 --eval FILE
+
+llm-compressor pins other transformers versions, so it runs in its own virtual environment, which this script
+creates on first use (``benchmarks/.venv-llmcompressor``: torch==2.13.0 CPU, llmcompressor==0.14.0.1) or takes
+from ``--peer-python``. Each prune runs in a fresh process on both sides; peak RSS is that of the prune alone
+(the high-water mark is reset after the model is loaded). Perplexity is computed here for every saved model with
+the same protocol. Prints a table with the ratios ours/peer and writes a PNG plot. Never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from hf_prune import CalibrationConfig  # noqa: E402
+from hf_prune.calibration import build_calibration  # noqa: E402
+from hf_prune.evaluation import perplexity, sparsity_report  # noqa: E402
+from hf_prune.report import format_table  # noqa: E402
+
+PEER_VERSION = "llmcompressor==0.14.0.1"
+
+
+def peer_python(path: str | None) -> str:
+    if path:
+        return path
+    venv = os.path.join(HERE, ".venv-llmcompressor")
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        print(f"creating {venv} with torch==2.13.0 and {PEER_VERSION} (once)...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", PEER_VERSION], check=True)
+    return python
+
+
+def run_worker(python: str, script: str, args: list[str]) -> dict:
+    proc = subprocess.run([python, os.path.join(HERE, "peers", script), *args], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+    return {"error": last[0][:120]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a local model folder (default: the toy LLaMA 'small')")
+    parser.add_argument("--calibration", default="builtin:python-docs")
+    parser.add_argument("--eval", default="builtin:python-docs")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
+    parser.add_argument("--peer-python", default=None)
+    parser.add_argument("--plot", default=os.path.join(HERE, "results", "vs_peers.png"))
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model is None:
+        from hf_prune.toy import toy_folder
+
+        args.model = toy_folder("small")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    calibration = build_calibration(CalibrationConfig(dataset=args.calibration, num_samples=args.num_samples,
+                                                      seq_len=args.seq_len, packing="concat"),
+                                    tokenizer=tokenizer, causal_lm=True)
+    ids = torch.cat([b["input_ids"] for b in calibration.batches])
+    python = peer_python(args.peer_python)
+    work = tempfile.mkdtemp(prefix="hf_prune_vs_peers_")
+    cal_file = os.path.join(work, "calibration.pt")
+    torch.save(ids, cal_file)
+
+    def evaluate(folder: str) -> tuple[float, float]:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        ppl = perplexity(model, tokenizer, args.eval, seq_len=args.seq_len, max_windows=args.eval_windows,
+                         batch_size=8)
+        return ppl, sparsity_report(model, "layers")["overall"]["achieved"]
+
+    dense_ppl, _ = evaluate(args.model)
+    print(f"model {args.model}; calibration {args.calibration}: {len(ids)} x {args.seq_len} tokens (the same windows "
+          f"for both); held-out {args.eval}, {args.eval_windows} windows; dense perplexity {dense_ppl:.3f}\n")
+    rows, records = [], []
+    for method in args.methods:
+        for pattern in args.patterns:
+            common = ["--model", args.model, "--calibration", cal_file, "--method", method, "--pattern", pattern]
+            ours = run_worker(sys.executable, "hf_prune_worker.py", common + ["--out", os.path.join(work, "ours")])
+            peer = run_worker(python, "llmcompressor_worker.py", common + ["--out", os.path.join(work, "peer")])
+            record = {"method": method, "pattern": pattern, "ours": ours, "peer": peer}
+            for side, result in (("ours", ours), ("peer", peer)):
+                if "error" not in result:
+                    result["ppl"], result["sparsity"] = evaluate(os.path.join(work, side))
+                    if result["sparsity"] < 0.01:
+                        result["error"] = "oneshot left the model dense (a training-time modifier)"
+            records.append(record)
+
+            def cell(result: dict, key: str, fmt: str) -> str:
+                return "n/a" if "error" in result else format(result[key], fmt)
+
+            both = "error" not in ours and "error" not in peer
+            rows.append([method, pattern,
+                         cell(ours, "ppl", ".3f"), cell(peer, "ppl", ".3f"),
+                         cell(ours, "sparsity", ".4f"), cell(peer, "sparsity", ".4f"),
+                         cell(ours, "prune_s", ".2f"), cell(peer, "prune_s", ".2f"),
+                         f"{peer['prune_s'] / ours['prune_s']:.1f}x" if both else "-",
+                         cell({**ours, "mib": ours.get("peak_rss_bytes", 0) / 2**20}, "mib", ".0f"),
+                         cell({**peer, "mib": peer.get("peak_rss_bytes", 0) / 2**20}, "mib", ".0f"),
+                         peer.get("error", "")])
+    print(format_table(rows, ["method", "pattern", "ppl ours", "ppl peer", "sparsity ours", "sparsity peer",
+                              "time ours (s)", "time peer (s)", "speed-up", "peak RSS ours (MiB)",
+                              "peak RSS peer (MiB)", "peer note"]))
+    print(f"\npeer: {PEER_VERSION} oneshot; ours: hf_prune with its defaults (batch 8). Raw: {work}")
+    _plot(records, args.plot)
+
+
+def _plot(records: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    ok = [r for r in records if "error" not in r["ours"] and "error" not in r["peer"]]
+    if not ok:
+        return
+    labels = [f"{r['method']}\n{r['pattern']}" for r in ok]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, key, title, scale in ((axes[0], "ppl", "held-out perplexity", 1), (axes[1], "prune_s", "prune time (s)", 1),
+                                  (axes[2], "peak_rss_bytes", "peak RSS of the prune (MiB)", 2 ** 20)):
+        xs = range(len(ok))
+        ax.bar([x - 0.2 for x in xs], [r["ours"][key] / scale for r in ok], 0.4, label="hf_prune")
+        ax.bar([x + 0.2 for x in xs], [r["peer"][key] / scale for r in ok], 0.4, label="llm-compressor")
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

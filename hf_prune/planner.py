@@ -1,0 +1,305 @@
+"""Plan a prune before starting it: expected peak memory per stage, disk needed, and time.
+
+The model is built from its config on the ``meta`` device (no weights, no memory), so a LLaMA-2-70B
+plans on a laptop. The memory model follows what the engine does (``calibration/walker.py``):
+
+- execution device, per block: the block's weights, the statistics the method accumulates for all of the
+  block's targeted Linears at once (``sq_norm``: in floats; ``gram``: in x in floats, fp32), the forward
+  working set of one calibration batch, and the method's per-layer solve (SparseGPT: an fp32 copy of the
+  weight and three in x in matrices);
+- host: the model's weights unless offloaded (CPU offload keeps them in RAM; disk offload keeps one block),
+  plus the cached activations of every calibration sample (inputs and outputs of the current block);
+- disk: the saved model, plus the offloaded weights for disk offload.
+
+Time: FLOPs of the block passes (statistics, then pruned outputs, plus the capture forward) and of the
+per-layer solves, divided by a matrix-multiply throughput measured on the execution device (or by timing one
+real block when ``measure_block=True``).
+
+An allocator (ECoFLaP) adds its scoring stage first, planned with its config's defaults: whole-model passes
+with all weights on the execution device, then its layer-wise pruner as above.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .architectures import get_adapter
+from .config import get_method
+from .methods.layerwise import linear_candidates
+
+GIB = 2 ** 30
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_config(model_or_config: str):
+    """A transformers config from a folder, a ``config.json`` file or a Hub id (the id needs network)."""
+    from transformers import AutoConfig
+
+    if os.path.isfile(model_or_config):
+        with open(model_or_config, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if "model_type" not in data:
+            raise ValueError(f"{model_or_config} has no 'model_type'; it is not a transformers config.json.")
+        return AutoConfig.for_model(**data)
+    return AutoConfig.from_pretrained(model_or_config)
+
+
+def meta_model(config) -> nn.Module:
+    """The model ``config`` describes, on the meta device (its own architecture class when known)."""
+    import transformers
+
+    cls = None
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            break
+    with torch.device("meta"):
+        if cls is not None:
+            return cls(config)
+        return transformers.AutoModel.from_config(config)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
+    """Sustained matrix-multiply throughput (FLOP/s) of ``device`` in ``dtype``."""
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # CPUs compute half precision through float32 at best
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size ** 3 * repeats / max(time.perf_counter() - start, 1e-9)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    blocks: int
+    block_params: int
+    hidden: int
+    tokens_per_sample: int
+    stats_bytes: int
+    solve_bytes: int
+    forward_bytes: int
+    device_peak: int
+    activation_cache: int
+    flops: float
+
+
+@dataclass
+class Plan:
+    model: str
+    model_class: str
+    method: str
+    dtype: str
+    parameters: int
+    weight_bytes: int
+    num_samples: int
+    seq_len: int
+    batch_size: int
+    offload: str
+    stages: list[StagePlan] = field(default_factory=list)
+    device_peak: int = 0
+    host_peak: int = 0
+    disk: int = 0
+    flops: float = 0.0
+    throughput: float = 0.0
+    seconds: float = 0.0
+    throughput_source: str = ""
+
+    def fits(self, device_memory: float | None) -> bool | None:
+        return None if device_memory is None else self.device_peak <= device_memory
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def table(self) -> str:
+        from .report import format_table
+
+        rows = [[s.name, s.blocks, f"{s.block_params / 1e6:.1f}M", f"{s.stats_bytes / GIB:.2f}",
+                 f"{s.solve_bytes / GIB:.2f}", f"{s.forward_bytes / GIB:.2f}", f"{s.device_peak / GIB:.2f}",
+                 f"{s.activation_cache / GIB:.2f}"] for s in self.stages]
+        head = (f"{self.model} ({self.model_class}): {self.parameters / 1e9:.2f}B parameters, {self.dtype} weights "
+                f"{self.weight_bytes / GIB:.1f} GiB; method {self.method}; {self.num_samples} samples x {self.seq_len} "
+                f"tokens, batch {self.batch_size}; offload {self.offload}")
+        body = format_table(rows, ["stage", "blocks", "params/block", "stats GiB", "solve GiB", "forward GiB",
+                                   "device peak GiB", "activations GiB"])
+        tail = (f"expected peak on the execution device: {self.device_peak / GIB:.2f} GiB\n"
+                f"expected peak host memory: {self.host_peak / GIB:.2f} GiB\n"
+                f"disk needed: {self.disk / GIB:.1f} GiB\n"
+                f"estimated time: {self.seconds / 60:.1f} min ({self.flops / 1e12:.1f} TFLOP at "
+                f"{self.throughput / 1e12:.2f} TFLOP/s, {self.throughput_source})")
+        return "\n".join([head, body, tail])
+
+
+def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128, seq_len: int = 2048,
+         batch_size: int = 8, dtype: str | None = None, offload: str = "none", device: str | None = None,
+         throughput: float | None = None, measure_block: bool = False) -> Plan:
+    """Expected memory, disk and time of ``hf-prune prune`` for a model, without loading any weight.
+
+    ``offload``: ``"none"`` (the model in host RAM), ``"cpu"`` (the same, for accelerate CPU offload) or
+    ``"disk"`` (weights on disk, one block in RAM at a time). ``throughput`` (FLOP/s) overrides the measurement.
+    """
+    if offload not in ("none", "cpu", "disk"):
+        raise ValueError(f"offload={offload!r} is not supported; choose 'none', 'cpu' or 'disk'.")
+    spec = get_method(method)
+    allocator = spec.config_class() if "layer_pruner" in getattr(spec.config_class, "__dataclass_fields__", {}) \
+        else None  # an allocator (ECoFLaP) with its defaults: scores first, then its layer-wise pruner
+    layer_method = allocator.layer_pruner if allocator is not None else method
+    statistics = getattr(get_method(layer_method).config_class, "statistics", frozenset())
+    config = load_config(model_or_config)
+    model = meta_model(config)
+    dtype_name = dtype or str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    dtype_name = dtype_name.replace("torch.", "")
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"dtype={dtype_name!r} is not supported; choose one of {sorted(_DTYPES)}.")
+    torch_dtype = _DTYPES[dtype_name]
+    width = torch.tensor([], dtype=torch_dtype).element_size()
+    parameters = sum(p.numel() for p in model.parameters())
+    adapter = get_adapter(model)
+    stages = adapter.stages(model)
+    result = Plan(model=str(model_or_config), model_class=type(model).__name__, method=method, dtype=dtype_name,
+                  parameters=parameters, weight_bytes=parameters * width, num_samples=num_samples, seq_len=seq_len,
+                  batch_size=batch_size, offload=offload)
+    largest_block = 0
+    for stage in stages:
+        blocks = stage.blocks(model)
+        block = blocks[0]
+        block_params = sum(p.numel() for p in block.parameters())
+        largest_block = max(largest_block, block_params)
+        linears = [m for n, m, *_ in linear_candidates(model, [stage]) if n.startswith(f"{stage.path}.0.")]
+        stats = 0
+        if "sq_norm" in statistics:
+            stats += sum(m.in_features for m in linears) * 4
+        if "gram" in statistics:
+            stats += sum(m.in_features ** 2 for m in linears) * 4
+        solve = 0
+        if layer_method == "sparsegpt":
+            solve = max(4 * (m.in_features * m.out_features + 3 * m.in_features ** 2) for m in linears)
+        hidden = stage.config(model).hidden_size  # the residual width: what the walker caches per token
+        widest = max(max(m.out_features for m in linears), max(m.in_features for m in linears))
+        tokens = _tokens_per_sample(stage, config, seq_len)
+        # one batch through the block: a few tensors of the widest activation, plus attention scores
+        forward = batch_size * tokens * widest * width * 4 + batch_size * tokens * tokens * width
+        device_peak = block_params * width + stats + solve + forward
+        activations = 2 * num_samples * tokens * hidden * width
+        passes = 3 if statistics else 0  # capture, statistics, pruned outputs
+        flops = passes * 2 * block_params * num_samples * tokens * len(blocks)
+        if layer_method == "sparsegpt":
+            flops += len(blocks) * sum(2 * m.in_features ** 3 + 2 * m.out_features * m.in_features ** 2
+                                       for m in linears)
+        result.stages.append(StagePlan(stage.name, len(blocks), block_params, hidden, tokens, stats, solve, forward,
+                                       device_peak, activations, flops))
+    if allocator is not None:
+        result.stages.insert(0, _scores_stage(model, stages, result.stages, allocator, width, batch_size, seq_len))
+    result.device_peak = max(s.device_peak for s in result.stages)
+    resident = result.weight_bytes if offload != "disk" else largest_block * width
+    result.host_peak = resident + max(s.activation_cache for s in result.stages)
+    result.disk = result.weight_bytes * (2 if offload == "disk" else 1)
+    result.flops = sum(s.flops for s in result.stages)
+    exec_device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if throughput is not None:
+        result.throughput, result.throughput_source = throughput, "given"
+    elif measure_block:
+        result.throughput, result.throughput_source = _measure_block(model, stages[0], exec_device, torch_dtype,
+                                                                     batch_size, seq_len), "one real block timed"
+    else:
+        result.throughput = measure_matmul_flops(exec_device, torch_dtype)
+        result.throughput_source = f"matmul measured on {exec_device}"
+    result.seconds = result.flops / result.throughput
+    return result
+
+
+def _scores_stage(model: nn.Module, stages: list, planned: list[StagePlan], allocator, width: int, batch_size: int,
+                  seq_len: int) -> StagePlan:
+    """ECoFLaP's stage 1 (with the config's defaults): whole-model passes with every weight on the device.
+
+    Zeroth order: 2 forward passes per perturbation unit (a Linear, or a group) per batch, plus a snapshot
+    and a float32 direction of the largest unit. First order: 2 forwards and a backward (about 2 forwards)
+    per batch, with every block's input kept and one block's activations and gradients recomputed.
+    """
+    linears = linear_candidates(model, stages)
+    batches = -(-allocator.num_score_samples // batch_size)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_params = head.weight.numel() if head is not None else 0
+    vocab = head.weight.shape[0] if head is not None else 0
+    forward_flops = 2 * batch_size * (sum(s.block_params * s.blocks * s.tokens_per_sample for s in planned)
+                                      + head_params * seq_len)
+    working = max(s.forward_bytes for s in planned) + batch_size * seq_len * vocab * 4  # + float32 logits
+    block_count = sum(s.blocks for s in planned)
+    if allocator.score == "zeroth_order":
+        if allocator.zo_perturb == "tensor":
+            units, largest = len(linears), max(m.weight.numel() for _, m, *_ in linears)
+        else:
+            units = {"layer": len(linears), "block": block_count, "submodel": len(stages)}[allocator.granularity]
+            largest = max(s.block_params for s in planned)  # a block's weights (a bound for one group)
+        extra = largest * (width + 4)
+        flops = batches * units * allocator.zo_num_noise * 2 * forward_flops
+    else:
+        extra = sum(s.blocks * batch_size * s.tokens_per_sample * s.hidden * width for s in planned) \
+            + 2 * max(s.forward_bytes + s.block_params * width for s in planned)
+        flops = batches * 4 * forward_flops
+    weights = sum(p.numel() for p in model.parameters()) * width
+    return StagePlan(f"{allocator.method} scores ({allocator.score})", block_count,
+                     max(s.block_params for s in planned), max(s.hidden for s in planned), seq_len, 0, extra,
+                     working, weights + working + extra, 0, flops)
+
+
+def _tokens_per_sample(stage, config, seq_len: int) -> int:
+    """Tokens one sample puts through a block of this stage (patches for vision, queries for a Q-Former)."""
+    vision = getattr(config, "vision_config", None) if stage.name != "decoder" else None
+    if stage.name == "vision" and vision is not None:
+        return (vision.image_size // vision.patch_size) ** 2 + 1
+    if stage.name == "qformer":
+        return int(getattr(config, "num_query_tokens", 32))
+    if stage.requires == ("pixel_values",):
+        image = getattr(config, "image_size", 224)
+        patch = getattr(config, "patch_size", 16)
+        return (image // patch) ** 2 + 1
+    return seq_len
+
+
+def _measure_block(model: nn.Module, stage, device: torch.device, dtype: torch.dtype, batch_size: int,
+                   seq_len: int) -> float:
+    """Throughput (FLOP/s) of one real block with random weights on ``device`` (one batch of up to 512 tokens)."""
+    import copy
+    import inspect
+
+    from .calibration.walker import _first_tensor
+
+    block = copy.deepcopy(stage.blocks(model)[0]).to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    config = stage.config(model)
+    hidden = config.hidden_size
+    tokens = min(seq_len, 512)
+    x = torch.randn(batch_size, tokens, hidden, device=device, dtype=dtype)
+    kwargs = {}
+    if "position_embeddings" in inspect.signature(block.forward).parameters:  # rotary models: cost is the same
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        kwargs["position_embeddings"] = (torch.ones(1, tokens, head_dim, device=device, dtype=dtype),
+                                         torch.zeros(1, tokens, head_dim, device=device, dtype=dtype))
+    params = sum(p.numel() for p in block.parameters())
+    with torch.no_grad():
+        _first_tensor(block(x, **kwargs))  # warm-up
+        start = time.perf_counter()
+        for _ in range(2):
+            _first_tensor(block(x, **kwargs))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / 2
+    return 2 * params * batch_size * tokens / max(seconds, 1e-9)

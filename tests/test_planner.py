@@ -1,0 +1,69 @@
+"""The planner on real model shapes (local config files; the model is built on the meta device)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from hf_prune.cli import main
+from hf_prune.planner import GIB, plan
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "data", "configs")
+
+
+def _cfg(name):
+    return os.path.join(CONFIGS, f"{name}.json")
+
+
+@pytest.mark.parametrize("name,params", [("llama-2-7b", 6_738_415_616), ("llama-2-70b", 68_976_648_192),
+                                         ("blip2-opt-2.7b", 3_744_679_936)])
+def test_parameter_counts_of_real_shapes(name, params):
+    assert plan(_cfg(name), "magnitude", throughput=1e12).parameters == params
+
+
+def test_sparsegpt_statistics_and_solve_memory_match_the_arithmetic():
+    p = plan(_cfg("llama-2-7b"), "sparsegpt", throughput=1e12, num_samples=128, seq_len=2048)
+    stage = p.stages[0]
+    assert stage.stats_bytes == 4 * (6 * 4096 ** 2 + 11008 ** 2)  # q,k,v,o,gate,up read 4096; down reads 11008
+    assert stage.solve_bytes == 4 * (4096 * 11008 + 3 * 11008 ** 2)  # the widest solve: down_proj
+    assert stage.hidden == 4096 and stage.activation_cache == 2 * 128 * 2048 * 4096 * 2  # in + out, float16
+    assert p.dtype == "float16" and p.weight_bytes == 2 * p.parameters
+
+
+def test_llama_70b_fits_one_24gb_gpu_with_cpu_offload():
+    cpu = plan(_cfg("llama-2-70b"), "sparsegpt", offload="cpu", throughput=1e14)
+    disk = plan(_cfg("llama-2-70b"), "sparsegpt", offload="disk", throughput=1e14)
+    assert cpu.device_peak < 24e9 and cpu.fits(24e9)
+    assert cpu.host_peak > cpu.weight_bytes > disk.host_peak  # disk offload keeps one block in RAM
+    assert disk.disk == 2 * disk.weight_bytes and cpu.disk == cpu.weight_bytes
+    assert cpu.seconds == pytest.approx(cpu.flops / 1e14)
+    wanda = plan(_cfg("llama-2-70b"), "wanda", offload="cpu", throughput=1e14)
+    assert wanda.device_peak < cpu.device_peak and wanda.flops < cpu.flops
+
+
+def test_blip2_has_three_stages_with_their_own_token_counts():
+    p = plan(_cfg("blip2-opt-2.7b"), "wanda", seq_len=64, throughput=1e12)
+    assert [s.name for s in p.stages] == ["vision", "qformer", "language"]
+    assert [s.tokens_per_sample for s in p.stages] == [(224 // 14) ** 2 + 1, 32, 64]
+    assert [s.blocks for s in p.stages] == [39, 12, 32]
+
+
+def test_cli_plan(capsys):
+    assert main(["plan", _cfg("llama-2-70b"), "--method", "sparsegpt", "--offload", "cpu", "--device-memory", "24GB",
+                 "--throughput", "1e14"]) == 0
+    out = capsys.readouterr().out
+    assert "fits in 22.4 GiB" in out and "expected peak on the execution device" in out
+    assert main(["plan", _cfg("llama-2-7b"), "--json", "--throughput", "1e12"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == 6_738_415_616
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", _cfg("llama-2-7b"), "--offload", "tape"])
+    assert exit_info.value.code == 2
+    assert main(["plan", _cfg("llama-2-7b"), "--dtype", "int3", "--throughput", "1"]) == 2
+    assert "dtype='int3' is not supported" in capsys.readouterr().err
+
+
+def test_measured_throughput_is_positive():
+    p = plan(_cfg("llama-2-7b"), "wanda", num_samples=2, seq_len=16)
+    assert p.throughput > 1e8 and p.seconds > 0 and "measured" in p.throughput_source
