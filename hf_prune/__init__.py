@@ -3,6 +3,7 @@
 from .allocation import Allocation
 from .config import CalibrationConfig, PrunerConfig, available_methods, register_method
 from .methods import ECoFLaPConfig, MagnitudeConfig, RIAConfig, SparseGPTConfig, WandaConfig
+from .methods.spp import SolutionPath, SPPConfig
 from .pruner import Pruner
 from .result import PruningResult
 from .version import __version__
@@ -16,6 +17,8 @@ __all__ = [
     "PrunerConfig",
     "PruningResult",
     "RIAConfig",
+    "SPPConfig",
+    "SolutionPath",
     "SparseGPTConfig",
     "WandaConfig",
     "__version__",

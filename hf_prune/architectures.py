@@ -50,6 +50,37 @@ class MLPSpec:
     width_key: str
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Where a block's self-attention lives, for structured removal of head dimensions and whole heads.
+
+    ``q``/``k``/``v``/``o``: the projections (relative to the block); q-k dimensions pair rows of ``q`` with rows
+    of ``k``, v-o dimensions pair rows of ``v`` with input columns of ``o``. ``module``: the attention module
+    whose plain attributes its forward reads: ``head_dim_attr`` (the per-head width used to split q, k *and* v),
+    ``heads_attr`` (the query-head count, when the forward reads one), ``total_attr`` (heads x width, when
+    stored), ``scaling_attr`` (the softmax scale, computed once from the original head width).
+    ``kv_heads_key``: config field of the key/value head count (grouped-query attention: a k or v dimension
+    serves every query head of its group). ``head_dim_key``: config field a stock module reads its head width
+    from (None: the width is always hidden_size / heads). ``rope``: rotary embeddings rotate dimension d with
+    d + head_dim/2 (``rotate_half``), with frequencies computed from the config's head width, so q-k dimensions
+    come in tied pairs and the head width itself cannot change.
+    """
+
+    q: str
+    k: str
+    v: str
+    o: str
+    module: str
+    head_dim_attr: str = "head_dim"
+    heads_attr: str | None = None
+    total_attr: str | None = None
+    scaling_attr: str | None = "scaling"
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str | None = None
+    head_dim_key: str | None = None
+    rope: bool = False
+
+
 @dataclass
 class Stage:
     """One sequence of blocks walked by the calibration engine."""
@@ -60,6 +91,7 @@ class Stage:
     requires: tuple[str, ...] = ("input_ids",)
     mask_key: str | None = "attention_mask"  # batch key whose [B, T] mask marks real tokens, or None
     mlp: MLPSpec | None = None  # the block's MLP neurons (structured methods)
+    attention: AttentionSpec | None = None  # the block's self-attention (structured methods)
     config_attr: str = ""  # attribute of model.config holding this stage's sub-config ("" = model.config)
 
     def config(self, model: nn.Module) -> Any:
@@ -137,22 +169,42 @@ BERT_MLP = MLPSpec(("intermediate.dense",), "output.dense", "intermediate_size")
 FC_MLP = MLPSpec(("mlp.fc1",), "mlp.fc2", "intermediate_size")  # ViT, CLIP and BLIP-2 vision towers
 QFORMER_MLP = MLPSpec(("intermediate_query.dense",), "output_query.dense", "intermediate_size")
 
+# LLaMA family: grouped-query attention with rotary embeddings; LlamaAttention reads only head_dim (head
+# counts are inferred from the projection widths) and recomputes cos/sin from config.head_dim.
+LLAMA_ATTENTION = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                module="self_attn", kv_heads_key="num_key_value_heads", head_dim_key="head_dim",
+                                rope=True)
+OPT_ATTENTION = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                              module="self_attn", heads_attr="num_heads")
+BERT_ATTENTION = AttentionSpec("attention.self.query", "attention.self.key", "attention.self.value",
+                               "attention.output.dense", module="attention.self", head_dim_attr="attention_head_size",
+                               heads_attr="num_attention_heads", total_attr="all_head_size")
+VIT_ATTENTION = AttentionSpec("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                              module="attention", heads_attr="num_attention_heads", head_dim_key="head_dim")
+CLIP_ATTENTION = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                               module="self_attn", heads_attr="num_heads", scaling_attr="scale")
+QFORMER_ATTENTION = AttentionSpec("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                                  "attention.output.dense", module="attention.attention",
+                                  head_dim_attr="attention_head_size", heads_attr="num_attention_heads",
+                                  total_attr="all_head_size")
 
-def _decoder_stage(paths: tuple[str, ...], mlp: MLPSpec) -> Callable[[nn.Module], list[Stage]]:
+
+def _decoder_stage(paths: tuple[str, ...], mlp: MLPSpec,
+                   attention: AttentionSpec) -> Callable[[nn.Module], list[Stage]]:
     def resolve(model: nn.Module) -> list[Stage]:
         path = _first_existing(model, paths)
-        return [Stage("decoder", path, mlp=mlp)] if path else []
+        return [Stage("decoder", path, mlp=mlp, attention=attention)] if path else []
 
     return resolve
 
 
 LLAMA = register_adapter(Adapter(
     "llama", ("llama", "mistral", "qwen2", "qwen3"), causal_lm=True,
-    resolve=_decoder_stage(("model.layers", "layers"), LLAMA_MLP)))
+    resolve=_decoder_stage(("model.layers", "layers"), LLAMA_MLP, LLAMA_ATTENTION)))
 
 OPT = register_adapter(Adapter(
     "opt", ("opt",), causal_lm=True,
-    resolve=_decoder_stage(("model.decoder.layers", "decoder.layers"), OPT_MLP)))
+    resolve=_decoder_stage(("model.decoder.layers", "decoder.layers"), OPT_MLP, OPT_ATTENTION)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +213,7 @@ OPT = register_adapter(Adapter(
 
 def _bert(model: nn.Module) -> list[Stage]:
     path = _first_existing(model, ("bert.encoder.layer", "encoder.layer"))
-    return [Stage("encoder", path, mlp=BERT_MLP)] if path else []
+    return [Stage("encoder", path, mlp=BERT_MLP, attention=BERT_ATTENTION)] if path else []
 
 
 BERT = register_adapter(Adapter("bert", ("bert",), resolve=_bert))
@@ -171,8 +223,9 @@ def _vit(model: nn.Module) -> list[Stage]:
     path = _first_existing(model, ("vit.layers", "layers", "vit.encoder.layer", "encoder.layer"))
     if not path:
         return []
-    mlp = BERT_MLP if path.endswith("encoder.layer") else FC_MLP  # older ViT layout used BERT's names
-    return [Stage("encoder", path, requires=("pixel_values",), mask_key=None, mlp=mlp)]
+    old = path.endswith("encoder.layer")  # older ViT layout used BERT's names (attention slicing: new layout only)
+    return [Stage("encoder", path, requires=("pixel_values",), mask_key=None, mlp=BERT_MLP if old else FC_MLP,
+                  attention=None if old else VIT_ATTENTION)]
 
 
 VIT = register_adapter(Adapter("vit", ("vit",), resolve=_vit))
@@ -202,16 +255,17 @@ def _clip(model: nn.Module) -> list[Stage]:
     stages = []
     if _first_existing(model, ("vision_model.encoder.layers",)):
         stages.append(Stage("vision", "vision_model.encoder.layers", run=_run_clip_vision,
-                            requires=("pixel_values",), mask_key=None, mlp=FC_MLP, config_attr="vision_config"))
+                            requires=("pixel_values",), mask_key=None, mlp=FC_MLP, attention=CLIP_ATTENTION,
+                            config_attr="vision_config"))
     if _first_existing(model, ("text_model.encoder.layers",)):
         stages.append(Stage("text", "text_model.encoder.layers", run=_run_clip_text, mlp=FC_MLP,
-                            config_attr="text_config"))
+                            attention=CLIP_ATTENTION, config_attr="text_config"))
     if not stages and _first_existing(model, ("encoder.layers",)):  # a standalone tower (transformers 5 layout)
         if _model_type(model) == "clip_vision_model":
             stages.append(Stage("vision", "encoder.layers", run=_run_tower_vision, requires=("pixel_values",),
-                                mask_key=None, mlp=FC_MLP))
+                                mask_key=None, mlp=FC_MLP, attention=CLIP_ATTENTION))
         elif _model_type(model) == "clip_text_model":
-            stages.append(Stage("text", "encoder.layers", run=_run_tower_text, mlp=FC_MLP))
+            stages.append(Stage("text", "encoder.layers", run=_run_tower_text, mlp=FC_MLP, attention=CLIP_ATTENTION))
     return stages
 
 
@@ -232,13 +286,13 @@ def _run_blip2_qformer(model: nn.Module, batch: dict) -> Any:
 
 def _blip2(model: nn.Module) -> list[Stage]:
     stages = []
-    if _first_existing(model, ("vision_model.encoder.layers",)):
+    if _first_existing(model, ("vision_model.encoder.layers",)):  # fused qkv Linear: no attention slicing
         stages.append(Stage("vision", "vision_model.encoder.layers", run=_run_blip2_vision,
                             requires=("pixel_values",), mask_key=None, mlp=FC_MLP, config_attr="vision_config"))
-    if _first_existing(model, ("qformer.encoder.layer",)):
+    if _first_existing(model, ("qformer.encoder.layer",)):  # self-attention only (cross-attention untouched)
         stages.append(Stage("qformer", "qformer.encoder.layer", run=_run_blip2_qformer,
                             requires=("pixel_values",), mask_key=None, mlp=QFORMER_MLP,
-                            config_attr="qformer_config"))
+                            attention=QFORMER_ATTENTION, config_attr="qformer_config"))
     language_model = getattr(model, "language_model", None)
     if language_model is not None:
         lm_type = _model_type(language_model)
@@ -251,7 +305,7 @@ def _blip2(model: nn.Module) -> list[Stage]:
         for stage in lm_adapter.stages(language_model):
             stages.append(Stage("language", f"language_model.{stage.path}", run=_call_model,
                                 requires=("pixel_values", "input_ids"), mask_key="attention_mask",
-                                mlp=stage.mlp, config_attr="text_config"))
+                                mlp=stage.mlp, attention=stage.attention, config_attr="text_config"))
     return stages
 
 

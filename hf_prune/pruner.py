@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocation import Allocation
 from .config import PrunerConfig, get_method
 from .hub import build_model_card
 from .io import atomic_output_dir, check_output_dir
@@ -152,7 +153,8 @@ class Pruner:
             with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as fh:
                 json.dump(report, fh, indent=2, sort_keys=True, default=str)
                 fh.write("\n")
-            allocation_files = result.allocation.save_pretrained(tmp) if result.allocation is not None else {}
+            allocation_files = result.allocation.save_pretrained(tmp) if isinstance(result.allocation, Allocation) \
+                else {}
             build_model_card(report, repo_id=repo_id, evaluations=evaluations,
                              allocation_plot=allocation_files.get("plot")).save(os.path.join(tmp, "README.md"))
         return os.path.abspath(os.fspath(save_directory))

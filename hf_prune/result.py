@@ -17,12 +17,14 @@ class PruningResult:
     ``report`` is a JSON-ready dict: achieved sparsity per module, per block, per module kind and
     overall; time and peak memory; calibration provenance; the software it ran on.
     ``allocation`` holds a per-module sparsity allocation when the method produced one (ECoFLaP).
+    ``path`` holds the ``SolutionPath`` a solution-path method read the model off (SPP).
     """
 
     config: Any
     report: dict
     model: nn.Module = field(repr=False)
     allocation: Any = None
+    path: Any = field(default=None, repr=False)
 
     @property
     def sparsity(self) -> float:

@@ -53,7 +53,7 @@ def test_defaults_and_implied_sparsity():
     assert WandaConfig().sparsity == 0.5 and WandaConfig().pattern == "unstructured"
     assert WandaConfig(pattern="1:4").sparsity == 0.75
     assert WandaConfig(pattern="4:8", sparsity=0.5).pattern == "4:8"
-    assert sorted(available_methods()) == ["ecoflap", "magnitude", "ria", "sparsegpt", "wanda"]
+    assert sorted(available_methods()) == ["ecoflap", "magnitude", "ria", "sparsegpt", "spp", "wanda"]
 
 
 @pytest.mark.parametrize("config", [
@@ -86,7 +86,8 @@ def test_newer_keys_warn_not_crash(tmp_path):
 
 
 def test_dispatch_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown pruning method 'obs'; available: ecoflap, magnitude, ria, sparsegpt, wanda"):
+    with pytest.raises(ValueError, match="unknown pruning method 'obs'; available: ecoflap, magnitude, ria, sparsegpt, spp, "
+                                         "wanda"):
         PrunerConfig.from_dict({"method": "obs"})
     with pytest.raises(ValueError, match="not SparseGPTConfig"):
         SparseGPTConfig.from_dict(WandaConfig().to_dict())

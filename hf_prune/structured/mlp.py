@@ -88,6 +88,9 @@ def shrink_mlp(model: nn.Module, group: MLPGroup, keep: torch.Tensor | list[int]
     for name in group.inputs:
         keep_rows(model.get_submodule(name), idx)
     keep_columns(model.get_submodule(group.output), idx)
+    owner = model.get_submodule(group.output.rpartition(".")[0])  # e.g. LlamaMLP keeps its width as an attribute
+    if getattr(owner, group.spec.width_key, None) == group.width:
+        setattr(owner, group.spec.width_key, idx.numel())
     group.width = idx.numel()
 
 

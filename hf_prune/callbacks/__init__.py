@@ -1,0 +1,6 @@
+"""``transformers.TrainerCallback``s. Each lives in its own module; this file only re-exports them.
+Callbacks carry no knobs of their own: the knobs live in the method's config."""
+
+from .solution_path import SolutionPathCallback
+
+__all__ = ["SolutionPathCallback"]

@@ -1,0 +1,97 @@
+"""The training-free variant (ours): one calibration pass through the block walker gives an unstructured
+solution path for every targeted Linear (``ops.iss_weight_path``: an inverse-scale-space removal path driven
+by RIA scores and corrected by the layer's exact reconstruction error), i.e. every sparsity at once.
+
+The paper's LLM algorithm (its "Algorithm 2") is not public; this is hf_prune's own, documented as such. The
+blocks are not changed during the pass (there is no single sparsity to prune at while building a whole family),
+so every layer's statistics come from the dense model's activations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...architectures import get_adapter
+from ...calibration.data import build_calibration
+from ...calibration.stats import LinearStats
+from ...calibration.walker import resolve_device, walk
+from ...report import RunMeter, module_kind
+from ..layerwise import Target, calibration_needs, check_model_ready, select_modules, stages_with_targets
+from . import ops
+from .config import SPPConfig
+from .masks import model_info
+from .path import SolutionPath
+
+GRAM = frozenset({"gram"})
+
+
+class PathProcessor:
+    """Block processor: the ISS weight path of each targeted Linear from its input Gram; blocks stay dense."""
+
+    def __init__(self, config: SPPConfig, targets: list[Target]):
+        self.config = config
+        self.by_block: dict[str, list[Target]] = {}
+        for t in targets:
+            self.by_block.setdefault(t.block, []).append(t)
+        self.ranks: dict[str, torch.Tensor] = {}
+        self.curves: dict[str, torch.Tensor] = {}
+
+    def statistics(self, block_name: str, block: nn.Module) -> dict[str, tuple[nn.Module, frozenset]]:
+        return {t.name: (t.module, GRAM) for t in self.by_block.get(block_name, [])}
+
+    def process(self, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
+        for t in self.by_block.get(block_name, []):
+            rank, curve = ops.iss_weight_path(t.module.weight, stats[t.name].gram, alpha=self.config.alpha,
+                                              step_fraction=self.config.step_fraction)
+            self.ranks[t.name] = rank
+            self.curves[t.name] = curve
+
+
+def plan_path_targets(model: nn.Module, config: SPPConfig) -> tuple[list, list[Target]]:
+    stages = get_adapter(model).stages(model)
+    selected = select_modules(model, stages, config.target_modules, config.exclude_modules)
+    targets = [Target(name, module, block, stage, config.sparsity) for name, module, block, stage in selected]
+    for t in targets:
+        if not bool(torch.isfinite(t.module.weight).all()):
+            raise ValueError(f"{t.name} holds NaN/inf weights; the checkpoint is corrupt or overflowed when loaded "
+                             "(try dtype=torch.float32). Nothing was changed.")
+    return stages_with_targets(stages, targets), targets
+
+
+def training_free_path(model: nn.Module, config: SPPConfig, calibration_dataset: Any = None, *, tokenizer: Any = None,
+                       processor: Any = None, device: str | torch.device | None = None, progress: bool = True,
+                       meter: RunMeter | None = None) -> tuple[SolutionPath, dict]:
+    """Build the training-free solution path of ``model`` from calibration data (the model is not changed).
+
+    Returns the path and the calibration provenance. ``calibration_dataset`` overrides ``config.calibration.dataset``.
+    """
+    check_model_ready(model)
+    adapter = get_adapter(model)
+    stages, targets = plan_path_targets(model, config)
+    try:
+        exec_device = resolve_device(model, device)
+    except RuntimeError as exc:
+        raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+    meter = meter or RunMeter()
+    path_processor = PathProcessor(config, targets)
+    with meter.phase("calibration_data"):
+        calibration = build_calibration(config.calibration, calibration_dataset, tokenizer=tokenizer,
+                                        processor=processor, needs=calibration_needs(stages),
+                                        causal_lm=adapter.causal_lm)
+    with meter.phase("solution_path"):
+        walk(model, stages, calibration.batches, path_processor, device=exec_device, progress=progress,
+             desc="spp path")
+    units, tensors = [], {}
+    for i, t in enumerate(targets):
+        units.append({"name": t.name, "kind": module_kind(t.name), "block": t.block, "stage": t.stage,
+                      "shape": list(t.module.weight.shape),
+                      "cost": {"params": 1.0, "flops": 2.0, "entries": 1.0}})
+        tensors[f"{i}.rank"] = path_processor.ranks[t.name]
+        tensors[f"{i}.curve"] = path_processor.curves[t.name]
+    search = {"kind": "training_free", "calibration": calibration.provenance, "alpha": config.alpha,
+              "step_fraction": config.step_fraction}
+    return SolutionPath("unstructured", units, tensors, config.to_dict(), model_info(model), search), \
+        calibration.provenance
