@@ -1,14 +1,17 @@
 """hf_prune: prune Hugging Face models with the strongest published methods."""
 
+from .allocation import Allocation
 from .config import CalibrationConfig, PrunerConfig, available_methods, register_method
-from .methods import MagnitudeConfig, RIAConfig, SparseGPTConfig, WandaConfig
+from .methods import ECoFLaPConfig, MagnitudeConfig, RIAConfig, SparseGPTConfig, WandaConfig
 from .methods.spp import SolutionPath, SPPConfig
 from .pruner import Pruner
 from .result import PruningResult
 from .version import __version__
 
 __all__ = [
+    "Allocation",
     "CalibrationConfig",
+    "ECoFLaPConfig",
     "MagnitudeConfig",
     "Pruner",
     "PrunerConfig",

@@ -243,6 +243,14 @@ def _run_clip_text(model: nn.Module, batch: dict) -> Any:
     return model.text_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
 
 
+def _run_tower_vision(model: nn.Module, batch: dict) -> Any:
+    return model(pixel_values=batch["pixel_values"])
+
+
+def _run_tower_text(model: nn.Module, batch: dict) -> Any:
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+
 def _clip(model: nn.Module) -> list[Stage]:
     stages = []
     if _first_existing(model, ("vision_model.encoder.layers",)):
@@ -252,6 +260,12 @@ def _clip(model: nn.Module) -> list[Stage]:
     if _first_existing(model, ("text_model.encoder.layers",)):
         stages.append(Stage("text", "text_model.encoder.layers", run=_run_clip_text, mlp=FC_MLP,
                             attention=CLIP_ATTENTION, config_attr="text_config"))
+    if not stages and _first_existing(model, ("encoder.layers",)):  # a standalone tower (transformers 5 layout)
+        if _model_type(model) == "clip_vision_model":
+            stages.append(Stage("vision", "encoder.layers", run=_run_tower_vision, requires=("pixel_values",),
+                                mask_key=None, mlp=FC_MLP, attention=CLIP_ATTENTION))
+        elif _model_type(model) == "clip_text_model":
+            stages.append(Stage("text", "encoder.layers", run=_run_tower_text, mlp=FC_MLP, attention=CLIP_ATTENTION))
     return stages
 
 

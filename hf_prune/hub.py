@@ -10,7 +10,7 @@ from importlib import resources
 TEMPLATE = "pruned_model.md.j2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "ria": "RIA"}
+METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "ria": "RIA", "ecoflap": "ECoFLaP"}
 
 _PIPELINES = (
     ("ForCausalLM", "text-generation"),
@@ -45,8 +45,11 @@ def pattern_tag(pattern: str) -> str:
     return "unstructured-sparsity" if pattern == "unstructured" else f"sparsity-{pattern.replace(':', 'of')}"
 
 
-def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: list[dict] | None = None):
-    """A ``huggingface_hub.ModelCard`` for a pruned model, from its pruning report."""
+def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: list[dict] | None = None,
+                     allocation_plot: str | None = None):
+    """A ``huggingface_hub.ModelCard`` for a pruned model, from its pruning report.
+
+    ``allocation_plot``: file name (next to the card) of the per-module sparsity PNG, embedded when given."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     config = report["config"]
@@ -92,4 +95,19 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
         load_path=repo_id or "path/to/this/folder",
         evaluations=evaluations,
         structured=report.get("structured_note"),
+        allocation=report.get("allocation"),
+        allocation_rows=_allocation_rows(report.get("allocation")),
+        allocation_plot=allocation_plot,
+        layer_pruner=METHOD_NAMES.get((report.get("layer_pruner") or {}).get("method"),
+                                      (report.get("layer_pruner") or {}).get("method")),
     )
+
+
+def _allocation_rows(allocation: dict | None) -> list[dict]:
+    """One row per budget of a sparsity allocation: size, target, allocated, least and most sparse group."""
+    rows = []
+    for name, budget in ((allocation or {}).get("budgets") or {}).items():
+        group_sparsity = [allocation["groups"][g]["sparsity"] for g in budget["groups"]]
+        rows.append({"name": name, "size": budget["size"], "target": budget["target"],
+                     "allocated": budget["allocated"], "low": min(group_sparsity), "high": max(group_sparsity)})
+    return rows

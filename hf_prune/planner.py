@@ -14,6 +14,9 @@ plans on a laptop. The memory model follows what the engine does (``calibration/
 Time: FLOPs of the block passes (statistics, then pruned outputs, plus the capture forward) and of the
 per-layer solves, divided by a matrix-multiply throughput measured on the execution device (or by timing one
 real block when ``measure_block=True``).
+
+An allocator (ECoFLaP) adds its scoring stage first, planned with its config's defaults: whole-model passes
+with all weights on the execution device, then its layer-wise pruner as above.
 """
 
 from __future__ import annotations
@@ -153,7 +156,10 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
     if offload not in ("none", "cpu", "disk"):
         raise ValueError(f"offload={offload!r} is not supported; choose 'none', 'cpu' or 'disk'.")
     spec = get_method(method)
-    statistics = getattr(spec.config_class, "statistics", frozenset())
+    allocator = spec.config_class() if "layer_pruner" in getattr(spec.config_class, "__dataclass_fields__", {}) \
+        else None  # an allocator (ECoFLaP) with its defaults: scores first, then its layer-wise pruner
+    layer_method = allocator.layer_pruner if allocator is not None else method
+    statistics = getattr(get_method(layer_method).config_class, "statistics", frozenset())
     config = load_config(model_or_config)
     model = meta_model(config)
     dtype_name = dtype or str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
@@ -181,7 +187,7 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
         if "gram" in statistics:
             stats += sum(m.in_features ** 2 for m in linears) * 4
         solve = 0
-        if method == "sparsegpt":
+        if layer_method == "sparsegpt":
             solve = max(4 * (m.in_features * m.out_features + 3 * m.in_features ** 2) for m in linears)
         hidden = stage.config(model).hidden_size  # the residual width: what the walker caches per token
         widest = max(max(m.out_features for m in linears), max(m.in_features for m in linears))
@@ -192,11 +198,13 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
         activations = 2 * num_samples * tokens * hidden * width
         passes = 3 if statistics else 0  # capture, statistics, pruned outputs
         flops = passes * 2 * block_params * num_samples * tokens * len(blocks)
-        if method == "sparsegpt":
+        if layer_method == "sparsegpt":
             flops += len(blocks) * sum(2 * m.in_features ** 3 + 2 * m.out_features * m.in_features ** 2
                                        for m in linears)
         result.stages.append(StagePlan(stage.name, len(blocks), block_params, hidden, tokens, stats, solve, forward,
                                        device_peak, activations, flops))
+    if allocator is not None:
+        result.stages.insert(0, _scores_stage(model, stages, result.stages, allocator, width, batch_size, seq_len))
     result.device_peak = max(s.device_peak for s in result.stages)
     resident = result.weight_bytes if offload != "disk" else largest_block * width
     result.host_peak = resident + max(s.activation_cache for s in result.stages)
@@ -213,6 +221,41 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
         result.throughput_source = f"matmul measured on {exec_device}"
     result.seconds = result.flops / result.throughput
     return result
+
+
+def _scores_stage(model: nn.Module, stages: list, planned: list[StagePlan], allocator, width: int, batch_size: int,
+                  seq_len: int) -> StagePlan:
+    """ECoFLaP's stage 1 (with the config's defaults): whole-model passes with every weight on the device.
+
+    Zeroth order: 2 forward passes per perturbation unit (a Linear, or a group) per batch, plus a snapshot
+    and a float32 direction of the largest unit. First order: 2 forwards and a backward (about 2 forwards)
+    per batch, with every block's input kept and one block's activations and gradients recomputed.
+    """
+    linears = linear_candidates(model, stages)
+    batches = -(-allocator.num_score_samples // batch_size)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_params = head.weight.numel() if head is not None else 0
+    vocab = head.weight.shape[0] if head is not None else 0
+    forward_flops = 2 * batch_size * (sum(s.block_params * s.blocks * s.tokens_per_sample for s in planned)
+                                      + head_params * seq_len)
+    working = max(s.forward_bytes for s in planned) + batch_size * seq_len * vocab * 4  # + float32 logits
+    block_count = sum(s.blocks for s in planned)
+    if allocator.score == "zeroth_order":
+        if allocator.zo_perturb == "tensor":
+            units, largest = len(linears), max(m.weight.numel() for _, m, *_ in linears)
+        else:
+            units = {"layer": len(linears), "block": block_count, "submodel": len(stages)}[allocator.granularity]
+            largest = max(s.block_params for s in planned)  # a block's weights (a bound for one group)
+        extra = largest * (width + 4)
+        flops = batches * units * allocator.zo_num_noise * 2 * forward_flops
+    else:
+        extra = sum(s.blocks * batch_size * s.tokens_per_sample * s.hidden * width for s in planned) \
+            + 2 * max(s.forward_bytes + s.block_params * width for s in planned)
+        flops = batches * 4 * forward_flops
+    weights = sum(p.numel() for p in model.parameters()) * width
+    return StagePlan(f"{allocator.method} scores ({allocator.score})", block_count,
+                     max(s.block_params for s in planned), max(s.hidden for s in planned), seq_len, 0, extra,
+                     working, weights + working + extra, 0, flops)
 
 
 def _tokens_per_sample(stage, config, seq_len: int) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocation import Allocation
 from .config import PrunerConfig, get_method
 from .hub import build_model_card
 from .io import atomic_output_dir, check_output_dir
@@ -127,8 +128,9 @@ class Pruner:
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: str | int = "5GB",
                         evaluations: list[dict] | None = None, repo_id: str | None = None) -> str:
         """Write the pruned model (safetensors), tokenizer/processor, ``pruning_config.json``,
-        ``pruning_report.json`` and a ``README.md`` model card, atomically: the folder appears complete or
-        not at all. Returns the folder's absolute path.
+        ``pruning_report.json``, a ``README.md`` model card and, after an allocating method (ECoFLaP),
+        ``sparsity_allocation.json`` with its PNG, atomically: the folder appears complete or not at all.
+        Returns the folder's absolute path.
 
         A structurally pruned model whose per-layer shapes a stock config cannot hold is saved with
         ``hf_prune_layout.py`` and an ``auto_map`` (see ``hf_prune.structured.layout``): it reloads with
@@ -151,5 +153,8 @@ class Pruner:
             with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as fh:
                 json.dump(report, fh, indent=2, sort_keys=True, default=str)
                 fh.write("\n")
-            build_model_card(report, repo_id=repo_id, evaluations=evaluations).save(os.path.join(tmp, "README.md"))
+            allocation_files = result.allocation.save_pretrained(tmp) if isinstance(result.allocation, Allocation) \
+                else {}
+            build_model_card(report, repo_id=repo_id, evaluations=evaluations,
+                             allocation_plot=allocation_files.get("plot")).save(os.path.join(tmp, "README.md"))
         return os.path.abspath(os.fspath(save_directory))

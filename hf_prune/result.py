@@ -43,6 +43,9 @@ class PruningResult:
             f"time={run['time_s']:.2f}s" + (f" peak_rss={peak / 2**20:.0f}MiB" if peak else ""),
             format_table(rows, ["module kind", "modules", "achieved sparsity"]),
         ]
+        if self.allocation is not None and hasattr(self.allocation, "summary"):
+            lines += ["allocation (allocated sparsity per budget, and its least and most sparse group):",
+                      self.allocation.summary()]
         return "\n".join(lines)
 
     def __str__(self) -> str:

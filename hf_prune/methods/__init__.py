@@ -5,5 +5,7 @@ from .ria import RIAConfig
 from .sparsegpt import SparseGPTConfig
 from .spp import SPPConfig, SolutionPath
 from .wanda import WandaConfig
+from .ecoflap import ECoFLaPConfig  # noqa: E402  (after the layer-wise methods it can run as stage 2)
 
-__all__ = ["MagnitudeConfig", "RIAConfig", "SPPConfig", "SolutionPath", "SparseGPTConfig", "WandaConfig"]
+__all__ = ["ECoFLaPConfig", "MagnitudeConfig", "RIAConfig", "SPPConfig", "SolutionPath", "SparseGPTConfig",
+           "WandaConfig"]

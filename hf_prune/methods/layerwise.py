@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..architectures import Stage, get_adapter
-from ..calibration.data import build_calibration
+from ..calibration.data import CalibrationSet, build_calibration
 from ..calibration.stats import LinearStats
 from ..calibration.walker import resolve_device, walk
 from ..config import PrunerConfig, check_choice, check_number
@@ -43,6 +43,16 @@ def _regex_list(owner: str, name: str, value: Any) -> list[str] | None:
     return list(value)
 
 
+def _unwrap_allocation(value: Any) -> Any:
+    """An ``Allocation`` (or its saved JSON dict) stands for its ``{module_name: sparsity}`` map."""
+    inner = getattr(value, "module_sparsity", None)
+    if isinstance(inner, dict):
+        return inner
+    if isinstance(value, dict) and isinstance(value.get("module_sparsity"), dict) and "sparsity" in value:
+        return value["module_sparsity"]
+    return value
+
+
 @dataclass(kw_only=True)
 class LayerwiseConfig(PrunerConfig, abc.ABC):
     """Fields every layer-wise pruner shares.
@@ -51,7 +61,8 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
     - ``pattern``: ``"unstructured"`` or ``"N:M"`` (keep N of every M consecutive inputs), e.g. ``"2:4"``.
     - ``target_modules`` / ``exclude_modules``: regexes searched in module names (``named_modules()``);
       by default every ``nn.Linear`` inside the transformer blocks is pruned (never embeddings/heads).
-    - ``module_sparsity``: ``{module_name: sparsity}`` overrides, e.g. an allocation from ECoFLaP.
+    - ``module_sparsity``: ``{module_name: sparsity}`` overrides, e.g. an allocation from ECoFLaP (an
+      ``hf_prune.Allocation`` or the dict of a saved ``sparsity_allocation.json`` is taken as its map).
     """
 
     sparsity: float | None = None
@@ -84,6 +95,7 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
         self.target_modules = _regex_list(owner, "target_modules", self.target_modules)
         self.exclude_modules = _regex_list(owner, "exclude_modules", self.exclude_modules)
         if self.module_sparsity is not None:
+            self.module_sparsity = _unwrap_allocation(self.module_sparsity)
             if not isinstance(self.module_sparsity, dict):
                 raise ValueError(f"{owner}.module_sparsity must be a dict {{module_name: sparsity}}, "
                                  f"got {type(self.module_sparsity).__name__}.")
@@ -233,8 +245,11 @@ def calibration_needs(stages: list[Stage]) -> set[str]:
 
 
 def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.device | None = None,
-                  progress: bool = True) -> PruningResult:
-    """Prune ``pruner.model`` in place with a layer-wise method and report what was done."""
+                  progress: bool = True, calibration: CalibrationSet | None = None) -> PruningResult:
+    """Prune ``pruner.model`` in place with a layer-wise method and report what was done.
+
+    ``calibration``: batches already built from ``config.calibration`` (an allocator that validated its
+    data up front passes them); by default they are built here."""
     model = pruner.model
     check_model_ready(model)
     adapter = get_adapter(model)
@@ -250,9 +265,10 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
         batches, provenance = None, {"source": None, "note": "data-free: the method reads no activations"}
         if config.statistics:
             with meter.phase("calibration_data"):
-                calibration = build_calibration(config.calibration, tokenizer=pruner.tokenizer,
-                                                processor=pruner.processor, needs=calibration_needs(active),
-                                                causal_lm=adapter.causal_lm)
+                if calibration is None:
+                    calibration = build_calibration(config.calibration, tokenizer=pruner.tokenizer,
+                                                    processor=pruner.processor, needs=calibration_needs(active),
+                                                    causal_lm=adapter.causal_lm)
             batches, provenance = calibration.batches, calibration.provenance
         with meter.phase("walk_and_prune"):
             try:

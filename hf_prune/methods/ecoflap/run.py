@@ -1,0 +1,216 @@
+"""ECoFLaP glue: plan and validate, score (stage 1), allocate, then the layer-wise engine (stage 2).
+
+``allocate`` runs stage 1 alone and returns an ``Allocation`` without changing any weight; ``run_ecoflap``
+validates everything (targets, both calibration sets, the loss) before scoring, then prunes through
+``run_layerwise`` with the allocation as ``module_sparsity``: the one block walker, no second loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...allocation import Allocation
+from ...architectures import Adapter, Stage, get_adapter
+from ...calibration.data import CalibrationSet, build_calibration
+from ...calibration.walker import model_device, resolve_device
+from ...report import RunMeter
+from ...result import PruningResult
+from ...version import __version__
+from ..layerwise import (LayerwiseConfig, Target, calibration_needs, check_model_ready, plan_targets, run_layerwise,
+                         stages_with_targets)
+from .config import ECoFLaPConfig
+from .losses import ScoringLoss, check_batches, choose_loss, describe
+from .ops import min_keep, solve_budget, split_keep
+from .scores import Unit, first_order_scores, zeroth_order_scores
+
+
+@dataclass
+class Plan:
+    """Everything validated before any weight is touched."""
+
+    adapter: Adapter
+    stages: list[Stage]
+    targets: list[Target]
+    layer_config: LayerwiseConfig
+    score_data: CalibrationSet
+    prune_data: CalibrationSet | None
+    loss: ScoringLoss
+    score_device: torch.device
+
+
+def group_of(target: Target, granularity: str) -> str:
+    return {"layer": target.name, "block": target.block, "submodel": target.stage}[granularity]
+
+
+def make_plan(pruner: Any, config: ECoFLaPConfig, *, with_prune_data: bool) -> Plan:
+    if not isinstance(config, ECoFLaPConfig):
+        raise TypeError(f"ECoFLaP needs an ECoFLaPConfig, got {type(config).__name__}.")
+    model = pruner.model
+    check_model_ready(model)
+    adapter = get_adapter(model)
+    stages = adapter.stages(model)
+    layer_config = config.layer_pruner_config()
+    targets = plan_targets(model, stages, layer_config)
+    needs = {key for s in stages for key in s.requires}  # stage 1 runs the whole model
+    score_cal = dataclasses.replace(config.calibration, num_samples=config.num_score_samples)
+    score_data = build_calibration(score_cal, tokenizer=pruner.tokenizer, processor=pruner.processor, needs=needs,
+                                   causal_lm=adapter.causal_lm)
+    prune_data = None
+    if with_prune_data and layer_config.statistics:
+        prune_data = build_calibration(config.calibration, tokenizer=pruner.tokenizer, processor=pruner.processor,
+                                       needs=calibration_needs(stages_with_targets(stages, targets)),
+                                       causal_lm=adapter.causal_lm)
+    loss = choose_loss(model, adapter, score_data.batches[0])
+    check_batches(loss, score_data.batches)
+    if config.granularity == "submodel" and (config.per_submodel_budget or len(stages) == 1):
+        warnings.warn("ECoFLaP with granularity='submodel' and one budget per sub-model (or a single sub-model) has "
+                      "one group per budget: every module gets the target sparsity (a uniform allocation).",
+                      stacklevel=3)
+    return Plan(adapter, stages, targets, layer_config, score_data, prune_data, loss, model_device(model))
+
+
+def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[str, list[Target]],
+                  progress: bool) -> tuple[dict[str, float], dict]:
+    model, loss, batches = pruner.model, plan.loss, plan.score_data.batches
+    seed = config.calibration.seed
+    if config.score == "zeroth_order":
+        if config.zo_perturb == "tensor":
+            units = [Unit(t.name, group, [t.module.weight]) for group, ts in groups.items() for t in ts]
+        else:
+            units = [Unit(group, group, [t.module.weight for t in ts]) for group, ts in groups.items()]
+        unit_scores = zeroth_order_scores(model, units, batches, loss, eps=config.zo_eps,
+                                          num_noise=config.zo_num_noise, seed=seed, device=plan.score_device,
+                                          progress=progress)
+        raw = {group: 0.0 for group in groups}
+        for unit in units:
+            raw[unit.group] += unit_scores[unit.name]
+        per_direction = 1 if loss.label_free else 2
+        passes = {"forward": len(batches) * (len(units) * config.zo_num_noise * per_direction
+                                             + (1 if loss.label_free else 0)), "backward": 0,
+                  "perturbation_units": len(units)}
+    else:
+        weights = {t.name: t.module.weight for ts in groups.values() for t in ts}
+        blocks = [block for stage in plan.stages for block in stage.blocks(model)]
+        tensor_scores = first_order_scores(model, weights, batches, loss, seed=seed, device=plan.score_device,
+                                           progress=progress, blocks=blocks)
+        raw = {group: sum(tensor_scores[t.name] for t in ts) for group, ts in groups.items()}
+        passes = {"forward": len(batches), "backward": len(batches), "block_recomputations": len(batches)}
+    return raw, passes
+
+
+def allocate(pruner: Any, config: ECoFLaPConfig, *, device: str | torch.device | None = None,
+             progress: bool = True, plan: Plan | None = None) -> Allocation:
+    """ECoFLaP stage 1: score the groups and solve the allocation. Every weight is left as it was.
+
+    ``device`` is accepted for symmetry with ``Pruner.prune``: stage 1 runs whole forward (and, first order,
+    backward) passes where the model's weights are; put the model on an accelerator to score there.
+    """
+    plan = plan or make_plan(pruner, config, with_prune_data=False)
+    groups: dict[str, list[Target]] = {}
+    for t in plan.targets:
+        groups.setdefault(group_of(t, config.granularity), []).append(t)
+    with RunMeter() as meter:
+        with meter.phase("scores"):
+            raw, passes = _group_scores(pruner, config, plan, groups, progress)
+        with meter.phase("allocation"):
+            allocation = solve_allocation(config, groups, raw)
+    allocation.provenance.update({
+        "loss": describe(plan.loss),
+        "num_score_samples": config.num_score_samples,
+        "calibration": plan.score_data.provenance,
+        "seed": config.calibration.seed,
+        "passes": passes,
+        "score_device": str(plan.score_device),
+        "run": meter.to_dict(),
+    })
+    return allocation
+
+
+def solve_allocation(config: ECoFLaPConfig, groups: dict[str, list[Target]], raw: dict[str, float]) -> Allocation:
+    """Group scores -> per-group keep counts per budget -> per-module sparsities (pure bookkeeping)."""
+    sizes = {g: sum(t.module.weight.numel() for t in ts) for g, ts in groups.items()}
+    floors = {g: sum(min_keep(t.module.weight.numel(), config.max_sparsity) for t in ts) for g, ts in groups.items()}
+    score = {g: raw[g] / sizes[g] if config.aggregate == "mean" else raw[g] for g in groups}
+    budget_of = {g: (ts[0].stage if config.per_submodel_budget else "global") for g, ts in groups.items()}
+    entries: dict[str, dict] = {}
+    budgets: dict[str, dict] = {}
+    module_sparsity: dict[str, float] = {}
+    for budget in dict.fromkeys(budget_of.values()):
+        names = [g for g in groups if budget_of[g] == budget]
+        if not any(score[g] > 0 for g in names):
+            warnings.warn(f"every ECoFLaP score in budget {budget!r} is zero (the loss does not depend on these "
+                          "weights on the calibration data); their allocation is uniform.", stacklevel=3)
+        solution = solve_budget([score[g] for g in names], [sizes[g] for g in names], config.sparsity,
+                                config.max_sparsity, floors=[floors[g] for g in names])
+        for g, keep, saturated in zip(names, solution.keep, solution.saturated):
+            entries[g] = {"modules": [t.name for t in groups[g]], "stage": groups[g][0].stage, "budget": budget,
+                          "size": sizes[g], "raw_score": raw[g], "score": score[g], "keep": keep,
+                          "sparsity": 1.0 - keep / sizes[g], "saturated": saturated}
+        size = sum(sizes[g] for g in names)
+        kept = sum(solution.keep)
+        budgets[budget] = {"groups": names, "size": size, "budget_keep": solution.budget, "keep": kept,
+                           "target": config.sparsity, "allocated": 1.0 - kept / size}
+    for g, ts in groups.items():
+        numels = [t.module.weight.numel() for t in ts]
+        keeps = split_keep(entries[g]["keep"], numels, [min_keep(n, config.max_sparsity) for n in numels])
+        for t, n, k in zip(ts, numels, keeps):
+            module_sparsity[t.name] = 1.0 - k / n
+    order = [t.name for ts in groups.values() for t in ts]
+    provenance = {
+        "method": "ecoflap", "hf_prune_version": __version__, "score": config.score, "aggregate": config.aggregate,
+        "granularity": config.granularity, "per_submodel_budget": config.per_submodel_budget,
+        "zo_eps": config.zo_eps if config.score == "zeroth_order" else None,
+        "zo_num_noise": config.zo_num_noise if config.score == "zeroth_order" else None,
+        "zo_perturb": config.zo_perturb if config.score == "zeroth_order" else None,
+        "first_order_score": "sum |W| * |dL/dW|, mean over batches" if config.score == "first_order" else None,
+        "layer_pruner": config.layer_pruner,
+    }
+    return Allocation(module_sparsity={n: module_sparsity[n] for n in order}, sparsity=config.sparsity,
+                      max_sparsity=config.max_sparsity, groups=entries, budgets=budgets, provenance=provenance)
+
+
+def _merge_runs(first: dict, second: dict) -> dict:
+    peaks = [r.get("peak_rss_bytes") for r in (first, second) if r.get("peak_rss_bytes")]
+    cuda = [r.get("peak_cuda_bytes") for r in (first, second) if r.get("peak_cuda_bytes")]
+    return {
+        "time_s": round(first["time_s"] + second["time_s"], 4),
+        "phases_s": {**{f"allocation.{k}": v for k, v in first["phases_s"].items()}, **second["phases_s"]},
+        "peak_rss_bytes": max(peaks) if peaks else None,
+        "peak_rss_scope": second.get("peak_rss_scope"),
+        "peak_cuda_bytes": max(cuda) if cuda else None,
+    }
+
+
+def run_ecoflap(pruner: Any, config: ECoFLaPConfig, *, device: str | torch.device | None = None,
+                progress: bool = True) -> PruningResult:
+    """Stage 1 (allocation) then stage 2 (``config.layer_pruner`` through the layer-wise engine)."""
+    start = time.perf_counter()
+    plan = make_plan(pruner, config, with_prune_data=True)
+    try:
+        resolve_device(pruner.model, device)
+    except RuntimeError as exc:
+        raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+    planned = time.perf_counter() - start  # targets, both calibration sets and the loss, validated
+    allocation = allocate(pruner, config, device=device, progress=progress, plan=plan)
+    run = allocation.provenance["run"]
+    run["phases_s"] = {"plan": round(planned, 4), **run["phases_s"]}
+    run["time_s"] = round(run["time_s"] + planned, 4)
+    layer_config = config.layer_pruner_config(module_sparsity=allocation.module_sparsity)
+    result = run_layerwise(pruner, layer_config, device=device, progress=progress, calibration=plan.prune_data)
+    report = result.report
+    layer_dict = layer_config.to_dict()
+    layer_dict["module_sparsity"] = "see allocation.module_sparsity"
+    report.update({
+        "method": config.method,
+        "config": config.to_dict(),
+        "layer_pruner": {"method": layer_config.method, "config": layer_dict},
+        "allocation": allocation.to_dict(),
+        "run": _merge_runs(allocation.provenance["run"], report["run"]),
+    })
+    return PruningResult(config=config, report=report, model=pruner.model, allocation=allocation)
