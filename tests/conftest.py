@@ -65,7 +65,7 @@ def make_model(family: str, vocab: int = 512, seed: int = 0) -> torch.nn.Module:
             vision_config=_vision(), projection_dim=32))
     if family == "blip2":
         config = T.Blip2Config(
-            vision_config=_vision(),
+            vision_config=_vision(initializer_range=0.02),  # the default (1e-10) leaves the tiny tower dead
             qformer_config=dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, encoder_hidden_size=64, max_position_embeddings=64),
             text_config=dict(model_type="opt", vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
