@@ -32,7 +32,7 @@ TEMPLATE = "pruned_model.md.j2"
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "ria": "RIA"}
+METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "ria": "RIA", "spp": "SPP"}
 
 _PIPELINES = (
     ("ForCausalLM", "text-generation"),
@@ -342,7 +342,7 @@ def folder_files(folder: str | os.PathLike) -> dict[str, str]:
 
 
 def _commit(api, repo_id: str, folder: str, *, files: dict[str, bytes | str] | None, revision: str | None,
-            create_pr: bool, commit_message: str, commit_description: str | None):
+            create_pr: bool, commit_message: str, commit_description: str | None, path_in_repo: str | None):
     from huggingface_hub import CommitOperationAdd
 
     sources: dict[str, Any] = dict(folder_files(folder))
@@ -350,15 +350,21 @@ def _commit(api, repo_id: str, folder: str, *, files: dict[str, bytes | str] | N
         sources[path] = content.encode("utf-8") if isinstance(content, str) else content
     if not sources:
         raise ValueError(f"nothing to push: {folder!r} holds no files.")
-    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=src) for path, src in sorted(sources.items())]
+    prefix = f"{path_in_repo.strip('/')}/" if path_in_repo and path_in_repo.strip("/") else ""
+    operations = [CommitOperationAdd(path_in_repo=prefix + path, path_or_fileobj=src)
+                  for path, src in sorted(sources.items())]
     with hub_errors("upload to", repo_id):
         return api.create_commit(repo_id, operations, commit_message=commit_message,
                                  commit_description=commit_description, revision=revision,
                                  create_pr=create_pr, repo_type="model")
 
 
-def _check_push_args(repo_id: Any, private: Any, create_pr: Any, revision: Any, commit_message: Any) -> None:
+def _check_push_args(repo_id: Any, private: Any, create_pr: Any, revision: Any, commit_message: Any,
+                     path_in_repo: Any = None) -> None:
     check_repo_id(repo_id)
+    if path_in_repo is not None and (not isinstance(path_in_repo, str) or ".." in path_in_repo.split("/")):
+        raise ValueError(f"path_in_repo must be a folder path inside the repo such as 'paths/run1', got "
+                         f"{path_in_repo!r}.")
     if private is not None and not isinstance(private, bool):
         raise TypeError(f"private must be True, False or None (the namespace's default), got {private!r}.")
     if not isinstance(create_pr, bool):
@@ -371,29 +377,33 @@ def _check_push_args(repo_id: Any, private: Any, create_pr: Any, revision: Any, 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,
                 token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
                 commit_message: str | None = None, commit_description: str | None = None,
-                files: dict[str, bytes | str] | None = None):
+                files: dict[str, bytes | str] | None = None, path_in_repo: str | None = None):
     """Push every file of ``folder`` to the model repo ``repo_id`` in one commit (creating the repo and the
-    ``revision`` branch if needed); ``files`` adds or replaces files (``{path in repo: bytes or str}``), e.g. a
-    re-rendered ``README.md``. Returns ``huggingface_hub.CommitInfo`` (``.commit_url``, ``.pr_url``)."""
-    _check_push_args(repo_id, private, create_pr, revision, commit_message)
+    ``revision`` branch if needed); ``files`` adds or replaces files (``{path in folder: bytes or str}``), e.g. a
+    re-rendered ``README.md``; ``path_in_repo`` puts everything under that folder of the repo.
+    Returns ``huggingface_hub.CommitInfo`` (``.commit_url``, ``.pr_url``)."""
+    _check_push_args(repo_id, private, create_pr, revision, commit_message, path_in_repo)
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot push {folder!r}: it is not a folder.")
     api = _open_repo(repo_id, private=private, token=token, revision=revision, create_pr=create_pr)
     return _commit(api, repo_id, folder, files=files, revision=revision, create_pr=create_pr,
                    commit_message=commit_message or f"Upload {os.path.basename(os.path.abspath(folder))} with hf_prune",
-                   commit_description=commit_description)
+                   commit_description=commit_description, path_in_repo=path_in_repo)
 
 
 def push_pretrained(save: Callable[[str], Any], repo_id: str, *, private: bool | None = None,
                     token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
-                    commit_message: str | None = None, commit_description: str | None = None):
+                    commit_message: str | None = None, commit_description: str | None = None,
+                    path_in_repo: str | None = None):
     """Create the repo, then ``save(folder)`` into a temporary folder and commit it (card included) to
-    ``repo_id``. This is what every artifact's ``push_to_hub`` calls. Returns ``huggingface_hub.CommitInfo``."""
-    _check_push_args(repo_id, private, create_pr, revision, commit_message)
+    ``repo_id`` (under ``path_in_repo`` if given). This is what every artifact's ``push_to_hub`` calls.
+    Returns ``huggingface_hub.CommitInfo``."""
+    _check_push_args(repo_id, private, create_pr, revision, commit_message, path_in_repo)
     api = _open_repo(repo_id, private=private, token=token, revision=revision, create_pr=create_pr)
     with tempfile.TemporaryDirectory(prefix="hf_prune-push-") as tmp:
         folder = os.path.join(tmp, repo_id.split("/")[-1])
         save(folder)
         return _commit(api, repo_id, folder, files=None, revision=revision, create_pr=create_pr,
-                       commit_message=commit_message or "Upload with hf_prune", commit_description=commit_description)
+                       commit_message=commit_message or "Upload with hf_prune", commit_description=commit_description,
+                       path_in_repo=path_in_repo)

@@ -71,7 +71,8 @@ def _zeros_changed(model: nn.Module, report: dict) -> list[str]:
     for name, entry in report["sparsity"]["per_module"].items():
         weight = getattr(modules.get(name), "weight", None)
         if weight is not None and list(weight.shape) == list(entry["shape"]):
-            if int((weight == 0).sum()) != entry["zeros"]:
+            # structured reports count removed weights in "zeros" and the stored tensor's zeros in "stored_zeros"
+            if int((weight == 0).sum()) != entry.get("stored_zeros", entry["zeros"]):
                 changed.append(name)
     return changed
 
