@@ -120,16 +120,15 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     evaluations = []
     dense_ppl = None
     if args.eval_texts:
-        from .evaluation import perplexity
+        from .evaluation import perplexity, perplexity_record
 
         dense_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
                                max_windows=args.eval_max_windows)
     result = pruner.prune(config, device=args.device, progress=not args.no_progress)
     if args.eval_texts:
-        pruned_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
-                                max_windows=args.eval_max_windows)
-        evaluations.append({"metric": "perplexity", "dataset": str(args.eval_texts), "split": "test",
-                            "seq_len": args.eval_seq_len, "dense": round(dense_ppl, 4), "value": round(pruned_ppl, 4)})
+        evaluations.append(perplexity_record(pruner.model, pruner.tokenizer, args.eval_texts,
+                                             seq_len=args.eval_seq_len, dense=dense_ppl,
+                                             max_windows=args.eval_max_windows))
     path = pruner.save_pretrained(args.output, evaluations=evaluations or None)
     print(result.summary())
     for e in evaluations:
@@ -241,6 +240,24 @@ def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .hub import card_files_for_folder, folder_files, push_folder
+
+    if extra:
+        raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
+    if not os.path.isdir(args.dir):
+        raise CLIError(f"{args.dir!r} is not a folder; give a folder written by hf-prune prune / save_pretrained.")
+    files = card_files_for_folder(args.dir, args.repo)  # the card, re-rendered to load from REPO
+    info = push_folder(args.dir, args.repo, private=args.private, token=args.token, revision=args.revision,
+                       create_pr=args.create_pr, commit_message=args.commit_message, files=files)
+    count = len(set(folder_files(args.dir)) | set(files))
+    print(f"pushed {count} files to {info.repo_url}")
+    print(f"commit: {info.commit_url}")
+    if info.pr_url:
+        print(f"pull request: {info.pr_url}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace, extra: Sequence[str]) -> int:
     for name in available_methods():
         cls = get_method(name).config_class
@@ -296,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--per-module", action="store_true")
     r.add_argument("--json", action="store_true", help="print the raw pruning_report.json")
     r.set_defaults(func=cmd_report)
+
+    u = sub.add_parser("push", help="push a saved folder (model, configs, report, picture, card) to the Hub",
+                       description="Creates the repo if needed and uploads every file of DIR in one commit; the "
+                                   "model card is re-rendered from pruning_report.json so that it loads from REPO. "
+                                   "HF_ENDPOINT selects the Hub; HF_TOKEN or --token authenticates.")
+    u.add_argument("dir", help="folder written by hf-prune prune / Pruner.save_pretrained")
+    u.add_argument("repo", help="Hub repo id, e.g. your-name/llama-wanda-2of4")
+    u.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                   help="create the repo private (default: the namespace's default; ignored if it exists)")
+    u.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    u.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    u.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing directly")
+    u.add_argument("--commit-message", default=None)
+    u.set_defaults(func=cmd_push)
 
     d = sub.add_parser("demo", help="the embedded main job: prune all-MiniLM-L6-v2 with every method (no Hub)")
     d.add_argument("--quick", action="store_true", help="fewer calibration samples and sentences")

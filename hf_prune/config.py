@@ -198,6 +198,19 @@ class PrunerConfig:
             fh.write(self.to_json_string())
         return path
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
+                    commit_description: str | None = None):
+        """Upload ``pruning_config.json`` (only: a README already in the repo is left alone) to ``repo_id``,
+        creating the repo if needed; ``PrunerConfig.from_pretrained(repo_id)`` reads it back.
+        Returns ``huggingface_hub.CommitInfo``; raises ``hf_prune.errors.HubError`` when the Hub is unreachable."""
+        from .hub import push_pretrained
+
+        return push_pretrained(self.save_pretrained, repo_id, private=private, token=token, revision=revision,
+                               create_pr=create_pr,
+                               commit_message=commit_message or f"Upload {self.method} pruning config with hf_prune",
+                               commit_description=commit_description)
+
     @classmethod
     def from_dict(cls, data: dict) -> "PrunerConfig":
         data = dict(data)
@@ -240,5 +253,8 @@ class PrunerConfig:
                 raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}; was it written by Pruner.save_pretrained?")
             from huggingface_hub import hf_hub_download
 
-            local = hf_hub_download(path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token)
+            from .hub import hub_errors
+
+            with hub_errors(f"download {CONFIG_NAME} from", path):
+                local = hf_hub_download(path, CONFIG_NAME, subfolder=subfolder, revision=revision, token=token)
         return cls.from_json_file(local)

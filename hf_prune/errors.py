@@ -21,3 +21,7 @@ class NonFiniteStatisticsError(HFPruneError):
 
 class OutputDirError(HFPruneError):
     """The output folder cannot be written."""
+
+
+class HubError(HFPruneError):
+    """The Hugging Face Hub could not be reached, refused the request, or offline mode is on."""

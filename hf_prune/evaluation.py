@@ -44,7 +44,11 @@ def perplexity_windows(tokenizer: Any, texts_or_dataset: Any, *, seq_len: int, t
                   **PERPLEXITY_PROTOCOL}
 
 
-@torch.no_grad()
+def check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1.")
+
+
 def perplexity(model: nn.Module, tokenizer: Any, texts_or_dataset: Any, *, seq_len: int = 2048,
                batch_size: int = 1, text_column: str = "text", split: str = "test",
                max_windows: int | None = None, progress: bool = False) -> float:
@@ -53,13 +57,16 @@ def perplexity(model: nn.Module, tokenizer: Any, texts_or_dataset: Any, *, seq_l
     ``texts_or_dataset``: a list of strings, a ``datasets.Dataset``, a local file, ``"builtin:python-docs"``
     (its ``test`` split by default) or a Hub dataset name. ``max_windows`` caps the number of windows.
     """
+    check_batch_size(batch_size)
+    data, _ = perplexity_windows(tokenizer, texts_or_dataset, seq_len=seq_len, text_column=text_column, split=split)
+    return _windows_perplexity(model, data[:max_windows] if max_windows is not None else data,
+                               batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def _windows_perplexity(model: nn.Module, data: torch.Tensor, *, batch_size: int, progress: bool) -> float:
     from tqdm.auto import tqdm
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1.")
-    data, _ = perplexity_windows(tokenizer, texts_or_dataset, seq_len=seq_len, text_column=text_column, split=split)
-    if max_windows is not None:
-        data = data[:max_windows]
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -79,6 +86,26 @@ def perplexity(model: nn.Module, tokenizer: Any, texts_or_dataset: Any, *, seq_l
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)
+
+
+def perplexity_record(model: nn.Module, tokenizer: Any, texts_or_dataset: Any, *, seq_len: int = 2048,
+                      dense: float | None = None, batch_size: int = 1, text_column: str = "text",
+                      split: str = "test", max_windows: int | None = None, progress: bool = False) -> dict:
+    """Measure ``perplexity`` and return it as an evaluation record for model cards
+    (``Pruner.save_pretrained(evaluations=[...])``): metric, value, the ``dense`` value measured before pruning
+    with the same arguments (optional), dataset, split, seq_len, the number of windows used and the protocol."""
+    if dense is not None and (isinstance(dense, bool) or not isinstance(dense, (int, float))):
+        raise ValueError(f"dense={dense!r} must be the dense model's perplexity (a number) or None.")
+    check_batch_size(batch_size)
+    data, record = perplexity_windows(tokenizer, texts_or_dataset, seq_len=seq_len, text_column=text_column,
+                                      split=split)
+    windows = min(len(data), max_windows or len(data))
+    value = _windows_perplexity(model, data[:windows], batch_size=batch_size, progress=progress)
+    protocol = {**PERPLEXITY_PROTOCOL, "windows": f"the first {windows} of {len(data)}",
+                "tokens_in_text": record["tokens"]}
+    return {"metric": "perplexity", "value": round(value, 4), "dense": None if dense is None else round(dense, 4),
+            "dataset": str(record.get("source") or "<in-memory texts>"), "split": split, "seq_len": seq_len,
+            "windows": windows, "task": "text-generation", "protocol": protocol}
 
 
 def sparsity_report(model: nn.Module, modules: str | None = None) -> dict:

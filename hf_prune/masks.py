@@ -130,6 +130,19 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     return int((nonzero > n).sum())
 
 
+def _adapter_submodules(model: torch.nn.Module) -> set[int]:
+    """ids of the modules that PEFT tuner layers add (LoRA's ``lora_A``/``lora_B``...), not their base layer."""
+    found: set[int] = set()
+    for module in model.modules():
+        get_base = getattr(module, "get_base_layer", None)
+        if not callable(get_base):
+            continue
+        base = get_base()
+        keep = {id(m) for m in base.modules()} if base is not module else set()
+        found.update(id(m) for m in module.modules() if m is not module and id(m) not in keep)
+    return found
+
+
 def sparsity_of(tensor: torch.Tensor) -> float:
     return float((tensor == 0).sum()) / max(1, tensor.numel())
 
@@ -158,22 +171,29 @@ class WeightMasks:
     @classmethod
     def from_model(cls, model: torch.nn.Module, modules: list[str] | None = None) -> "WeightMasks":
         """Masks of the ``nn.Linear`` weights inside the transformer blocks that hold zeros (what the pruners
-        touch; embeddings and heads are left alone), or exactly those of ``modules`` (module names)."""
+        touch; embeddings and heads are left alone), or exactly those of ``modules`` (module names).
+
+        ``model`` may be wrapped by PEFT (e.g. LoRA): the masks are then those of the frozen base weights (the
+        adapters' own Linears are skipped) and are keyed by the plain names, so they bind to the PEFT model, to
+        the model after ``merge_and_unload()`` and to the unwrapped model alike."""
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        adapter_parts = _adapter_submodules(base)
         if modules is None:
             from .architectures import get_adapter
             from .methods.layerwise import linear_candidates
 
-            inside = {name for name, *_ in linear_candidates(model, get_adapter(model).stages(model))}
+            inside = {name for name, *_ in linear_candidates(base, get_adapter(base).stages(base))}
         masks = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear):
+        for name, module in base.named_modules():
+            if not isinstance(module, torch.nn.Linear) or id(module) in adapter_parts:
                 continue
+            plain = name.replace(".base_layer", "")
             if modules is not None:
-                if name not in modules:
+                if plain not in modules:
                     continue
             elif name not in inside or not bool((module.weight == 0).any()):
                 continue
-            masks[f"{name}.weight"] = (module.weight.detach() != 0)
+            masks[f"{plain}.weight"] = (module.weight.detach() != 0)
         if modules is not None and len(masks) != len(set(modules)):
             missing = sorted(set(modules) - {k[: -len(".weight")] for k in masks})
             raise ValueError(f"WeightMasks.from_model: no nn.Linear named {missing[0]!r} in the model.")

@@ -13,8 +13,9 @@ from torch import nn
 
 from .allocation import Allocation
 from .config import PrunerConfig, get_method
-from .hub import build_model_card
+from .hub import CARD_NAME, build_model_card, check_evaluations, check_sections, push_pretrained
 from .io import atomic_output_dir, check_output_dir
+from .plots import SPARSITY_PICTURE, plot_layer_sparsity
 from .result import PruningResult
 from .structured.layout import needs_variable_layout, save_variable_layout
 
@@ -62,6 +63,19 @@ def _model_class(config: Any) -> type:
         if cls is not None:
             return cls
     return transformers.AutoModel
+
+
+def _zeros_changed(model: nn.Module, report: dict) -> list[str]:
+    """Pruned modules whose weight no longer has the number of zeros the report recorded (same shape only)."""
+    modules = dict(model.named_modules())
+    changed = []
+    for name, entry in report["sparsity"]["per_module"].items():
+        weight = getattr(modules.get(name), "weight", None)
+        if weight is not None and list(weight.shape) == list(entry["shape"]):
+            # structured reports count removed weights in "zeros" and the stored tensor's zeros in "stored_zeros"
+            if int((weight == 0).sum()) != entry.get("stored_zeros", entry["zeros"]):
+                changed.append(name)
+    return changed
 
 
 class Pruner:
@@ -126,22 +140,44 @@ class Pruner:
 
     # ------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: str | int = "5GB",
-                        evaluations: list[dict] | None = None, repo_id: str | None = None) -> str:
+                        evaluations: list[dict] | None = None, finetuning: dict | None = None,
+                        sections: list | None = None, repo_id: str | None = None) -> str:
         """Write the pruned model (safetensors), tokenizer/processor, ``pruning_config.json``,
-        ``pruning_report.json``, a ``README.md`` model card and, after an allocating method (ECoFLaP),
+        ``pruning_report.json``, the per-layer sparsity picture ``sparsity_per_layer.png`` (when matplotlib is
+        installed), a ``README.md`` model card and, after an allocating method (ECoFLaP),
         ``sparsity_allocation.json`` with its PNG, atomically: the folder appears complete or not at all.
         Returns the folder's absolute path.
+
+        ``evaluations``: dense-vs-pruned measurements for the card and its ``model-index``, e.g.
+        ``[hf_prune.evaluation.perplexity_record(...)]``; ``finetuning``: the summary of a recovery fine-tuning
+        run (``SparsityPreservingCallback.summary()``); ``sections``: extra ``(title, markdown)`` card sections;
+        ``repo_id``: the Hub id the card's usage snippet loads from. All of them are kept in the report, so
+        ``hf-prune push`` can re-render the same card for another repo.
 
         A structurally pruned model whose per-layer shapes a stock config cannot hold is saved with
         ``hf_prune_layout.py`` and an ``auto_map`` (see ``hf_prune.structured.layout``): it reloads with
         ``AutoModel...from_pretrained(folder, trust_remote_code=True)``."""
         if not self.results:
             raise ValueError("nothing was pruned yet: call pruner.prune(config, ...) before save_pretrained.")
+        evaluations = check_evaluations(evaluations)
+        sections = check_sections(sections)
+        if finetuning is not None and not isinstance(finetuning, dict):
+            raise TypeError(f"finetuning must be a dict (e.g. SparsityPreservingCallback.summary()), "
+                            f"got {type(finetuning).__name__}.")
         check_output_dir(save_directory)
         result = self.results[-1]
         report = dict(result.report)
         if len(self.results) > 1:
             report["previous_runs"] = [r.report for r in self.results[:-1]]
+        report["card"] = {"evaluations": evaluations, "finetuning": finetuning,
+                          "sections": [s.to_dict() for s in sections]}
+        changed = _zeros_changed(self.model, report)
+        if changed:
+            report["weights_changed_since_pruning"] = {"modules": len(changed), "examples": changed[:3]}
+            warnings.warn(f"{len(changed)} pruned modules (e.g. {changed[0]}) no longer hold the zeros the pruning "
+                          "left (was the model trained without hf_prune.callbacks.SparsityPreservingCallback?); the "
+                          "card and report describe the pruning run and say that the weights changed since.",
+                          stacklevel=2)
         with atomic_output_dir(save_directory) as tmp:
             self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
             if needs_variable_layout(self.model):  # per-layer widths a stock config cannot hold
@@ -155,6 +191,33 @@ class Pruner:
                 fh.write("\n")
             allocation_files = result.allocation.save_pretrained(tmp) if isinstance(result.allocation, Allocation) \
                 else {}
-            build_model_card(report, repo_id=repo_id, evaluations=evaluations,
-                             allocation_plot=allocation_files.get("plot")).save(os.path.join(tmp, "README.md"))
+            picture = plot_layer_sparsity(report, os.path.join(tmp, SPARSITY_PICTURE))
+            card = build_model_card(report, repo_id=repo_id, evaluations=evaluations, finetuning=finetuning,
+                                    sections=sections, picture=SPARSITY_PICTURE if picture else None,
+                                    allocation_plot=allocation_files.get("plot"))
+            card.save(os.path.join(tmp, CARD_NAME))
         return os.path.abspath(os.fspath(save_directory))
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
+                    commit_description: str | None = None, max_shard_size: str | int = "5GB",
+                    evaluations: list[dict] | None = None, finetuning: dict | None = None,
+                    sections: list | None = None):
+        """Push the pruned model to the Hub: weights, tokenizer/processor, configs, report, picture and the
+        generated card, in one commit (the repo is created first, so a missing network or token fails before
+        anything is written). ``evaluations``/``finetuning``/``sections`` go to the card as in
+        ``save_pretrained``. Returns ``huggingface_hub.CommitInfo`` (``.commit_url``, ``.pr_url``).
+
+        Without network (or with ``HF_HUB_OFFLINE=1``) this raises ``hf_prune.errors.HubError`` naming the
+        endpoint; ``HF_ENDPOINT`` selects another Hub."""
+        if not self.results:
+            raise ValueError("nothing was pruned yet: call pruner.prune(config, ...) before push_to_hub.")
+        check_evaluations(evaluations)
+        check_sections(sections)
+        method = self.results[-1].config.method
+        return push_pretrained(
+            lambda folder: self.save_pretrained(folder, max_shard_size=max_shard_size, evaluations=evaluations,
+                                                finetuning=finetuning, sections=sections, repo_id=repo_id),
+            repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
+            commit_message=commit_message or f"Upload {method}-pruned model with hf_prune",
+            commit_description=commit_description)

@@ -83,6 +83,15 @@ class _Phase:
         self.meter.phases[self.name] = self.meter.phases.get(self.name, 0.0) + time.perf_counter() - self.t
 
 
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment(device: torch.device | str | None = None) -> dict:
     import transformers
 
@@ -90,6 +99,7 @@ def environment(device: torch.device | str | None = None) -> dict:
         "hf_prune": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        **{name: _version(name) for name in ("accelerate", "peft", "datasets", "huggingface_hub")},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "device": str(device) if device is not None else None,

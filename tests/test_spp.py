@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -291,25 +292,23 @@ def test_two_processes_record_the_same_path(tmp_path):
     assert os.path.isfile(tmp_path / "run" / "solution_path" / "solution_path.safetensors")
 
 
-def test_push_to_hub_creates_the_repo_and_uploads_both_files(searched, monkeypatch):
-    from unittest import mock
-
+def test_push_to_hub_uploads_the_path_with_its_card(searched, fake_hub):
     _, path, _ = searched
-    uploaded = {}
-
-    def upload_folder(**kwargs):
-        uploaded["files"] = sorted(os.listdir(kwargs["folder_path"]))
-        uploaded["kwargs"] = kwargs
-        return "commit"
-
-    api = mock.MagicMock()
-    api.upload_folder.side_effect = upload_folder
-    with mock.patch("huggingface_hub.HfApi", return_value=api) as cls:
-        assert path.push_to_hub("me/vit-digits-spp-path", private=True, token="t") == "commit"
-    cls.assert_called_once_with(token="t")
-    api.create_repo.assert_called_once_with("me/vit-digits-spp-path", private=True, exist_ok=True, repo_type="model")
-    assert uploaded["files"] == ["solution_path.json", "solution_path.safetensors"]
-    assert uploaded["kwargs"]["repo_id"] == "me/vit-digits-spp-path"
+    info = path.push_to_hub("me/vit-digits-spp-path", private=True, token="t")
+    repo = fake_hub.repos["me/vit-digits-spp-path"]
+    assert repo.private is True and info.oid == repo.heads["main"]
+    assert set(repo.files) == {"solution_path.json", "solution_path.safetensors", "solution_path.png", "README.md"}
+    meta, body = fake_hub.card("me/vit-digits-spp-path")
+    assert meta["library_name"] == "hf_prune" and {"spp", "solution-path", "structured-pruning"} <= set(meta["tags"])
+    assert 'SolutionPath.from_pretrained("me/vit-digits-spp-path")' in body and "![Density along the path]" in body
+    achieved = path.read_off(0.4)["achieved"]
+    assert f"| 0.4 | {achieved['params']:.4f} | {achieved['flops']:.4f} | {achieved['entries']:.4f} |" in body
+    assert json.loads(re.search(r"```json\n(.*?)```", body, flags=re.S).group(1)) == path.config
+    again = SolutionPath.from_pretrained("me/vit-digits-spp-path")  # read back from the Hub
+    assert again.kind == path.kind and again.names == path.names
+    assert all(torch.equal(again.tensors[k], path.tensors[k]) for k in path.tensors)
+    path.push_to_hub("me/vit-digits-spp-path", path_in_repo="runs/1")
+    assert {"runs/1/solution_path.json", "runs/1/README.md"} <= set(repo.files)
 
 
 def test_plot_writes_a_png(searched, tmp_path):

@@ -2,5 +2,6 @@
 Callbacks carry no knobs of their own: the knobs live in the method's config."""
 
 from .solution_path import SolutionPathCallback
+from .sparsity import SparsityPreservingCallback
 
-__all__ = ["SolutionPathCallback"]
+__all__ = ["SolutionPathCallback", "SparsityPreservingCallback"]

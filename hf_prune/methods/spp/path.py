@@ -12,7 +12,7 @@ Two kinds:
   make it smaller).
 
 On disk: ``solution_path.safetensors`` (the tensors) and ``solution_path.json`` (kind, units, the SPPConfig,
-the model it came from, the search schedule), written atomically.
+the model it came from, the search schedule), with the path picture and a ``README.md`` card, written atomically.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...hub import CARD_NAME
 from ...io import atomic_output_dir, check_output_dir
 from ...masks import prune_count
+from ...plots import have_matplotlib
 from ...version import __version__
 from . import ops
 from .config import BUDGETS, SCOPES, SPPConfig
@@ -35,6 +37,7 @@ from .masks import MaskUnit, SPPMasks, build_units
 
 TENSORS_NAME = "solution_path.safetensors"
 JSON_NAME = "solution_path.json"
+PICTURE_NAME = "solution_path.png"
 FORMAT_VERSION = 1
 KINDS = ("structured", "unstructured")
 
@@ -291,8 +294,10 @@ class SolutionPath:
         return {"format_version": FORMAT_VERSION, "hf_prune_version": __version__, "kind": self.kind,
                 "units": self.units, "config": self.config, "model": self.model, "search": self.search}
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write ``solution_path.safetensors`` + ``solution_path.json`` atomically; returns the folder."""
+    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None) -> str:
+        """Write ``solution_path.safetensors`` + ``solution_path.json``, the path picture ``solution_path.png``
+        (when matplotlib is installed) and a ``README.md`` card, atomically; returns the folder. ``repo_id`` is
+        the Hub id the card's usage snippet loads from."""
         from safetensors.torch import save_file
 
         with atomic_output_dir(save_directory) as tmp:
@@ -301,7 +306,38 @@ class SolutionPath:
             with open(os.path.join(tmp, JSON_NAME), "w", encoding="utf-8") as fh:
                 json.dump(self.to_json_dict(), fh, indent=2, sort_keys=True, allow_nan=False)
                 fh.write("\n")
+            picture = self.plot(os.path.join(tmp, PICTURE_NAME)) if have_matplotlib() else None
+            self.model_card(repo_id=repo_id, picture=PICTURE_NAME if picture else None).save(
+                os.path.join(tmp, CARD_NAME))
         return os.path.abspath(os.fspath(save_directory))
+
+    def model_card(self, *, repo_id: str | None = None, picture: str | None = None):
+        """The ``huggingface_hub.ModelCard`` of this path (``model_cards/solution_path.md.j2``)."""
+        from huggingface_hub import ModelCardData
+
+        from ...hub import hub_base_model, render_card
+        from ...plots import PLOT_EXTRA_HINT
+        from ...report import environment
+
+        base = hub_base_model(self.model.get("name_or_path"))
+        model_class = self.model.get("class") or "model"
+        title = f"SPP solution path for {base.split('/')[-1] if base else model_class}"
+        budget, scope = self._default("budget", None), self._default("scope", None)
+        read_offs = [{"sparsity": s, "achieved": self.read_off(s, budget, scope)["achieved"]}
+                     for s in (0.2, 0.4, 0.6, 0.8)]
+        kinds = sorted({u["kind"] for u in self.units})
+        env = environment()
+        card_data = ModelCardData(base_model=base, library_name="hf_prune", model_name=title,
+                                  tags=["hf_prune", "pruned", "spp", "solution-path",
+                                        "structured-pruning" if self.kind == "structured" else "unstructured-sparsity"])
+        return render_card(
+            card_data, "solution_path.md.j2", title=title, kind=self.kind, base_model=base, model_class=model_class,
+            load_path=repo_id or "path/to/this/folder", budget=budget, scope=scope, read_offs=read_offs,
+            units=len(self.units), groups=", ".join(kinds), entries=sum(math.prod(u["shape"]) for u in self.units),
+            picture=picture, plot_hint=PLOT_EXTRA_HINT,
+            search_items=sorted((k, v) for k, v in self.search.items() if not isinstance(v, (dict, list))),
+            config_json=json.dumps(self.config, indent=2, sort_keys=True),
+            versions=[(k, env[k]) for k in ("hf_prune", "torch", "transformers", "huggingface_hub") if env.get(k)])
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, revision: str | None = None,
@@ -318,9 +354,12 @@ class SolutionPath:
         else:
             from huggingface_hub import hf_hub_download
 
+            from ...hub import hub_errors
+
             kw = dict(revision=revision, token=token, subfolder=subfolder)
-            json_path = hf_hub_download(path, JSON_NAME, **kw)
-            tensor_path = hf_hub_download(path, TENSORS_NAME, **kw)
+            with hub_errors("download the solution path from", path):
+                json_path = hf_hub_download(path, JSON_NAME, **kw)
+                tensor_path = hf_hub_download(path, TENSORS_NAME, **kw)
         with open(json_path, encoding="utf-8") as fh:
             data = json.load(fh)
         version = data.get("format_version")
@@ -333,19 +372,18 @@ class SolutionPath:
                    data.get("search"))
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
-                    commit_message: str = "Upload SPP solution path", revision: str | None = None,
+                    revision: str | None = None, create_pr: bool = False,
+                    commit_message: str = "Upload SPP solution path with hf_prune", commit_description: str | None = None,
                     path_in_repo: str | None = None) -> Any:
-        """Create ``repo_id`` if needed and upload the path (safetensors + JSON) with ``huggingface_hub``."""
-        import tempfile
+        """Create ``repo_id`` if needed and upload the path (safetensors + JSON + picture + card) in one commit,
+        through ``hf_prune.hub.push_pretrained``; returns ``huggingface_hub.CommitInfo``. Without network it raises
+        ``hf_prune.errors.HubError`` naming the endpoint."""
+        from ...hub import push_pretrained
 
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(os.path.join(tmp, "path"))
-            return api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision,
-                                     commit_message=commit_message, path_in_repo=path_in_repo)
+        return push_pretrained(lambda folder: self.save_pretrained(folder, repo_id=repo_id), repo_id,
+                               private=private, token=token, revision=revision, create_pr=create_pr,
+                               commit_message=commit_message, commit_description=commit_description,
+                               path_in_repo=path_in_repo)
 
     # ---- plot -----------------------------------------------------------------------------------
     def density_curves(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -1,0 +1,81 @@
+"""What the examples share: command-line options, loading the model, and publishing the result.
+
+Every example runs offline on a laptop CPU by default: the model is hf_prune.toy's tiny LLaMA, trained once on
+the prose of Python's own docstrings (``builtin:python-docs``, train split) and cached, and perplexity is
+measured on the disjoint test split. ``--model`` takes any Hub id or local folder of a causal LM instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import torch
+
+from hf_prune import Pruner
+from hf_prune.evaluation import perplexity, perplexity_record
+
+TEXTS = "builtin:python-docs"  # calibration uses its train split, evaluation its test split
+
+
+def parser(description: str, *, sparsity: float = 0.5, pattern: str = "unstructured") -> argparse.ArgumentParser:
+    """The options every example takes."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="Hub id or folder of a causal LM (default: hf_prune.toy's tiny LLaMA)")
+    p.add_argument("--sparsity", type=float, default=sparsity, help="fraction of weights removed (unstructured)")
+    p.add_argument("--pattern", default=pattern, help="'unstructured' or N:M, e.g. 2:4 (implies the sparsity)")
+    p.add_argument("--num-samples", type=int, default=64, help="calibration samples")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per calibration sample and evaluation window")
+    p.add_argument("--eval-windows", type=int, default=32, help="held-out windows for perplexity")
+    p.add_argument("--output", default=None, help="folder to save the pruned model, report, picture and card to")
+    p.add_argument("--push-to", default=None, metavar="REPO", help="also push to this Hub repo (needs network/token)")
+    return p
+
+
+def load(model: str | None) -> Pruner:
+    if model is None:
+        from hf_prune.toy import toy_causal_lm
+
+        return Pruner(*toy_causal_lm("tiny"))
+    return Pruner.from_pretrained(model, dtype=torch.float32)
+
+
+def sparsity_arg(args: argparse.Namespace) -> float | None:
+    """The ``sparsity`` field to pass: None for N:M (the pattern fixes it)."""
+    return None if args.pattern != "unstructured" else args.sparsity
+
+
+def dense_perplexity(pruner: Pruner, args: argparse.Namespace) -> float:
+    value = perplexity(pruner.model, pruner.tokenizer, TEXTS, seq_len=args.seq_len, max_windows=args.eval_windows)
+    print(f"dense perplexity: {value:.3f}")
+    return value
+
+
+def publish(pruner: Pruner, args: argparse.Namespace, dense: float, *, finetuning: dict | None = None,
+            label: str = "pruned") -> dict:
+    """Measure the pruned model's perplexity next to the dense one, then save and/or push with the card."""
+    record = perplexity_record(pruner.model, pruner.tokenizer, TEXTS, seq_len=args.seq_len, dense=dense,
+                               max_windows=args.eval_windows)
+    print(f"perplexity on {TEXTS} (test split, {record['windows']} x {args.seq_len} tokens): "
+          f"dense {dense:.3f} -> {label} {record['value']:.3f}")
+    if args.output:
+        path = pruner.save_pretrained(args.output, evaluations=[record], finetuning=finetuning)
+        print(f"saved to {path} (model, tokenizer, pruning_config.json, pruning_report.json, picture, README.md)")
+    if args.push_to:
+        info = pruner.push_to_hub(args.push_to, evaluations=[record], finetuning=finetuning)
+        print(f"pushed to {info.repo_url}: {info.commit_url}")
+    return record
+
+
+def run(description: str, make_config, *, options=None, argv: Sequence[str] | None = None) -> None:
+    """The whole one-shot flow: parse the options (``options(parser)`` adds a method's own), load the model,
+    measure its perplexity, prune with ``make_config(args)``, print the report, then save/push with the card."""
+    p = parser(description)
+    if options is not None:
+        options(p)
+    args = p.parse_args(argv)
+    pruner = load(args.model)
+    dense = dense_perplexity(pruner, args)
+    result = pruner.prune(make_config(args), calibration_dataset=TEXTS, progress=False)
+    print(result.summary())
+    publish(pruner, args, dense)
