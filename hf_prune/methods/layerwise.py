@@ -135,6 +135,9 @@ def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[s
                    exclude_modules: list[str] | None) -> list[tuple[str, nn.Linear, str, str]]:
     """The candidate Linears that the target/exclude regexes select; each regex must match something."""
     candidates = linear_candidates(model, stages)
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer inside its blocks "
+                         f"({', '.join(s.path for s in stages)}); the layer-wise pruners prune Linear layers only.")
     names = [c[0] for c in candidates]
     outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(names)]
     examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
