@@ -1,7 +1,7 @@
 """hf_prune: prune Hugging Face models with the strongest published methods."""
 
 from .config import CalibrationConfig, PrunerConfig, available_methods, register_method
-from .methods import MagnitudeConfig, RIAConfig, SparseGPTConfig, WandaConfig
+from .methods import MagnitudeConfig, ModHiFiConfig, RIAConfig, SparseGPTConfig, WandaConfig
 from .pruner import Pruner
 from .result import PruningResult
 from .version import __version__
@@ -9,6 +9,7 @@ from .version import __version__
 __all__ = [
     "CalibrationConfig",
     "MagnitudeConfig",
+    "ModHiFiConfig",
     "Pruner",
     "PrunerConfig",
     "PruningResult",

@@ -10,7 +10,8 @@ from importlib import resources
 TEMPLATE = "pruned_model.md.j2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "ria": "RIA"}
+METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "ria": "RIA",
+                "modhifi": "ModHiFi"}
 
 _PIPELINES = (
     ("ForCausalLM", "text-generation"),

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from hf_prune import (CalibrationConfig, MagnitudeConfig, PrunerConfig, RIAConfig, SparseGPTConfig, WandaConfig,
-                      available_methods)
+from hf_prune import (CalibrationConfig, MagnitudeConfig, ModHiFiConfig, PrunerConfig, RIAConfig, SparseGPTConfig,
+                      WandaConfig, available_methods)
 from hf_prune.methods.layerwise import LayerwiseConfig
 
 
@@ -53,7 +53,7 @@ def test_defaults_and_implied_sparsity():
     assert WandaConfig().sparsity == 0.5 and WandaConfig().pattern == "unstructured"
     assert WandaConfig(pattern="1:4").sparsity == 0.75
     assert WandaConfig(pattern="4:8", sparsity=0.5).pattern == "4:8"
-    assert sorted(available_methods()) == ["magnitude", "ria", "sparsegpt", "wanda"]
+    assert sorted(available_methods()) == ["magnitude", "modhifi", "ria", "sparsegpt", "wanda"]
 
 
 @pytest.mark.parametrize("config", [
@@ -61,6 +61,7 @@ def test_defaults_and_implied_sparsity():
     WandaConfig(pattern="2:4", target_modules=["mlp"], calibration=CalibrationConfig(num_samples=7, seq_len=99)),
     SparseGPTConfig(sparsity=0.6, block_size=64, damp=0.05, module_sparsity={"model.layers.0.mlp.up_proj": 0.2}),
     RIAConfig(alpha=1.0, exclude_modules=["o_proj"]),
+    ModHiFiConfig(sparsity=0.3, selection="global_ratio", score="saliency", damp=0.05, num_iterations=2),
 ])
 def test_registry_round_trip(config, tmp_path):
     path = config.save_pretrained(tmp_path)
@@ -86,7 +87,7 @@ def test_newer_keys_warn_not_crash(tmp_path):
 
 
 def test_dispatch_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown pruning method 'obs'; available: magnitude, ria, sparsegpt, wanda"):
+    with pytest.raises(ValueError, match="unknown pruning method 'obs'; available: magnitude, modhifi, ria, sparsegpt, wanda"):
         PrunerConfig.from_dict({"method": "obs"})
     with pytest.raises(ValueError, match="not SparseGPTConfig"):
         SparseGPTConfig.from_dict(WandaConfig().to_dict())
