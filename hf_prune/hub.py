@@ -72,6 +72,12 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
         eval_results=eval_results or None,
     )
     sp = report["sparsity"]
+    resized = report.get("structured") is not None  # structured pruning: tensors physically smaller
+    load_class = model["class"]
+    if report.get("variable_layout"):  # per-layer widths: transformers' remote-code path of an Auto class
+        from .structured.layout import _auto_classes
+
+        load_class = _auto_classes(model.get("model_type") or "", model["class"])[0]
     return ModelCard.from_template(
         card_data,
         template_path=template_path(),
@@ -93,4 +99,7 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
         load_path=repo_id or "path/to/this/folder",
         evaluations=evaluations,
         structured=report.get("structured_note"),
+        resized=resized,
+        load_class=load_class,
+        trust_remote_code=bool(report.get("variable_layout")),
     )

@@ -69,6 +69,7 @@ def test_shrunk_model_reloads_with_the_stock_class(family, tokenizer, corpus, tm
     assert isinstance(config, ModHiFiConfig) and config.sparsity == 0.25
     card = (tmp_path / "README.md").read_text()
     assert f"ModHiFi removed {32 * len(groups)} of {128 * len(groups)} MLP hidden neurons" in card
+    assert "physically smaller" in card and f'{type(model).__name__}.from_pretrained("path/to' in card
 
 
 @pytest.mark.parametrize("selection", ["global_ratio", "per_output_union"])
@@ -91,6 +92,8 @@ def test_non_uniform_widths_reload_through_the_layout(selection, tokenizer, corp
     pruner.results.append(result)
     pruner.save_pretrained(tmp_path)
     assert (tmp_path / "hf_prune_layout.py").exists()
+    card = (tmp_path / "README.md").read_text()  # the card shows the loading code that works
+    assert 'AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)' in card
     with pytest.raises(Exception):
         T.LlamaForCausalLM.from_pretrained(tmp_path)  # the stock config cannot describe it...
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)  # ...the layout does
@@ -153,7 +156,8 @@ def test_compensation_and_fidelity_beat_no_compensation_and_l2_on_real_minilm(mi
 
 def test_data_free_path_samples_from_the_model(tokenizer):
     model = make_model("llama", vocab=len(tokenizer))
-    config = ModHiFiConfig(sparsity=0.25, calibration=CalibrationConfig(num_samples=4, seq_len=16, batch_size=2, seed=3))
+    config = ModHiFiConfig(sparsity=0.25,
+                           calibration=CalibrationConfig(num_samples=4, seq_len=16, batch_size=2, seed=3))
     result = Pruner(model, tokenizer).prune(config, progress=False)
     cal = result.report["calibration"]
     assert cal["source"] == "self-generated" and cal["seed"] == 3 and cal["real_tokens"] == 64

@@ -57,7 +57,8 @@ def test_delta_form_equals_weight_space_least_squares():
     assert damped.residual == pytest.approx(ops.reconstruction_error(W, G, keep, damped.weight, damped.bias_delta,
                                                                      H.mean(0)) * ops.layer_energy(W, G), rel=1e-9)
     assert err < ops.reconstruction_error(W, G, keep)  # compensation never does worse than none
-    assert ops.reconstruction_error(W, G, keep) == pytest.approx(ops.removed_energy(W, G, keep) / ops.layer_energy(W, G))
+    assert ops.reconstruction_error(W, G, keep) == pytest.approx(
+        ops.removed_energy(W, G, keep) / ops.layer_energy(W, G))
 
 
 def test_singleton_fidelity_closed_form_equals_definition():

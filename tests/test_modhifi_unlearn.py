@@ -146,7 +146,8 @@ def test_cli_unlearns_from_labelled_records(tmp_path, tokenizer, corpus, capsys)
     forget = tmp_path / "forget.jsonl"
     forget.write_text("".join(json.dumps({"text": t, "label": 1}) + "\n" for t in corpus[:12]))
     remain = tmp_path / "remain.jsonl"
-    remain.write_text("".join(json.dumps({"text": t, "label": i % 3 and 2}) + "\n" for i, t in enumerate(corpus[12:36])))
+    remain.write_text("".join(json.dumps({"text": t, "label": 2 if i % 3 else 0}) + "\n"
+                              for i, t in enumerate(corpus[12:36])))
     out = tmp_path / "unlearned"
     code = main(["prune", str(src), "--method", "modhifi", "--mode", "unlearn", "--forget-data", str(forget),
                  "--remain-data", str(remain), "--unlearn-fraction", "0.1", "--seq-len", "32", "--output", str(out),

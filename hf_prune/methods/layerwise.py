@@ -24,7 +24,7 @@ from ..calibration.walker import resolve_device, walk
 from ..config import PrunerConfig, check_choice, check_number
 from ..errors import HFPruneError
 from ..masks import Pattern
-from ..report import RunMeter, environment, model_totals, module_entry, sparsity_section
+from ..report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
 from ..result import PruningResult
 
 
@@ -244,10 +244,7 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
     stages = adapter.stages(model)
     targets = plan_targets(model, stages, config)
     active = stages_with_targets(stages, targets)
-    try:
-        exec_device = resolve_device(model, device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+    exec_device = resolve_device(model, device)
     processor = LayerwiseProcessor(config, targets)
     with RunMeter() as meter:
         batches, provenance = None, {"source": None, "note": "data-free: the method reads no activations"}
@@ -279,19 +276,11 @@ def layerwise_report(model: nn.Module, family: str, stages: list[Stage], targets
         entry = module_entry(t.module.weight.detach(), t.sparsity, pattern)
         entry.update({k: v for k, v in info.get(t.name, {}).items()})
         entries[t.name] = entry
-    first = next(model.parameters())
     return {
         "method": config.method,
         "config": config.to_dict(),
         "pattern": str(pattern),
-        "model": {
-            "class": type(model).__name__,
-            "model_type": getattr(model.config, "model_type", None),
-            "name_or_path": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
-            "family": family,
-            "stages": [{"name": s.name, "path": s.path, "blocks": len(s.blocks(model))} for s in stages],
-            "dtype": str(first.dtype).replace("torch.", ""),
-        },
+        "model": model_record(model, family, stages),
         "calibration": provenance,
         "sparsity": sparsity_section(entries, {t.name: t.block for t in targets}),
         "model_totals": model_totals(model),

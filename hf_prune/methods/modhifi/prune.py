@@ -207,10 +207,7 @@ def run_prune(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device 
                                     "(it prunes MLP hidden neurons); mode='unlearn' works on it.")
     groups = mlp_groups(model, stages)
     _validate(model, config, groups)
-    try:
-        exec_device = resolve_device(model, device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+    exec_device = resolve_device(model, device)
     plans = {g.block: BlockPlan(g, g.width) for g in groups}
     before = size_summary(model, groups)
     stats_dtype = _DTYPES[config.accum_dtype]

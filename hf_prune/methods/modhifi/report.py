@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ...report import environment, format_table, model_totals, module_entry, sparsity_section
+from ...report import environment, format_table, model_record, model_totals, module_entry, sparsity_section
 from ...result import PruningResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,18 +35,6 @@ def _change(before: dict, after: dict) -> dict:
         b, a = before[key], after[key]
         out[key] = {"before": b, "after": a, "removed_fraction": (b - a) / b if b else 0.0}
     return out
-
-
-def model_record(model: nn.Module, family: str, stages: list) -> dict:
-    first = next(model.parameters())
-    return {
-        "class": type(model).__name__,
-        "model_type": getattr(model.config, "model_type", None),
-        "name_or_path": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
-        "family": family,
-        "stages": [{"name": s.name, "path": s.path, "blocks": len(s.blocks(model))} for s in stages],
-        "dtype": str(first.dtype).replace("torch.", ""),
-    }
 
 
 def _load_line(model: nn.Module, uniform: bool) -> str:
@@ -138,7 +126,8 @@ class ModHiFiResult(PruningResult):
                 + (f" peak_rss={peak / 2**20:.0f}MiB" if peak else ""))
         if rep["mode"] == "unlearn":
             u = rep["unlearning"]
-            rows = [[k, _pct(u["before"].get(k)), _pct(u["after"].get(k))] for k in ("forget_accuracy", "remain_accuracy")]
+            rows = [[k, _pct(u["before"].get(k)), _pct(u["after"].get(k))]
+                    for k in ("forget_accuracy", "remain_accuracy")]
             return "\n".join([head, f"forgot class {u['forget_class']} (edit: {u['edit']}, "
                                     f"{u['edited_components']:,} components in {len(u['layers'])} layers)",
                               format_table(rows, ["metric", "before", "after"])])

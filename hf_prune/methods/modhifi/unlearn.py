@@ -33,11 +33,11 @@ from ...calibration.data import _is_prepared, _pad_batch, _text_tokenizer, colum
 from ...calibration.stats import LinearStats
 from ...calibration.walker import model_device, resolve_device, to_device, walk
 from ...errors import CalibrationDataError, HFPruneError
-from ...report import RunMeter, environment, model_totals, module_entry, sparsity_section
+from ...report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
 from ..layerwise import calibration_needs, check_model_ready
 from . import ops
 from .config import ModHiFiConfig
-from .report import ModHiFiResult, model_record
+from .report import ModHiFiResult
 
 _LABEL_KEYS = ("labels", "label")
 
@@ -205,12 +205,10 @@ def run_unlearn(pruner: Any, config: ModHiFiConfig, *, device: str | torch.devic
     if config.unlearn_layers is not None:
         if config.unlearn_layers > len(targets):
             raise ValueError(f"ModHiFiConfig.unlearn_layers={config.unlearn_layers} exceeds the {len(targets)} "
-                             f"editable layers of {type(model).__name__}; use at most {len(targets)} (or None for all).")
+                             f"editable layers of {type(model).__name__}; use at most {len(targets)} "
+                             "(or None for all).")
         targets = targets[-config.unlearn_layers:]
-    try:
-        exec_device = resolve_device(model, device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+    exec_device = resolve_device(model, device)
     needs = calibration_needs(stages)
     edit = _choose_edit(config, adapter)
     with RunMeter() as meter:
@@ -261,7 +259,8 @@ def run_unlearn(pruner: Any, config: ModHiFiConfig, *, device: str | torch.devic
                   "remain_samples": int(remain_pred.numel()) if remain_pred is not None else 0,
                   "edited_components": edited, "time_s": round(unlearn_seconds, 4), "layers": processor.layers}
     note = (f"ModHiFi-U unlearned class {forget_class}: {edited:,} (output, component) weights "
-            f"{'zeroed' if edit == 'zero' else 'negated'} in {len(processor.layers)} layers in {unlearn_seconds:.1f} s, "
+            f"{'zeroed' if edit == 'zero' else 'negated'} in {len(processor.layers)} layers in "
+            f"{unlearn_seconds:.1f} s, "
             f"no training and no parameter removed (the model has its original size and speed). Forget-class "
             f"accuracy {_pct(before['forget_accuracy'])} -> {_pct(after['forget_accuracy'])}"
             + (f", remaining classes {_pct(before['remain_accuracy'])} -> {_pct(after['remain_accuracy'])}"
