@@ -236,7 +236,8 @@ def test_cli_prunes_with_modhifi(tmp_path, tokenizer, capsys):
     assert model.config.intermediate_size == 96 and model.model.layers[1].mlp.down_proj.in_features == 96
     assert json.loads((out / "pruning_config.json").read_text())["score"] == "saliency"
     assert main(["report", str(out)]) == 0
-    assert "match the report" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "match the report" in printed and "ModHiFi removed 64 of 256 MLP hidden neurons" in printed
     assert main(["prune", str(src), "--method", "modhifi", "--selection", "everything", "--output",
                  str(tmp_path / "x")]) == 2
     assert "selection='everything' is not supported" in capsys.readouterr().err
