@@ -2,7 +2,7 @@
 
 from .allocation import Allocation
 from .config import CalibrationConfig, PrunerConfig, available_methods, register_method
-from .methods import ECoFLaPConfig, MagnitudeConfig, RIAConfig, SparseGPTConfig, WandaConfig
+from .methods import ECoFLaPConfig, MagnitudeConfig, ModHiFiConfig, RIAConfig, SparseGPTConfig, WandaConfig
 from .methods.spp import SolutionPath, SPPConfig
 from .pruner import Pruner
 from .result import PruningResult
@@ -13,6 +13,7 @@ __all__ = [
     "CalibrationConfig",
     "ECoFLaPConfig",
     "MagnitudeConfig",
+    "ModHiFiConfig",
     "Pruner",
     "PrunerConfig",
     "PruningResult",

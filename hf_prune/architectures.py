@@ -118,6 +118,7 @@ class Adapter:
     model_types: tuple[str, ...]
     causal_lm: bool = False
     resolve: Callable[[nn.Module], list[Stage]] = field(default=lambda model: [])
+    normalization: str = "layer"  # inside the blocks: "layer" (LayerNorm/RMSNorm + residual) or "batch" (BatchNorm)
 
     def stages(self, model: nn.Module) -> list[Stage]:
         stages = self.resolve(model)
@@ -310,3 +311,15 @@ def _blip2(model: nn.Module) -> list[Stage]:
 
 
 BLIP2 = register_adapter(Adapter("blip-2", ("blip-2",), resolve=_blip2))
+
+
+# --------------------------------------------------------------------------------------------
+# convolutional nets (no transformer MLP; their blocks' Conv2d layers are the components, e.g. for unlearning)
+
+
+def _resnet(model: nn.Module) -> list[Stage]:
+    path = _first_existing(model, ("resnet.encoder.stages", "encoder.stages"))
+    return [Stage("encoder", path, requires=("pixel_values",), mask_key=None)] if path else []
+
+
+RESNET = register_adapter(Adapter("resnet", ("resnet",), resolve=_resnet, normalization="batch"))

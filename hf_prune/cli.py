@@ -185,6 +185,8 @@ def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
         rows = [[n, "x".join(map(str, e["shape"])), e.get("target", ""), f"{e['achieved']:.4f}"]
                 for n, e in sp["per_module"].items()]
         print(format_table(rows, ["module", "shape", "target", "achieved"]))
+    if report.get("structured_note"):  # structured methods: what was removed or edited, in one paragraph
+        print(report["structured_note"])
     print(verified)
     return 0
 

@@ -33,7 +33,7 @@ CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 METHOD_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "ria": "RIA", "ecoflap": "ECoFLaP",
-                "spp": "SPP"}
+                "spp": "SPP", "modhifi": "ModHiFi"}
 
 _PIPELINES = (
     ("ForCausalLM", "text-generation"),
@@ -188,6 +188,12 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
     sp = report["sparsity"]
     environment = report.get("environment") or {}
     calibration = report.get("calibration") or {}
+    resized = report.get("structured") is not None or report.get("pattern") == "structured"  # tensors physically smaller
+    load_class = model["class"]
+    if report.get("variable_layout"):  # per-layer widths: transformers' remote-code path of an Auto class
+        from .structured.layout import _auto_classes
+
+        load_class = _auto_classes(model.get("model_type") or "", model["class"])[0]
     return render_card(
         card_data,
         title=title,
@@ -221,6 +227,9 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
         allocation_plot=allocation_plot,
         layer_pruner=METHOD_NAMES.get((report.get("layer_pruner") or {}).get("method"),
                                       (report.get("layer_pruner") or {}).get("method")),
+        resized=resized,
+        load_class=load_class,
+        trust_remote_code=bool(report.get("variable_layout")),
     )
 
 

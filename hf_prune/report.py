@@ -146,6 +146,19 @@ def model_totals(model: nn.Module) -> dict:
     return {"parameters": params, "zeros": zeros, "sparsity": zeros / max(1, params)}
 
 
+def model_record(model: nn.Module, family: str, stages: list) -> dict:
+    """What a report says about the model: class, type, origin, family, the stages walked, dtype."""
+    first = next(model.parameters())
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", None),
+        "name_or_path": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+        "family": family,
+        "stages": [{"name": s.name, "path": s.path, "blocks": len(s.blocks(model))} for s in stages],
+        "dtype": str(first.dtype).replace("torch.", ""),
+    }
+
+
 def sparsity_section(entries: dict[str, dict], block_of: dict[str, str]) -> dict:
     return {
         "overall": aggregate(entries),

@@ -147,3 +147,13 @@ def toy_cache(tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("hf-prune-cache") / "toy")
     toy_causal_lm("tiny", cache_dir=folder)
     return folder
+
+
+@pytest.fixture()
+def one_thread():
+    """Run a test on one intra-op thread: tiny tensor ops are much faster without thread hand-offs, above
+    all on a shared, loaded CPU. Restores the previous setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from hf_prune import (CalibrationConfig, MagnitudeConfig, PrunerConfig, RIAConfig, SparseGPTConfig, WandaConfig,
-                      available_methods)
+from hf_prune import (CalibrationConfig, MagnitudeConfig, ModHiFiConfig, PrunerConfig, RIAConfig, SparseGPTConfig,
+                      WandaConfig, available_methods)
 from hf_prune.methods.layerwise import LayerwiseConfig
 
 
@@ -61,6 +61,7 @@ def test_defaults_and_implied_sparsity():
     WandaConfig(pattern="2:4", target_modules=["mlp"], calibration=CalibrationConfig(num_samples=7, seq_len=99)),
     SparseGPTConfig(sparsity=0.6, block_size=64, damp=0.05, module_sparsity={"model.layers.0.mlp.up_proj": 0.2}),
     RIAConfig(alpha=1.0, exclude_modules=["o_proj"]),
+    ModHiFiConfig(sparsity=0.3, selection="global_ratio", score="saliency", damp=0.05, num_iterations=2),
 ])
 def test_registry_round_trip(config, tmp_path):
     path = config.save_pretrained(tmp_path)

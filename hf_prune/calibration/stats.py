@@ -3,9 +3,14 @@
 Kinds:
 - ``"sq_norm"``: per input feature, the sum of x_j^2 over real tokens (Wanda's and RIA's ||x_j||).
 - ``"gram"``: X^T X over real tokens (SparseGPT's Hessian is 2 X^T X / N; ModHiFi's Gram is X^T X / N).
+- ``"sum"``: per input feature, the sum of x_j over real tokens (the mean input, for bias/intercept fits).
 
 Padding tokens never count: the walker sets ``token_mask`` ([B, T] bool) before each batch, and an
 input whose leading dims match it is filtered to the real tokens first.
+
+A ``nn.Conv2d`` (``groups=1``) is treated as the Linear it computes on image patches: its input is
+unfolded (im2col with the layer's kernel, stride, padding and dilation) into rows of
+``in_channels * kh * kw`` features, one row per output position, so the same kinds apply.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from torch import nn
 
 from ..errors import NonFiniteStatisticsError
 
-KINDS = ("sq_norm", "gram")
+KINDS = ("sq_norm", "gram", "sum")
 
 
 @dataclass
@@ -30,6 +35,7 @@ class LinearStats:
     tokens: int = 0
     sq_sum: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
+    x_sum: torch.Tensor | None = None
     _finite: bool = field(default=True, repr=False)
 
     def update(self, x: torch.Tensor) -> None:
@@ -40,6 +46,9 @@ class LinearStats:
         if "sq_norm" in self.kinds:
             part = x.pow(2).sum(dim=0)
             self.sq_sum = part if self.sq_sum is None else self.sq_sum.add_(part)
+        if "sum" in self.kinds:
+            part = x.sum(dim=0)
+            self.x_sum = part if self.x_sum is None else self.x_sum.add_(part)
         if "gram" in self.kinds:
             if self.xtx is None:
                 self.xtx = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=x.device)
@@ -51,6 +60,11 @@ class LinearStats:
     def col_sq_mean(self) -> torch.Tensor:
         """Mean over tokens of x_j^2, per input feature ([in])."""
         return self.sq_sum / max(1, self.tokens)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """E[x] over tokens ([in])."""
+        return self.x_sum / max(1, self.tokens)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -67,15 +81,36 @@ class LinearStats:
             raise NonFiniteStatisticsError(
                 f"{name} saw no real (non-padding) token during calibration; check that the calibration "
                 "batches carry an attention_mask with ones for real tokens.")
-        for label, tensor in (("squared input norms", self.sq_sum), ("input Gram/Hessian", self.xtx)):
+        for label, tensor in (("squared input norms", self.sq_sum), ("input Gram/Hessian", self.xtx),
+                              ("input sums", self.x_sum)):
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteStatisticsError(
                     f"NaN/inf in the {label} of {name}: the activations reaching it overflow or are NaN. "
                     "Load the model in float32 or bfloat16 (not float16), or check the calibration inputs.")
 
 
+def input_width(module: nn.Module) -> int:
+    """Features per input row of a Linear, or per unfolded patch of a Conv2d."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(f"{type(module).__name__} with groups={module.groups}, padding={module.padding!r}, "
+                             f"padding_mode={module.padding_mode!r}: only groups=1 with numeric zero padding is "
+                             "supported for input statistics.")
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    return module.in_features
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input as rows of features: unchanged for a Linear, im2col patches for a Conv2d."""
+    if isinstance(module, nn.Conv2d):
+        cols = nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                                    stride=module.stride)  # [B, C*kh*kw, L]
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x
+
+
 class StatsCollector:
-    """Registers pre-hooks on the given Linear modules for the duration of a ``with`` block."""
+    """Registers pre-hooks on the given Linear (or Conv2d) modules for the duration of a ``with`` block."""
 
     def __init__(self, modules: dict[str, tuple[nn.Module, frozenset]], dtype: torch.dtype = torch.float32):
         self.modules = modules
@@ -87,7 +122,7 @@ class StatsCollector:
             unknown = set(kinds) - set(KINDS)
             if unknown:
                 raise ValueError(f"unknown statistic kinds {sorted(unknown)} for {name}; known: {KINDS}.")
-            self.stats[name] = LinearStats(module.in_features, frozenset(kinds), dtype)
+            self.stats[name] = LinearStats(input_width(module), frozenset(kinds), dtype)
 
     def _hook(self, name: str):
         stats = self.stats[name]
@@ -97,7 +132,7 @@ class StatsCollector:
             mask = self.token_mask
             if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                 x = x[mask.to(x.device)]
-            stats.update(x.detach())
+            stats.update(input_rows(module, x.detach()))
 
         return hook
 

@@ -83,9 +83,12 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    """Explicit device > the model's own accelerator > CUDA if present > CPU."""
+    """Explicit device > the model's own accelerator > CUDA if present > CPU. A bad name is a ``ValueError``."""
     if device is not None:
-        return torch.device(device)
+        try:
+            return torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
     own = model_device(model)
     if own.type not in ("cpu", "meta"):
         return own

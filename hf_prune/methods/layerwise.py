@@ -24,7 +24,7 @@ from ..calibration.walker import resolve_device, walk
 from ..config import PrunerConfig, check_choice, check_number
 from ..errors import HFPruneError
 from ..masks import Pattern
-from ..report import RunMeter, environment, model_totals, module_entry, sparsity_section
+from ..report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
 from ..result import PruningResult
 
 
@@ -147,6 +147,9 @@ def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[s
                    exclude_modules: list[str] | None) -> list[tuple[str, nn.Linear, str, str]]:
     """The candidate Linears that the target/exclude regexes select; each regex must match something."""
     candidates = linear_candidates(model, stages)
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer inside its blocks "
+                         f"({', '.join(s.path for s in stages)}); the layer-wise pruners prune Linear layers only.")
     names = [c[0] for c in candidates]
     outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(names)]
     examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
@@ -256,10 +259,7 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
     stages = adapter.stages(model)
     targets = plan_targets(model, stages, config)
     active = stages_with_targets(stages, targets)
-    try:
-        exec_device = resolve_device(model, device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+    exec_device = resolve_device(model, device)
     processor = LayerwiseProcessor(config, targets)
     with RunMeter() as meter:
         batches, provenance = None, {"source": None, "note": "data-free: the method reads no activations"}
@@ -292,19 +292,11 @@ def layerwise_report(model: nn.Module, family: str, stages: list[Stage], targets
         entry = module_entry(t.module.weight.detach(), t.sparsity, pattern)
         entry.update({k: v for k, v in info.get(t.name, {}).items()})
         entries[t.name] = entry
-    first = next(model.parameters())
     return {
         "method": config.method,
         "config": config.to_dict(),
         "pattern": str(pattern),
-        "model": {
-            "class": type(model).__name__,
-            "model_type": getattr(model.config, "model_type", None),
-            "name_or_path": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
-            "family": family,
-            "stages": [{"name": s.name, "path": s.path, "blocks": len(s.blocks(model))} for s in stages],
-            "dtype": str(first.dtype).replace("torch.", ""),
-        },
+        "model": model_record(model, family, stages),
         "calibration": provenance,
         "sparsity": sparsity_section(entries, {t.name: t.block for t in targets}),
         "model_totals": model_totals(model),

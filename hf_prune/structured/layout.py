@@ -86,7 +86,8 @@ def _reference(model: nn.Module) -> nn.Module:
 
 
 def layout_of(model: nn.Module) -> dict:
-    """Linear shapes and plain module attributes that differ from what ``model.config`` builds."""
+    """Linear shapes and numeric module attributes (widths, head counts) that differ from what ``model.config``
+    builds. Strings (e.g. a ``name_or_path`` a user set on the model) are not part of the layout."""
     reference = dict(_reference(model).named_modules())
     linears, attributes = {}, {}
     for name, module in model.named_modules():
@@ -98,7 +99,7 @@ def layout_of(model: nn.Module) -> dict:
                 linears[name] = [module.out_features, module.in_features, module.bias is not None]
             continue
         changed = {k: v for k, v in vars(module).items()
-                   if not k.startswith("_") and k != "training" and isinstance(v, _PRIMITIVES)
+                   if not k.startswith("_") and k != "training" and isinstance(v, _PRIMITIVES) and not isinstance(v, str)
                    and k in vars(ref) and vars(ref)[k] != v}
         if changed:
             attributes[name] = changed

@@ -9,6 +9,7 @@ the new width, so ``from_pretrained`` reloads the smaller model without any code
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -83,14 +84,18 @@ def keep_columns(linear: nn.Linear, keep: torch.Tensor | list[int]) -> None:
 
 
 def shrink_mlp(model: nn.Module, group: MLPGroup, keep: torch.Tensor | list[int]) -> None:
-    """Remove every neuron of ``group`` not in ``keep`` (exact: the kept neurons compute what they did)."""
+    """Remove every neuron of ``group`` not in ``keep`` (exact: the kept neurons compute what they did).
+
+    A module holding the MLP that records its width as a plain attribute named like the config field
+    (LLaMA's ``LlamaMLP.intermediate_size``) is updated too, so the model describes itself truthfully."""
     idx = _index(keep, group.width, f"{group.block} MLP neuron")
     for name in group.inputs:
         keep_rows(model.get_submodule(name), idx)
     keep_columns(model.get_submodule(group.output), idx)
-    owner = model.get_submodule(group.output.rpartition(".")[0])  # e.g. LlamaMLP keeps its width as an attribute
-    if getattr(owner, group.spec.width_key, None) == group.width:
-        setattr(owner, group.spec.width_key, idx.numel())
+    owner = os.path.commonprefix([n.split(".") for n in (*group.inputs, group.output)])
+    module = model.get_submodule(".".join(owner)) if owner else model
+    if getattr(module, group.spec.width_key, None) == group.width:
+        setattr(module, group.spec.width_key, idx.numel())
     group.width = idx.numel()
 
 

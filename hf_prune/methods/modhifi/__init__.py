@@ -1,0 +1,25 @@
+"""ModHiFi (Kashyap et al.): structured pruning by subset fidelity with least-squares compensation
+(``mode="prune"``) and class-wise unlearning (``mode="unlearn"``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...config import register_method
+from .config import ModHiFiConfig
+from .report import ModHiFiResult
+
+
+def run_modhifi(pruner: Any, config: ModHiFiConfig, *, device: Any = None, progress: bool = True) -> ModHiFiResult:
+    if config.mode == "unlearn":
+        from .unlearn import run_unlearn
+
+        return run_unlearn(pruner, config, device=device, progress=progress)
+    from .prune import run_prune
+
+    return run_prune(pruner, config, device=device, progress=progress)
+
+
+register_method(ModHiFiConfig, run_modhifi)
+
+__all__ = ["ModHiFiConfig", "ModHiFiResult", "run_modhifi"]
