@@ -2,12 +2,15 @@
 
 from .config import CalibrationConfig, PrunerConfig, available_methods, register_method
 from .methods import MagnitudeConfig, RIAConfig, SparseGPTConfig, WandaConfig
+from .methods.input_compensation import InputCompensatedModel, InputCompensationConfig
 from .pruner import Pruner
 from .result import PruningResult
 from .version import __version__
 
 __all__ = [
     "CalibrationConfig",
+    "InputCompensatedModel",
+    "InputCompensationConfig",
     "MagnitudeConfig",
     "Pruner",
     "PrunerConfig",
