@@ -4,6 +4,7 @@ from .allocation import Allocation
 from .config import CalibrationConfig, PrunerConfig, available_methods, register_method
 from .methods import ECoFLaPConfig, MagnitudeConfig, ModHiFiConfig, RIAConfig, SparseGPTConfig, WandaConfig
 from .methods.spp import SolutionPath, SPPConfig
+from .methods.input_compensation import InputCompensatedModel, InputCompensationConfig
 from .pruner import Pruner
 from .result import PruningResult
 from .version import __version__
@@ -12,6 +13,8 @@ __all__ = [
     "Allocation",
     "CalibrationConfig",
     "ECoFLaPConfig",
+    "InputCompensatedModel",
+    "InputCompensationConfig",
     "MagnitudeConfig",
     "ModHiFiConfig",
     "Pruner",

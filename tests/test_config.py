@@ -53,7 +53,7 @@ def test_defaults_and_implied_sparsity():
     assert WandaConfig().sparsity == 0.5 and WandaConfig().pattern == "unstructured"
     assert WandaConfig(pattern="1:4").sparsity == 0.75
     assert WandaConfig(pattern="4:8", sparsity=0.5).pattern == "4:8"
-    assert {"magnitude", "ria", "sparsegpt", "wanda"} <= set(available_methods())
+    assert {"input_compensation", "magnitude", "ria", "sparsegpt", "wanda"} <= set(available_methods())
 
 
 @pytest.mark.parametrize("config", [

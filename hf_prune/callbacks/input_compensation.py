@@ -1,0 +1,82 @@
+"""``InputCompensationCallback``: trains an ``InputCompensatedModel`` through ``transformers.Trainer``.
+
+- ``on_train_begin``: checks the loss can be computed (teacher attached for KD/MSE) and freezes the base, so only
+  the pool trains (or, with ``train_base="retained"``, the pool and the kept weights of the pruned Linears);
+- ``on_pre_optimizer_step`` / ``on_optimizer_step`` (``train_base="retained"``): the pruned model's
+  ``hf_prune.masks.WeightMasks`` zero the gradients of pruned weights before the step, then clean the optimizer
+  moments at pruned positions and re-apply the masks after it, so every pruned weight stays exactly zero
+  (N:M groups intact);
+- ``on_log``: adds ``ic_delta_ratio`` (‖Δx‖/‖x‖) and ``ic_attention_entropy`` of the pool since the last log;
+- ``on_save``: writes ``ic_config.json`` + ``ic_pool.safetensors`` into each checkpoint folder, so any checkpoint
+  reloads with ``InputCompensatedModel.from_pretrained(base, checkpoint)``.
+
+The callback has no knobs: they live in ``InputCompensationConfig``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+
+def _compensated(model):
+    from ..methods.input_compensation.model import InputCompensatedModel
+
+    inner = model
+    for _ in range(4):  # DDP / accelerate wrappers keep the model in .module
+        if isinstance(inner, InputCompensatedModel):
+            return inner
+        inner = getattr(inner, "module", None)
+        if inner is None:
+            break
+    raise TypeError(f"InputCompensationCallback needs Trainer(model=InputCompensatedModel(...)), got "
+                    f"{type(model).__name__}; wrap the pruned model first.")
+
+
+class InputCompensationCallback(TrainerCallback):
+    """Keeps an input-compensation run honest: frozen base (or exact masks), pool statistics in the logs."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        ic = _compensated(model)
+        ic.check_ready_to_train()
+        ic.freeze_base_()
+        if ic.weight_masks is not None:
+            ic.weight_masks.apply_(ic.base_model)
+        ic.pop_statistics()
+        ic._callback_attached = True
+        logger.info("input compensation: %d trainable parameters (%d in the pool)", ic.trainable_parameters(),
+                    sum(p.numel() for p in ic.pool.parameters()))
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        ic = _compensated(model)
+        if ic.weight_masks is not None:
+            ic.weight_masks.mask_grads_(ic.base_model)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        ic = _compensated(model)
+        if ic.weight_masks is not None:
+            if optimizer is not None:
+                ic.weight_masks.clean_optimizer_(optimizer, ic.base_model)
+            ic.weight_masks.apply_(ic.base_model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        _compensated(model)._callback_attached = False
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        stats = _compensated(model).pop_statistics()
+        if not stats or logs is None:
+            return
+        logs.update(stats)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            _compensated(model).save_pretrained(folder)
