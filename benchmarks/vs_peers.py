@@ -8,12 +8,18 @@ creates on first use (``benchmarks/.venv-llmcompressor``: torch==2.13.0 CPU, llm
 from ``--peer-python``. Each prune runs in a fresh process on both sides; peak RSS is that of the prune alone
 (the high-water mark is reset after the model is loaded). Perplexity is computed here for every saved model with
 the same protocol. Prints a table with the ratios ours/peer and writes a PNG plot. Never asserts.
+
+Structured: ModHiFi (MLP neurons removed, least-squares compensation, calibrated on the same windows) next to
+torch-pruning's group-L2 structured pruning (data-free, no compensation) at equal widths in every block
+(``--structured-sparsities``, fractions of the MLP neurons removed). torch-pruning is pure Python: it is installed
+once with ``pip --target benchmarks/.torch-pruning`` (``--tp-path`` to use another) and runs under this Python.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +36,7 @@ from hf_prune.evaluation import perplexity, sparsity_report  # noqa: E402
 from hf_prune.report import format_table  # noqa: E402
 
 PEER_VERSION = "llmcompressor==0.14.0.1"
+TP_VERSION = "torch-pruning==1.6.1"
 
 
 def peer_python(path: str | None) -> str:
@@ -43,6 +50,17 @@ def peer_python(path: str | None) -> str:
         subprocess.run([python, "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
         subprocess.run([python, "-m", "pip", "install", "-q", PEER_VERSION], check=True)
     return python
+
+
+def tp_path(path: str | None) -> str:
+    if path:
+        return path
+    target = os.path.join(HERE, ".torch-pruning")
+    if not os.path.isdir(os.path.join(target, "torch_pruning")):
+        print(f"installing {TP_VERSION} into {target} (once)...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, TP_VERSION],
+                       check=True)
+    return target
 
 
 def run_worker(python: str, script: str, args: list[str]) -> dict:
@@ -62,9 +80,12 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    parser.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt"])
     parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
     parser.add_argument("--peer-python", default=None)
+    parser.add_argument("--structured-sparsities", nargs="*", type=float, default=[0.25, 0.5],
+                        help="fractions of MLP neurons removed for ModHiFi vs torch-pruning (none: skip)")
+    parser.add_argument("--tp-path", default=None)
     parser.add_argument("--plot", default=os.path.join(HERE, "results", "vs_peers.png"))
     args = parser.parse_args()
 
@@ -79,7 +100,7 @@ def main() -> None:
                                                       seq_len=args.seq_len, packing="concat"),
                                     tokenizer=tokenizer, causal_lm=True)
     ids = torch.cat([b["input_ids"] for b in calibration.batches])
-    python = peer_python(args.peer_python)
+    python = peer_python(args.peer_python) if args.methods else None
     work = tempfile.mkdtemp(prefix="hf_prune_vs_peers_")
     cal_file = os.path.join(work, "calibration.pt")
     torch.save(ids, cal_file)
@@ -119,11 +140,67 @@ def main() -> None:
                          cell({**ours, "mib": ours.get("peak_rss_bytes", 0) / 2**20}, "mib", ".0f"),
                          cell({**peer, "mib": peer.get("peak_rss_bytes", 0) / 2**20}, "mib", ".0f"),
                          peer.get("error", "")])
-    print(format_table(rows, ["method", "pattern", "ppl ours", "ppl peer", "sparsity ours", "sparsity peer",
-                              "time ours (s)", "time peer (s)", "speed-up", "peak RSS ours (MiB)",
-                              "peak RSS peer (MiB)", "peer note"]))
-    print(f"\npeer: {PEER_VERSION} oneshot; ours: hf_prune with its defaults (batch 8). Raw: {work}")
+    if rows:
+        print(format_table(rows, ["method", "pattern", "ppl ours", "ppl peer", "sparsity ours", "sparsity peer",
+                                  "time ours (s)", "time peer (s)", "speed-up", "peak RSS ours (MiB)",
+                                  "peak RSS peer (MiB)", "peer note"]))
+        print(f"\npeer: {PEER_VERSION} oneshot; ours: hf_prune with its defaults (batch 8). Raw: {work}")
+    if args.structured_sparsities:
+        records += _structured(args, cal_file, work, evaluate)
     _plot(records, args.plot)
+
+
+def _structured(args, cal_file: str, work: str, evaluate) -> list[dict]:
+    from transformers import AutoConfig
+
+    target = tp_path(args.tp_path)
+    dense_params = _params(args.model)
+    rows, records = [], []
+    for sparsity in args.structured_sparsities:
+        ours = run_worker(sys.executable, "hf_prune_worker.py", [
+            "--model", args.model, "--calibration", cal_file, "--method", "modhifi", "--sparsity", str(sparsity),
+            "--out", os.path.join(work, "ours-s")])
+        peer = run_worker(sys.executable, "torch_pruning_worker.py", [
+            "--model", args.model, "--sparsity", str(sparsity), "--out", os.path.join(work, "peer-s"),
+            "--tp-path", target])
+        for side, result in (("ours", ours), ("peer", peer)):
+            if "error" not in result:
+                folder = os.path.join(work, f"{side}-s")
+                result["ppl"], _ = evaluate(folder)
+                result["width"] = AutoConfig.from_pretrained(folder).intermediate_size
+                result["params"] = _params(folder)
+        both = "error" not in ours and "error" not in peer
+        records.append({"method": "modhifi vs tp-L2", "pattern": f"{sparsity:.0%} neurons", "ours": ours, "peer": peer})
+
+        def cell(result: dict, key: str, fmt: str) -> str:
+            return "n/a" if "error" in result else format(result[key], fmt)
+
+        rows.append([f"{sparsity:.2f}", cell(ours, "width", "d"), cell(peer, "width", "d"),
+                     cell({**ours, "f": ours.get("params", 0) / dense_params}, "f", ".3f"),
+                     cell(ours, "ppl", ".3f"), cell(peer, "ppl", ".3f"),
+                     cell(ours, "prune_s", ".2f"), cell(peer, "prune_s", ".2f"),
+                     cell({**ours, "mib": ours.get("peak_rss_bytes", 0) / 2**20}, "mib", ".0f"),
+                     cell({**peer, "mib": peer.get("peak_rss_bytes", 0) / 2**20}, "mib", ".0f"),
+                     (ours.get("error") or peer.get("error") or "") if not both else ""])
+    print("\nstructured: MLP neurons removed, the same width in every block")
+    print(format_table(rows, ["removed", "width ours", "width peer", "params kept", "ppl ours (ModHiFi)",
+                              "ppl peer (tp L2)", "time ours (s)", "time peer (s)", "peak RSS ours (MiB)",
+                              "peak RSS peer (MiB)", "note"]))
+    print(f"peer: {TP_VERSION}, GroupMagnitudeImportance(p=2) through its DependencyGraph, data-free, no "
+          "compensation; ours: ModHiFiConfig defaults (calibrated on the same windows, least-squares compensation). "
+          "The peer's time excludes nothing: building its dependency graph is part of its prune.")
+    return records
+
+
+def _params(folder: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as fh:
+                total += sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())
+    return total
 
 
 def _plot(records: list[dict], path: str) -> None:
@@ -144,7 +221,8 @@ def _plot(records: list[dict], path: str) -> None:
                                   (axes[2], "peak_rss_bytes", "peak RSS of the prune (MiB)", 2 ** 20)):
         xs = range(len(ok))
         ax.bar([x - 0.2 for x in xs], [r["ours"][key] / scale for r in ok], 0.4, label="hf_prune")
-        ax.bar([x + 0.2 for x in xs], [r["peer"][key] / scale for r in ok], 0.4, label="llm-compressor")
+        ax.bar([x + 0.2 for x in xs], [r["peer"][key] / scale for r in ok], 0.4,
+               label="peer (llm-compressor; torch-pruning for ModHiFi)")
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)

@@ -1,4 +1,4 @@
-"""Our side of benchmarks/vs_peers.py, in a fresh process like the peer's: load, prune, save; one JSON line with
+"""Our side of benchmarks/vs_peers.py (layer-wise methods, and ModHiFi for the structured comparison), in a fresh process like the peer's: load, prune, save; one JSON line with
 the prune time and the peak RSS of the prune (high-water mark reset after loading, as in the peer worker)."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, SparseGPTConfig, WandaConfig  # noqa: E402
+from hf_prune import CalibrationConfig, MagnitudeConfig, ModHiFiConfig, Pruner, SparseGPTConfig, WandaConfig  # noqa: E402
 from hf_prune.report import _reset_vm_hwm, _vm_hwm_bytes  # noqa: E402
 
-CONFIGS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}
+CONFIGS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig,
+           "modhifi": ModHiFiConfig}  # modhifi: --sparsity is the fraction of MLP neurons removed (equal widths)
 
 
 def main() -> None:
@@ -31,8 +32,12 @@ def main() -> None:
     pruner = Pruner.from_pretrained(args.model, dtype=torch.float32)
     ids = torch.load(args.calibration)
     batches = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(8)]
-    config = CONFIGS[args.method](sparsity=args.sparsity if args.pattern == "unstructured" else None,
-                                  pattern=args.pattern, calibration=CalibrationConfig(num_samples=len(ids)))
+    calibration = CalibrationConfig(num_samples=len(ids))
+    if args.method == "modhifi":
+        config = ModHiFiConfig(sparsity=args.sparsity, calibration=calibration)
+    else:
+        config = CONFIGS[args.method](sparsity=args.sparsity if args.pattern == "unstructured" else None,
+                                      pattern=args.pattern, calibration=calibration)
     _reset_vm_hwm()
     start = time.perf_counter()
     pruner.prune(config, calibration_dataset=batches, progress=False)
