@@ -24,6 +24,8 @@ EXAMPLES = [
     ("wanda.py", "--num-samples 8 --eval-windows 4 --push-to me/example-wanda"),
     ("sparsegpt.py", "--pattern 4:8 --num-samples 8 --eval-windows 4"),
     ("ria.py", "--sparsity 0.6 --num-samples 8 --eval-windows 4"),
+    ("ecoflap.py", "--num-samples 8 --num-score-samples 4 --eval-windows 4"),
+    ("modhifi.py", "--num-samples 8 --eval-windows 4"),
     ("recovery_finetune.py", "--steps 2 --seq-len 32 --eval-windows 4"),
 ]
 
