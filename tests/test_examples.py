@@ -26,6 +26,8 @@ EXAMPLES = [
     ("ria.py", "--sparsity 0.6 --num-samples 8 --eval-windows 4"),
     ("ecoflap.py", "--num-samples 8 --num-score-samples 4 --eval-windows 4"),
     ("modhifi.py", "--num-samples 8 --eval-windows 4"),
+    ("spp.py", "--num-samples 8 --eval-windows 4"),
+    ("input_compensation.py", "--num-samples 8 --eval-windows 4 --steps 2 --train-windows 16 --seq-len 32"),
     ("recovery_finetune.py", "--steps 2 --seq-len 32 --eval-windows 4"),
 ]
 
