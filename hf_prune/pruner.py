@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .allocation import Allocation
+from .calibration.offload import module_weight, offloaded_state_dict
 from .config import PrunerConfig, get_method
 from .hub import CARD_NAME, build_model_card, check_evaluations, check_sections, push_pretrained
 from .io import atomic_output_dir, check_output_dir
@@ -70,7 +71,8 @@ def _zeros_changed(model: nn.Module, report: dict) -> list[str]:
     modules = dict(model.named_modules())
     changed = []
     for name, entry in report["sparsity"]["per_module"].items():
-        weight = getattr(modules.get(name), "weight", None)
+        module = modules.get(name)
+        weight = module_weight(module) if getattr(module, "weight", None) is not None else None
         if weight is not None and list(weight.shape) == list(entry["shape"]):
             # structured reports count removed weights in "zeros" and the stored tensor's zeros in "stored_zeros"
             if int((weight == 0).sum()) != entry.get("stored_zeros", entry["zeros"]):
@@ -179,7 +181,10 @@ class Pruner:
                           "card and report describe the pruning run and say that the weights changed since.",
                           stacklevel=2)
         with atomic_output_dir(save_directory) as tmp:
-            self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            # offloaded weights: transformers reads them from the weights maps for device_map models; a model
+            # offloaded by accelerate directly (cpu_offload) gets its state dict read from the maps here
+            self.model.save_pretrained(tmp, max_shard_size=max_shard_size,
+                                       state_dict=offloaded_state_dict(self.model))
             if needs_variable_layout(self.model):  # per-layer widths a stock config cannot hold
                 report["variable_layout"] = save_variable_layout(self.model, tmp)
             for component in (self.processor, self.tokenizer):

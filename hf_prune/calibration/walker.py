@@ -23,6 +23,7 @@ from torch import nn
 
 from ..architectures import Stage
 from ..errors import CalibrationDataError, NonFiniteStatisticsError
+from .offload import hook_execution_device, is_dispatched, onloaded
 from .stats import LinearStats, StatsCollector
 
 
@@ -90,9 +91,29 @@ def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch
         except RuntimeError as exc:
             raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
     own = model_device(model)
+    if own.type == "meta":  # accelerate offload: the hooks' execution device
+        own = hook_execution_device(model) or own
     if own.type not in ("cpu", "meta"):
         return own
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def placed(block: nn.Module, device: torch.device):
+    """The block on ``device`` for its calibration passes and processing, back home afterwards.
+
+    An accelerate-offloaded block is materialised from its weights map and its changed tensors written back
+    (``offload.onloaded``); a plain block is moved with ``.to``."""
+    if is_dispatched(block):
+        with onloaded(block, device):
+            yield block
+        return
+    home = model_device(block)
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
 
 
 @contextlib.contextmanager
@@ -118,8 +139,10 @@ def calibration_mode(model: nn.Module):
 
 @contextlib.contextmanager
 def _streamed(model: nn.Module, stages: list[Stage], device: torch.device):
-    """During a capture forward on an accelerator: non-block weights on the device, blocks streamed."""
-    if all(t.device == device for t in list(model.parameters()) + list(model.buffers())):
+    """During a capture forward on an accelerator: non-block weights on the device, blocks streamed.
+
+    A model dispatched by accelerate (``device_map``, offload) is left to its own hooks."""
+    if is_dispatched(model) or all(t.device == device for t in list(model.parameters()) + list(model.buffers())):
         yield
         return
     block_prefixes = tuple(f"{stage.path}." for stage in stages)
@@ -223,9 +246,7 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
                        leave=False)
             for index in bar:
                 block, block_name = blocks[index], names[index]
-                home = model_device(block)
-                block.to(device)
-                try:
+                with placed(block, device):
                     wanted = processor.statistics(block_name, block)
                     stats: dict[str, LinearStats] = {}
                     if wanted:
@@ -243,7 +264,5 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
                     if inputs is not None and index + 1 < len(blocks):
                         inputs.hidden = [_run_block(block, inputs, i, device).detach().cpu()
                                          for i in range(len(inputs.hidden))]
-                finally:
-                    block.to(home)
             bar.close()
             del inputs

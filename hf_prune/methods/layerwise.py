@@ -19,10 +19,11 @@ from torch import nn
 
 from ..architectures import Stage, get_adapter
 from ..calibration.data import CalibrationSet, build_calibration
+from ..calibration.offload import check_placement, describe_offload, is_dispatched, module_weight
 from ..calibration.stats import LinearStats
 from ..calibration.walker import resolve_device, walk
 from ..config import PrunerConfig, check_choice, check_number
-from ..errors import HFPruneError
+from ..errors import HFPruneError, OffloadError
 from ..masks import Pattern
 from ..report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
 from ..result import PruningResult
@@ -188,7 +189,7 @@ def plan_targets(model: nn.Module, stages: list[Stage], config: LayerwiseConfig)
                          f"{_close(unknown[0], names)}")
     targets = [Target(n, m, b, s, overrides.get(n, config.sparsity)) for n, m, b, s in selected]
     for t in targets:
-        if not bool(torch.isfinite(t.module.weight).all()):
+        if not bool(torch.isfinite(module_weight(t.module)).all()):  # offloaded: read from its weights map
             raise ValueError(f"{t.name} holds NaN/inf weights; the checkpoint is corrupt or overflowed when loaded "
                              "(try dtype=torch.float32). Nothing was pruned.")
     pattern = Pattern.parse(config.pattern)
@@ -201,12 +202,24 @@ def plan_targets(model: nn.Module, stages: list[Stage], config: LayerwiseConfig)
     return targets
 
 
-def check_model_ready(model: nn.Module) -> None:
+OFFLOAD_METHODS = ("magnitude", "wanda", "sparsegpt", "ria")
+
+
+def check_model_ready(model: nn.Module, *, offload: bool = False) -> None:
+    """A real model with real weights. ``offload=True``: accelerate CPU/disk offload is fine (the layer-wise
+    engine writes pruned weights back into the weights maps); otherwise an offloaded model is refused."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Pruner needs a torch.nn.Module (a transformers model), got {type(model).__name__}.")
+    if offload:
+        check_placement(model)
+        return
     if any(p.device.type == "meta" for p in model.parameters()):
-        raise ValueError("some weights are on the 'meta' device (accelerate disk/CPU offload or an empty model); "
-                         "load the model with device_map=None (or 'cpu') to prune it.")
+        offloaded = is_dispatched(model)
+        raise OffloadError(
+            "some weights are on the 'meta' device (" + ("accelerate CPU/disk offload" if offloaded else
+                                                          "an empty model") + "); this method needs every weight "
+            "on a module: load the model with device_map=None (or 'cpu')"
+            + (f", or prune offloaded models with {', '.join(OFFLOAD_METHODS)}." if offloaded else "."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +267,7 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
     ``calibration``: batches already built from ``config.calibration`` (an allocator that validated its
     data up front passes them); by default they are built here."""
     model = pruner.model
-    check_model_ready(model)
+    check_model_ready(model, offload=True)
     adapter = get_adapter(model)
     stages = adapter.stages(model)
     targets = plan_targets(model, stages, config)
@@ -289,14 +302,18 @@ def layerwise_report(model: nn.Module, family: str, stages: list[Stage], targets
     pattern = Pattern.parse(getattr(config, "pattern", "unstructured"))
     entries = {}
     for t in targets:
-        entry = module_entry(t.module.weight.detach(), t.sparsity, pattern)
+        entry = module_entry(module_weight(t.module).detach(), t.sparsity, pattern)
         entry.update({k: v for k, v in info.get(t.name, {}).items()})
         entries[t.name] = entry
+    record = model_record(model, family, stages)
+    offload = describe_offload(model)
+    if offload:
+        record["offload"] = offload
     return {
         "method": config.method,
         "config": config.to_dict(),
         "pattern": str(pattern),
-        "model": model_record(model, family, stages),
+        "model": record,
         "calibration": provenance,
         "sparsity": sparsity_section(entries, {t.name: t.block for t in targets}),
         "model_totals": model_totals(model),
