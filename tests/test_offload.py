@@ -114,3 +114,18 @@ def test_offloaded_model_with_a_whole_model_method_is_refused_untouched(checkpoi
     with pytest.raises(OffloadError, match="prune offloaded models with magnitude, wanda, sparsegpt, ria"):
         pruner.prune(ECoFLaPConfig(sparsity=0.5), calibration_dataset=corpus[:200], progress=False)
     assert all(torch.equal(t, before[n]) for n, t in iter_tensors(pruner.model))
+
+
+def test_resume_restores_into_the_offload_maps(checkpoint, tokenizer, corpus, tmp_path):
+    """A resumed offloaded run writes the checkpointed blocks into the weights maps, not onto meta tensors."""
+    reference = _in_memory(checkpoint, tokenizer, corpus, "wanda")
+    folder = tmp_path / "ckpt"
+    first = Pruner.from_pretrained(checkpoint, dtype=torch.float32, device_map=DEVICE_MAP,
+                                   offload_folder=str(tmp_path / "offload1"))
+    first.prune(_config("wanda"), calibration_dataset=corpus[:200], checkpoint_dir=folder, progress=False)
+    again = Pruner.from_pretrained(checkpoint, dtype=torch.float32, device_map=DEVICE_MAP,
+                                   offload_folder=str(tmp_path / "offload2"))
+    again.prune(_config("wanda"), calibration_dataset=corpus[:200], checkpoint_dir=folder, resume=True,
+                progress=False)
+    assert again.model.model.layers[0].mlp.down_proj.weight.device.type == "meta"
+    assert _same_weights(again.model, reference) == []

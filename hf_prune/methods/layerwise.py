@@ -250,6 +250,12 @@ class LayerwiseProcessor:
             weight.data.copy_(new)
             self.info[t.name] = info
 
+    def state_dict(self) -> dict:  # what a checkpoint keeps: the per-module info the report shows
+        return {"info": self.info}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.info = dict((state or {}).get("info", {}))
+
 
 def stages_with_targets(stages: list[Stage], targets: list[Target]) -> list[Stage]:
     names = {t.stage for t in targets}
@@ -261,11 +267,13 @@ def calibration_needs(stages: list[Stage]) -> set[str]:
 
 
 def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.device | None = None,
-                  progress: bool = True, calibration: CalibrationSet | None = None) -> PruningResult:
+                  progress: bool = True, calibration: CalibrationSet | None = None,
+                  checkpoint: Any = None) -> PruningResult:
     """Prune ``pruner.model`` in place with a layer-wise method and report what was done.
 
     ``calibration``: batches already built from ``config.calibration`` (an allocator that validated its
-    data up front passes them); by default they are built here."""
+    data up front passes them); by default they are built here. ``checkpoint``: an
+    ``hf_prune.checkpoint.RunCheckpoint`` to save after every block and to resume from."""
     model = pruner.model
     check_model_ready(model, offload=True)
     adapter = get_adapter(model)
@@ -283,9 +291,15 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
                                                     processor=pruner.processor, needs=calibration_needs(active),
                                                     causal_lm=adapter.causal_lm)
             batches, provenance = calibration.batches, calibration.provenance
+        resumed_from = None
+        if checkpoint is not None:
+            with meter.phase("checkpoint_fingerprints"):
+                checkpoint.begin(model, config, batches, active)  # refuses another model/config/data
+            resumed_from = checkpoint.state.get("position")
         with meter.phase("walk_and_prune"):
             try:
-                walk(model, active, batches, processor, device=exec_device, progress=progress, desc=config.method)
+                walk(model, active, batches, processor, device=exec_device, progress=progress, desc=config.method,
+                     checkpoint=checkpoint)
             except HFPruneError as exc:
                 if processor.info:
                     raise type(exc)(f"{exc} Note: {len(processor.info)} of {len(targets)} modules were already "
@@ -293,6 +307,9 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
                 raise
     report = layerwise_report(model, adapter.name, active, targets, config, processor.info, provenance, meter,
                               exec_device)
+    if checkpoint is not None:
+        checkpoint.finish()
+        report["run"]["checkpoint"] = {"folder": checkpoint.folder, "resumed_after": resumed_from}
     return PruningResult(config=config, report=report, model=model)
 
 
