@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import typing
 from typing import Any, Sequence
@@ -115,8 +116,14 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     ns = parser.parse_args(extra)
     method_kwargs, cal_kwargs = _split_config_args(ns)
     config = spec.config_class(**method_kwargs, calibration=CalibrationConfig(**cal_kwargs))
-    check_output_dir(args.output)  # before any download or pruning
-    pruner = Pruner.from_pretrained(args.model, dtype=_dtype(args.dtype))
+    output = check_output_dir(args.output)  # before any download or pruning
+    checkpoint_dir = _checkpoint_dir(args, output, spec)
+    load_kwargs = {}
+    if args.offload_folder:  # bigger than memory: accelerate keeps what exceeds --max-memory on disk
+        load_kwargs.update(device_map="auto", offload_folder=args.offload_folder)
+    if args.max_memory:
+        load_kwargs.update(device_map="auto", max_memory={"cpu": int(args.max_memory)})
+    pruner = Pruner.from_pretrained(args.model, dtype=_dtype(args.dtype), **load_kwargs)
     evaluations = []
     dense_ppl = None
     if args.eval_texts:
@@ -124,17 +131,39 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
         dense_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
                                max_windows=args.eval_max_windows)
-    result = pruner.prune(config, device=args.device, progress=not args.no_progress)
+    result = pruner.prune(config, device=args.device, progress=not args.no_progress, checkpoint_dir=checkpoint_dir,
+                          resume=args.resume)
     if args.eval_texts:
         evaluations.append(perplexity_record(pruner.model, pruner.tokenizer, args.eval_texts,
                                              seq_len=args.eval_seq_len, dense=dense_ppl,
                                              max_windows=args.eval_max_windows))
     path = pruner.save_pretrained(args.output, evaluations=evaluations or None)
+    if checkpoint_dir is not None:  # the output folder is complete: the checkpoint has served its purpose
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     print(result.summary())
     for e in evaluations:
         print(f"perplexity ({e['dataset']}, seq_len={e['seq_len']}): dense {e['dense']:.3f} -> pruned {e['value']:.3f}")
     print(f"saved to {path}")
     return 0
+
+
+def _checkpoint_dir(args: argparse.Namespace, output: str, spec: Any) -> str | None:
+    """Where ``prune`` checkpoints: ``--checkpoint-dir``, else the hidden sibling ``.NAME.checkpoint`` of the
+    output folder (the output itself only appears, atomically, at the end). None: no checkpoint."""
+    from .checkpoint import RunCheckpoint, accepts_checkpoint, resumable_methods
+
+    if args.no_checkpoint:
+        if args.resume:
+            raise CLIError("--resume and --no-checkpoint contradict each other; drop one.")
+        return None
+    if not accepts_checkpoint(spec.run):
+        if args.resume or args.checkpoint_dir:
+            raise CLIError(f"{spec.name} cannot checkpoint or resume; resumable methods: "
+                           f"{', '.join(resumable_methods())}.")
+        return None
+    folder = args.checkpoint_dir or os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.checkpoint")
+    RunCheckpoint(folder, resume=args.resume)  # no checkpoint to resume / one in the way: fail before loading
+    return folder
 
 
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -294,6 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-texts", default=None, help="measure perplexity before and after on this text source")
     p.add_argument("--eval-seq-len", type=int, default=2048)
     p.add_argument("--eval-max-windows", type=int, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run checkpointed for this --output (same model, method options and data)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where to checkpoint after every block (default: .OUTPUT.checkpoint next to --output; "
+                        "removed once the output is saved)")
+    p.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint (no resume possible)")
+    p.add_argument("--max-memory", type=_bytes, default=None,
+                   help="CPU memory for weights, e.g. 2GiB: load with device_map='auto', the rest offloaded to disk")
+    p.add_argument("--offload-folder", default=None, help="folder for disk-offloaded weights (with --max-memory)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--help-method", action="store_true", help="list the chosen method's options and exit")
     p.set_defaults(func=cmd_prune)

@@ -25,3 +25,11 @@ class OutputDirError(HFPruneError):
 
 class HubError(HFPruneError):
     """The Hugging Face Hub could not be reached, refused the request, or offline mode is on."""
+
+
+class OffloadError(HFPruneError):
+    """The model's placement (accelerate offload, meta weights) is one the engine cannot prune."""
+
+
+class CheckpointError(HFPruneError):
+    """A resumable run's checkpoint is missing, unreadable, or belongs to another model, config or data."""

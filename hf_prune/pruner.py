@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 from .allocation import Allocation
+from .calibration.offload import module_weight, offloaded_state_dict
+from .checkpoint import RunCheckpoint, accepts_checkpoint, resumable_methods
+from .errors import CheckpointError
 from .config import PrunerConfig, get_method
 from .hub import CARD_NAME, build_model_card, check_evaluations, check_sections, push_pretrained
 from .io import atomic_output_dir, check_output_dir
@@ -70,7 +73,8 @@ def _zeros_changed(model: nn.Module, report: dict) -> list[str]:
     modules = dict(model.named_modules())
     changed = []
     for name, entry in report["sparsity"]["per_module"].items():
-        weight = getattr(modules.get(name), "weight", None)
+        module = modules.get(name)
+        weight = module_weight(module) if getattr(module, "weight", None) is not None else None
         if weight is not None and list(weight.shape) == list(entry["shape"]):
             # structured reports count removed weights in "zeros" and the stored tensor's zeros in "stored_zeros"
             if int((weight == 0).sum()) != entry.get("stored_zeros", entry["zeros"]):
@@ -119,13 +123,21 @@ class Pruner:
         return self.results[-1] if self.results else None
 
     def prune(self, config: PrunerConfig | dict, calibration_dataset: Any = None, *,
-              device: str | torch.device | None = None, progress: bool = True) -> PruningResult:
+              device: str | torch.device | None = None, progress: bool = True,
+              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> PruningResult:
         """Prune ``self.model`` in place with ``config``'s method.
 
         ``calibration_dataset`` overrides ``config.calibration.dataset``: a list of texts, a
         ``datasets.Dataset``, a local file, ``"builtin:python-docs"``, a Hub name, or model-input batches.
         ``device`` is where each block runs (default: the model's accelerator, else CUDA if present, else CPU).
         Everything is validated before any weight changes.
+
+        ``checkpoint_dir``: save a checkpoint there after every block (see ``hf_prune.checkpoint``); with
+        ``resume=True`` continue the run checkpointed there (load the same unpruned model and pass the same config
+        and data: anything else is refused before a weight changes) and end with weights bit-identical to an
+        uninterrupted run. A folder that already holds a checkpoint is refused without ``resume=True``. Resumable
+        methods: ``hf_prune.checkpoint.resumable_methods()`` (the layer-wise pruners and ECoFLaP). The folder is
+        left in place afterwards (delete it once the result is saved); ``hf-prune prune`` does that itself.
         """
         if isinstance(config, dict):
             config = PrunerConfig.from_dict(config)
@@ -134,7 +146,16 @@ class Pruner:
         if calibration_dataset is not None:  # the effective config records where the data came from
             config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration,
                                                                                 dataset=calibration_dataset))
-        result = get_method(config.method).run(self, config, device=device, progress=progress)
+        run = get_method(config.method).run
+        extra = {}
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run checkpointed into.")
+        if checkpoint_dir is not None:
+            if not accepts_checkpoint(run):
+                raise CheckpointError(f"{config.method} cannot checkpoint or resume; resumable methods: "
+                                      f"{', '.join(resumable_methods())}. Run it without checkpoint_dir/resume.")
+            extra["checkpoint"] = RunCheckpoint(checkpoint_dir, resume=resume)
+        result = run(self, config, device=device, progress=progress, **extra)
         self.results.append(result)
         return result
 
@@ -179,7 +200,10 @@ class Pruner:
                           "card and report describe the pruning run and say that the weights changed since.",
                           stacklevel=2)
         with atomic_output_dir(save_directory) as tmp:
-            self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            # offloaded weights: transformers reads them from the weights maps for device_map models; a model
+            # offloaded by accelerate directly (cpu_offload) gets its state dict read from the maps here
+            self.model.save_pretrained(tmp, max_shard_size=max_shard_size,
+                                       state_dict=offloaded_state_dict(self.model))
             if needs_variable_layout(self.model):  # per-layer widths a stock config cannot hold
                 report["variable_layout"] = save_variable_layout(self.model, tmp)
             for component in (self.processor, self.tokenizer):

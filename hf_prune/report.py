@@ -141,8 +141,12 @@ def module_kind(name: str) -> str:
 
 
 def model_totals(model: nn.Module) -> dict:
-    params = sum(p.numel() for p in model.parameters())
-    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    from .calibration.offload import iter_tensors  # offloaded weights are read from their maps, one at a time
+
+    params = zeros = 0
+    for _, p in iter_tensors(model):
+        params += p.numel()
+        zeros += int((p == 0).sum())
     return {"parameters": params, "zeros": zeros, "sparsity": zeros / max(1, params)}
 
 

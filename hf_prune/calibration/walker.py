@@ -23,6 +23,7 @@ from torch import nn
 
 from ..architectures import Stage
 from ..errors import CalibrationDataError, NonFiniteStatisticsError
+from .offload import hook_execution_device, is_dispatched, onloaded
 from .stats import LinearStats, StatsCollector
 
 
@@ -90,9 +91,29 @@ def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch
         except RuntimeError as exc:
             raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
     own = model_device(model)
+    if own.type == "meta":  # accelerate offload: the hooks' execution device
+        own = hook_execution_device(model) or own
     if own.type not in ("cpu", "meta"):
         return own
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def placed(block: nn.Module, device: torch.device):
+    """The block on ``device`` for its calibration passes and processing, back home afterwards.
+
+    An accelerate-offloaded block is materialised from its weights map and its changed tensors written back
+    (``offload.onloaded``); a plain block is moved with ``.to``."""
+    if is_dispatched(block):
+        with onloaded(block, device):
+            yield block
+        return
+    home = model_device(block)
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
 
 
 @contextlib.contextmanager
@@ -118,8 +139,10 @@ def calibration_mode(model: nn.Module):
 
 @contextlib.contextmanager
 def _streamed(model: nn.Module, stages: list[Stage], device: torch.device):
-    """During a capture forward on an accelerator: non-block weights on the device, blocks streamed."""
-    if all(t.device == device for t in list(model.parameters()) + list(model.buffers())):
+    """During a capture forward on an accelerator: non-block weights on the device, blocks streamed.
+
+    A model dispatched by accelerate (``device_map``, offload) is left to its own hooks."""
+    if is_dispatched(model) or all(t.device == device for t in list(model.parameters()) + list(model.buffers())):
         yield
         return
     block_prefixes = tuple(f"{stage.path}." for stage in stages)
@@ -208,24 +231,40 @@ def _run_block(block: nn.Module, inputs: StageInputs, i: int, device: torch.devi
 
 def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, processor: BlockProcessor, *,
          device: torch.device, progress: bool = True, desc: str = "pruning",
-         stats_dtype: torch.dtype = torch.float32) -> None:
-    """Run ``processor`` over every block of ``stages`` in order (see the module docstring)."""
+         stats_dtype: torch.dtype = torch.float32, checkpoint: Any = None) -> None:
+    """Run ``processor`` over every block of ``stages`` in order (see the module docstring).
+
+    ``checkpoint`` (an ``hf_prune.checkpoint.RunCheckpoint`` that has ``begin``-ed): after every block the block's
+    tensors, the next block's inputs, the position and ``processor.state_dict()`` are saved; when it holds a
+    position, the completed blocks are restored, ``processor.load_state_dict`` gets its state back and the walk
+    continues after that block with the saved inputs."""
     from tqdm.auto import tqdm
 
+    resume_at = checkpoint.position if checkpoint is not None else None
+    if checkpoint is not None and not (hasattr(processor, "state_dict") and hasattr(processor, "load_state_dict")):
+        raise TypeError(f"{type(processor).__name__} cannot be checkpointed (it has no state_dict/load_state_dict).")
     with calibration_mode(model):
+        if resume_at is not None:
+            checkpoint.restore(model, stages)
+            processor.load_state_dict(checkpoint.processor_state)
         for stage_index, stage in enumerate(stages):
             blocks = stage.blocks(model)
             names = stage.block_names(model)
+            start = 0
+            if resume_at is not None and stage_index <= resume_at[0]:
+                start = resume_at[1] + 1 if stage_index == resume_at[0] else len(blocks)
+            if start >= len(blocks):
+                continue  # finished before the resume
             inputs = None
             if batches is not None:
                 inputs = capture_stage_inputs(model, stage, stages, batches, device)
-            bar = tqdm(range(len(blocks)), desc=f"{desc} [{stage.name}]", unit="block", disable=not progress,
-                       leave=False)
+                if start > 0:  # the saved outputs of the last completed block (the constant kwargs are re-captured)
+                    inputs.hidden = checkpoint.hidden()
+            bar = tqdm(range(start, len(blocks)), desc=f"{desc} [{stage.name}]", unit="block",
+                       disable=not progress, leave=False, initial=start, total=len(blocks))
             for index in bar:
                 block, block_name = blocks[index], names[index]
-                home = model_device(block)
-                block.to(device)
-                try:
+                with placed(block, device):
                     wanted = processor.statistics(block_name, block)
                     stats: dict[str, LinearStats] = {}
                     if wanted:
@@ -240,10 +279,13 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
                             st.check(name)
                     processor.process(block_name, block, stats)
                     del stats
-                    if inputs is not None and index + 1 < len(blocks):
+                    last = index + 1 == len(blocks)
+                    if inputs is not None and not last:
                         inputs.hidden = [_run_block(block, inputs, i, device).detach().cpu()
                                          for i in range(len(inputs.hidden))]
-                finally:
-                    block.to(home)
+                    if checkpoint is not None:
+                        checkpoint.block_done(stage_index, index, block_name, block,
+                                              None if inputs is None or last else inputs.hidden,
+                                              processor.state_dict())
             bar.close()
             del inputs

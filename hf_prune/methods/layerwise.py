@@ -19,10 +19,11 @@ from torch import nn
 
 from ..architectures import Stage, get_adapter
 from ..calibration.data import CalibrationSet, build_calibration
+from ..calibration.offload import check_placement, describe_offload, is_dispatched, module_weight
 from ..calibration.stats import LinearStats
 from ..calibration.walker import resolve_device, walk
 from ..config import PrunerConfig, check_choice, check_number
-from ..errors import HFPruneError
+from ..errors import HFPruneError, OffloadError
 from ..masks import Pattern
 from ..report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
 from ..result import PruningResult
@@ -188,7 +189,7 @@ def plan_targets(model: nn.Module, stages: list[Stage], config: LayerwiseConfig)
                          f"{_close(unknown[0], names)}")
     targets = [Target(n, m, b, s, overrides.get(n, config.sparsity)) for n, m, b, s in selected]
     for t in targets:
-        if not bool(torch.isfinite(t.module.weight).all()):
+        if not bool(torch.isfinite(module_weight(t.module)).all()):  # offloaded: read from its weights map
             raise ValueError(f"{t.name} holds NaN/inf weights; the checkpoint is corrupt or overflowed when loaded "
                              "(try dtype=torch.float32). Nothing was pruned.")
     pattern = Pattern.parse(config.pattern)
@@ -201,12 +202,24 @@ def plan_targets(model: nn.Module, stages: list[Stage], config: LayerwiseConfig)
     return targets
 
 
-def check_model_ready(model: nn.Module) -> None:
+OFFLOAD_METHODS = ("magnitude", "wanda", "sparsegpt", "ria")
+
+
+def check_model_ready(model: nn.Module, *, offload: bool = False) -> None:
+    """A real model with real weights. ``offload=True``: accelerate CPU/disk offload is fine (the layer-wise
+    engine writes pruned weights back into the weights maps); otherwise an offloaded model is refused."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Pruner needs a torch.nn.Module (a transformers model), got {type(model).__name__}.")
+    if offload:
+        check_placement(model)
+        return
     if any(p.device.type == "meta" for p in model.parameters()):
-        raise ValueError("some weights are on the 'meta' device (accelerate disk/CPU offload or an empty model); "
-                         "load the model with device_map=None (or 'cpu') to prune it.")
+        offloaded = is_dispatched(model)
+        raise OffloadError(
+            "some weights are on the 'meta' device (" + ("accelerate CPU/disk offload" if offloaded else
+                                                          "an empty model") + "); this method needs every weight "
+            "on a module: load the model with device_map=None (or 'cpu')"
+            + (f", or prune offloaded models with {', '.join(OFFLOAD_METHODS)}." if offloaded else "."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +250,12 @@ class LayerwiseProcessor:
             weight.data.copy_(new)
             self.info[t.name] = info
 
+    def state_dict(self) -> dict:  # what a checkpoint keeps: the per-module info the report shows
+        return {"info": self.info}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.info = dict((state or {}).get("info", {}))
+
 
 def stages_with_targets(stages: list[Stage], targets: list[Target]) -> list[Stage]:
     names = {t.stage for t in targets}
@@ -248,13 +267,15 @@ def calibration_needs(stages: list[Stage]) -> set[str]:
 
 
 def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.device | None = None,
-                  progress: bool = True, calibration: CalibrationSet | None = None) -> PruningResult:
+                  progress: bool = True, calibration: CalibrationSet | None = None,
+                  checkpoint: Any = None) -> PruningResult:
     """Prune ``pruner.model`` in place with a layer-wise method and report what was done.
 
     ``calibration``: batches already built from ``config.calibration`` (an allocator that validated its
-    data up front passes them); by default they are built here."""
+    data up front passes them); by default they are built here. ``checkpoint``: an
+    ``hf_prune.checkpoint.RunCheckpoint`` to save after every block and to resume from."""
     model = pruner.model
-    check_model_ready(model)
+    check_model_ready(model, offload=True)
     adapter = get_adapter(model)
     stages = adapter.stages(model)
     targets = plan_targets(model, stages, config)
@@ -270,9 +291,15 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
                                                     processor=pruner.processor, needs=calibration_needs(active),
                                                     causal_lm=adapter.causal_lm)
             batches, provenance = calibration.batches, calibration.provenance
+        resumed_from = None
+        if checkpoint is not None:
+            with meter.phase("checkpoint_fingerprints"):
+                checkpoint.begin(model, config, batches, active)  # refuses another model/config/data
+            resumed_from = checkpoint.state.get("position")
         with meter.phase("walk_and_prune"):
             try:
-                walk(model, active, batches, processor, device=exec_device, progress=progress, desc=config.method)
+                walk(model, active, batches, processor, device=exec_device, progress=progress, desc=config.method,
+                     checkpoint=checkpoint)
             except HFPruneError as exc:
                 if processor.info:
                     raise type(exc)(f"{exc} Note: {len(processor.info)} of {len(targets)} modules were already "
@@ -280,6 +307,9 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
                 raise
     report = layerwise_report(model, adapter.name, active, targets, config, processor.info, provenance, meter,
                               exec_device)
+    if checkpoint is not None:
+        checkpoint.finish()
+        report["run"]["checkpoint"] = {"folder": checkpoint.folder, "resumed_after": resumed_from}
     return PruningResult(config=config, report=report, model=model)
 
 
@@ -289,14 +319,18 @@ def layerwise_report(model: nn.Module, family: str, stages: list[Stage], targets
     pattern = Pattern.parse(getattr(config, "pattern", "unstructured"))
     entries = {}
     for t in targets:
-        entry = module_entry(t.module.weight.detach(), t.sparsity, pattern)
+        entry = module_entry(module_weight(t.module).detach(), t.sparsity, pattern)
         entry.update({k: v for k, v in info.get(t.name, {}).items()})
         entries[t.name] = entry
+    record = model_record(model, family, stages)
+    offload = describe_offload(model)
+    if offload:
+        record["offload"] = offload
     return {
         "method": config.method,
         "config": config.to_dict(),
         "pattern": str(pattern),
-        "model": model_record(model, family, stages),
+        "model": record,
         "calibration": provenance,
         "sparsity": sparsity_section(entries, {t.name: t.block for t in targets}),
         "model_totals": model_totals(model),

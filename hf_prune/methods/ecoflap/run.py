@@ -184,12 +184,16 @@ def _merge_runs(first: dict, second: dict) -> dict:
         "peak_rss_bytes": max(peaks) if peaks else None,
         "peak_rss_scope": second.get("peak_rss_scope"),
         "peak_cuda_bytes": max(cuda) if cuda else None,
+        **({"checkpoint": second["checkpoint"]} if "checkpoint" in second else {}),
     }
 
 
 def run_ecoflap(pruner: Any, config: ECoFLaPConfig, *, device: str | torch.device | None = None,
-                progress: bool = True) -> PruningResult:
-    """Stage 1 (allocation) then stage 2 (``config.layer_pruner`` through the layer-wise engine)."""
+                progress: bool = True, checkpoint: Any = None) -> PruningResult:
+    """Stage 1 (allocation) then stage 2 (``config.layer_pruner`` through the layer-wise engine).
+
+    ``checkpoint`` (``hf_prune.checkpoint.RunCheckpoint``): the allocation is saved in it once stage 1 is done
+    (a resume reuses it and skips the scoring), then stage 2 checkpoints after every block."""
     start = time.perf_counter()
     plan = make_plan(pruner, config, with_prune_data=True)
     try:
@@ -197,12 +201,24 @@ def run_ecoflap(pruner: Any, config: ECoFLaPConfig, *, device: str | torch.devic
     except RuntimeError as exc:
         raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
     planned = time.perf_counter() - start  # targets, both calibration sets and the loss, validated
-    allocation = allocate(pruner, config, device=device, progress=progress, plan=plan)
+    saved = None
+    if checkpoint is not None:
+        checkpoint.begin(pruner.model, config, plan.score_data.batches + (plan.prune_data.batches if plan.prune_data
+                                                                          else []),
+                         stages_with_targets(plan.stages, plan.targets))
+        saved = checkpoint.extra("allocation")
+    if saved is not None:  # stage 1 finished before the interruption: the same allocation, no rescoring
+        allocation = Allocation.from_dict(saved)
+    else:
+        allocation = allocate(pruner, config, device=device, progress=progress, plan=plan)
+        if checkpoint is not None:
+            checkpoint.save_extra("allocation", allocation.to_dict())
     run = allocation.provenance["run"]
     run["phases_s"] = {"plan": round(planned, 4), **run["phases_s"]}
     run["time_s"] = round(run["time_s"] + planned, 4)
     layer_config = config.layer_pruner_config(module_sparsity=allocation.module_sparsity)
-    result = run_layerwise(pruner, layer_config, device=device, progress=progress, calibration=plan.prune_data)
+    result = run_layerwise(pruner, layer_config, device=device, progress=progress, calibration=plan.prune_data,
+                           checkpoint=checkpoint)
     report = result.report
     layer_dict = layer_config.to_dict()
     layer_dict["module_sparsity"] = "see allocation.module_sparsity"
