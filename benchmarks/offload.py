@@ -156,7 +156,8 @@ def main() -> None:
             got = json.loads(proc.stdout.strip().splitlines()[-1])
             outs[mode] = out
             planned = plan(folder, args.method, num_samples=args.samples, seq_len=args.seq_len, batch_size=8,
-                           dtype="float32", offload=offload, throughput=1e11)
+                           dtype="float32", offload=offload, throughput=1e11,
+                           max_memory=args.budget_mb * MB if offload == "disk" else None)
             same = "reference" if mode == "memory" else ("yes" if _same(outs["memory"], out) else "NO")
             rows.append([
                 "in memory" if mode == "memory" else f"disk offload (max_memory cpu {args.budget_mb} MiB)",

@@ -260,7 +260,7 @@ def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
     result = plan(args.model, args.method, num_samples=args.num_samples, seq_len=args.seq_len,
                   batch_size=args.batch_size, dtype=args.dtype, offload=args.offload, device=args.device,
-                  throughput=args.throughput, measure_block=args.measure_block)
+                  throughput=args.throughput, measure_block=args.measure_block, max_memory=args.max_memory)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -381,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch-size", type=int, default=8)
     pl.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the config's)")
     pl.add_argument("--offload", default="none", choices=["none", "cpu", "disk"])
+    pl.add_argument("--max-memory", type=_bytes, default=None,
+                    help="with --offload disk: the CPU budget given to `prune --max-memory` (weights kept in RAM)")
     pl.add_argument("--device", default=None, help="execution device whose throughput is measured")
     pl.add_argument("--device-memory", type=_bytes, default=None, help="say whether the plan fits, e.g. 24GB")
     pl.add_argument("--throughput", type=float, default=None, help="FLOP/s to assume instead of measuring")

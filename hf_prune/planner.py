@@ -7,8 +7,9 @@ plans on a laptop. The memory model follows what the engine does (``calibration/
   block's targeted Linears at once (``sq_norm``: in floats; ``gram``: in x in floats, fp32), the forward
   working set of one calibration batch, and the method's per-layer solve (SparseGPT: an fp32 copy of the
   weight and three in x in matrices);
-- host: the model's weights unless offloaded (CPU offload keeps them in RAM; disk offload keeps one block),
-  plus the cached activations of every calibration sample (inputs and outputs of the current block);
+- host: the model's weights unless offloaded (CPU offload keeps them in RAM; disk offload keeps what
+  ``max_memory`` lets accelerate hold in RAM plus the one block being pruned), plus the cached activations of
+  every calibration sample (inputs and outputs of the current block);
 - disk: the saved model, plus the offloaded weights for disk offload.
 
 Time: FLOPs of the block passes (statistics, then pruned outputs, plus the capture forward) and of the
@@ -147,14 +148,19 @@ class Plan:
 
 def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128, seq_len: int = 2048,
          batch_size: int = 8, dtype: str | None = None, offload: str = "none", device: str | None = None,
-         throughput: float | None = None, measure_block: bool = False) -> Plan:
+         throughput: float | None = None, measure_block: bool = False, max_memory: float | None = None) -> Plan:
     """Expected memory, disk and time of ``hf-prune prune`` for a model, without loading any weight.
 
     ``offload``: ``"none"`` (the model in host RAM), ``"cpu"`` (the same, for accelerate CPU offload) or
-    ``"disk"`` (weights on disk, one block in RAM at a time). ``throughput`` (FLOP/s) overrides the measurement.
+    ``"disk"`` (weights on disk, one block in RAM at a time). ``max_memory`` (bytes): the CPU budget given to
+    accelerate when loading with disk offload (``hf-prune prune --max-memory``); accelerate keeps up to that much
+    of the weights in RAM, so it counts toward the host peak. ``throughput`` (FLOP/s) overrides the measurement.
     """
     if offload not in ("none", "cpu", "disk"):
         raise ValueError(f"offload={offload!r} is not supported; choose 'none', 'cpu' or 'disk'.")
+    if max_memory is not None and (offload != "disk" or not max_memory > 0):
+        raise ValueError(f"max_memory={max_memory!r} only applies to offload='disk' and must be a positive number of "
+                         "bytes (the CPU budget of the weights accelerate keeps in RAM).")
     spec = get_method(method)
     allocator = spec.config_class() if "layer_pruner" in getattr(spec.config_class, "__dataclass_fields__", {}) \
         else None  # an allocator (ECoFLaP) with its defaults: scores first, then its layer-wise pruner
@@ -206,7 +212,8 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
     if allocator is not None:
         result.stages.insert(0, _scores_stage(model, stages, result.stages, allocator, width, batch_size, seq_len))
     result.device_peak = max(s.device_peak for s in result.stages)
-    resident = result.weight_bytes if offload != "disk" else largest_block * width
+    resident = result.weight_bytes if offload != "disk" else \
+        min(result.weight_bytes, max_memory or 0) + largest_block * width
     result.host_peak = resident + max(s.activation_cache for s in result.stages)
     result.disk = result.weight_bytes * (2 if offload == "disk" else 1)
     result.flops = sum(s.flops for s in result.stages)

@@ -37,6 +37,10 @@ def test_llama_70b_fits_one_24gb_gpu_with_cpu_offload():
     disk = plan(_cfg("llama-2-70b"), "sparsegpt", offload="disk", throughput=1e14)
     assert cpu.device_peak < 24e9 and cpu.fits(24e9)
     assert cpu.host_peak > cpu.weight_bytes > disk.host_peak  # disk offload keeps one block in RAM
+    budget = plan(_cfg("llama-2-70b"), "sparsegpt", offload="disk", throughput=1e14, max_memory=20 * 2**30)
+    assert budget.host_peak == disk.host_peak + 20 * 2**30  # plus what accelerate may keep in RAM
+    with pytest.raises(ValueError, match="max_memory=.* only applies to offload='disk'"):
+        plan(_cfg("llama-2-70b"), "sparsegpt", offload="cpu", throughput=1e14, max_memory=2**30)
     assert disk.disk == 2 * disk.weight_bytes and cpu.disk == cpu.weight_bytes
     assert cpu.seconds == pytest.approx(cpu.flops / 1e14)
     wanda = plan(_cfg("llama-2-70b"), "wanda", offload="cpu", throughput=1e14)
