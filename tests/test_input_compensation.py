@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import os
-from unittest import mock
 
 import pytest
 import torch
@@ -278,26 +277,26 @@ def test_tied_embeddings_are_untied_before_folding(tokenizer, tmp_path):
         torch.testing.assert_close(stock(input_ids=ids).logits, wrapped, rtol=0, atol=1e-5)
 
 
-def test_push_to_hub_creates_repo_and_uploads(tokenizer):
+def test_push_to_hub_uploads_the_pool_with_its_card_and_reads_it_back(tokenizer, fake_hub):
     model = make_model("llama", vocab=len(tokenizer)).eval()
+    base = copy.deepcopy(model)  # before wrapping: the wrapper installs hooks on the model it wraps
     ic = InputCompensatedModel(model, InputCompensationConfig(pool_size=4, loss="task"))
-    seen = {}
-
-    def upload_folder(**kwargs):
-        seen.update(kwargs)
-        seen["files"] = sorted(os.listdir(kwargs["folder_path"]))
-        seen["card"] = open(os.path.join(kwargs["folder_path"], "README.md"), encoding="utf-8").read()
-        return "commit-info"
-
-    with mock.patch("hf_prune.methods.input_compensation.model.HfApi") as api_class:
-        api = api_class.return_value
-        api.create_repo.return_value = mock.Mock(repo_id="me/ic-pool")
-        api.upload_folder.side_effect = upload_folder
-        assert ic.push_to_hub("me/ic-pool", private=True, token="t") == "commit-info"
-    api_class.assert_called_once_with(token="t")
-    api.create_repo.assert_called_once_with("me/ic-pool", private=True, exist_ok=True, repo_type="model")
-    assert seen["repo_id"] == "me/ic-pool" and seen["files"] == ["README.md", "ic_config.json", "ic_pool.safetensors"]
-    assert "zero parameter" in seen["card"] and "InputCompensatedModel.from_pretrained" in seen["card"]
+    with pytest.raises(HFPruneError, match="already has an input-compensation pool's hooks"):
+        InputCompensatedModel(copy.deepcopy(model), InputCompensationConfig(pool_size=4, loss="task"))
+    with torch.no_grad():
+        ic.pool.values.normal_()  # a pool that does something, so the round trip is meaningful
+    info = ic.push_to_hub("me/ic-pool", private=True, token="t")
+    repo = fake_hub.repos["me/ic-pool"]
+    assert repo.private is True and info.oid == repo.heads["main"]
+    assert set(repo.files) == {"README.md", "ic_config.json", "ic_pool.safetensors"}
+    meta, body = fake_hub.card("me/ic-pool")
+    assert meta["library_name"] == "hf_prune" and "input-compensation" in meta["tags"]
+    assert 'InputCompensatedModel.from_pretrained(pruned_model, "me/ic-pool")' in body
+    assert "ic.merge_and_unload()" in body and "zero parameter" in body and "| pool entries | 4 |" in body
+    again = InputCompensatedModel.from_pretrained(base, "me/ic-pool")
+    ids = torch.randint(0, len(tokenizer), (2, 8))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, ic(input_ids=ids).logits)
 
 
 # ------------------------------------------------------------------------------------------------ vision, Trainer

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -111,6 +111,15 @@ def _pool_query(features: torch.Tensor, query_pool: str) -> torch.Tensor:
     return features.reshape(features.shape[0], -1, features.shape[-1]).mean(dim=1)
 
 
+def _carries_pool_hooks(model: nn.Module) -> bool:
+    """Whether a hook of an ``InputCompensatedModel`` is installed anywhere in ``model``."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            if any(isinstance(getattr(h, "__self__", None), InputCompensatedModel) for h in hooks.values()):
+                return True
+    return False
+
+
 class InputCompensatedModel(nn.Module):
     """A pruned model plus a trainable input-compensation pool (see the module docstring).
 
@@ -139,6 +148,10 @@ class InputCompensatedModel(nn.Module):
             raise ValueError("teacher is the pruned model itself; pass the dense model it was pruned from "
                              "(e.g. a copy.deepcopy taken before pruning).")
         resolved, plan = self._plan(model, config)
+        if _carries_pool_hooks(model):
+            raise HFPruneError("this model already has an input-compensation pool's hooks (it is wrapped by an "
+                               "InputCompensatedModel, or is a copy.deepcopy of a wrapped model); wrap the model "
+                               "itself once, or take copies before wrapping, or call ic.unload() first.")
         self.base_model = model
         self.ic_config = resolved
         self._plan_info = plan
@@ -655,7 +668,10 @@ class InputCompensatedModel(nn.Module):
                 if os.path.isdir(path):
                     raise FileNotFoundError(f"no {name} in {folder!r}; was it written by "
                                             "InputCompensatedModel.save_pretrained?")
-                local = hf_hub_download(path, name, subfolder=subfolder, revision=revision, token=token)
+                from ...hub import hub_errors
+
+                with hub_errors("download the input compensation pool from", path):
+                    local = hf_hub_download(path, name, subfolder=subfolder, revision=revision, token=token)
             files[name] = local
         with open(files[CONFIG_FILE], encoding="utf-8") as fh:
             payload = json.load(fh)
@@ -681,37 +697,42 @@ class InputCompensatedModel(nn.Module):
             ic.pool.values.copy_(tensors["values"])
         return ic
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    revision: str | None = None, commit_message: str = "Upload input compensation pool") -> Any:
-        """Create the repo (if needed) and upload ``ic_config.json``, ``ic_pool.safetensors`` and a short
-        README through ``huggingface_hub.HfApi``."""
-        api = HfApi(token=token)
-        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        repo_id = getattr(repo, "repo_id", None) or repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
-                fh.write(self._card(repo_id))
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
-                                     revision=revision, repo_type="model")
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
+                    commit_description: str | None = None) -> Any:
+        """Upload ``ic_config.json``, ``ic_pool.safetensors`` and the pool's card (``README.md``, from
+        ``model_cards/input_compensation.md.j2``) in one commit, through the same path as every hf_prune artifact
+        (the repo is created first; no network or a refused token raises ``hf_prune.errors.HubError``).
+        Returns ``huggingface_hub.CommitInfo``."""
+        from ...hub import CARD_NAME, push_pretrained
 
-    def _card(self, repo_id: str) -> str:
+        def save(folder: str) -> None:
+            self.save_pretrained(folder)
+            self.model_card(repo_id=repo_id).save(os.path.join(folder, CARD_NAME))
+
+        return push_pretrained(save, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
+                               commit_message=commit_message or "Upload input compensation pool with hf_prune",
+                               commit_description=commit_description)
+
+    def model_card(self, *, repo_id: str | None = None):
+        """The ``huggingface_hub.ModelCard`` of this pool."""
+        from huggingface_hub import ModelCardData
+
+        from ...hub import hub_base_model, render_card
+
         rep = self.report()
         meta = self._metadata()
-        pool = rep["pool"]
-        after = rep["after_merge"]
-        return "\n".join([
-            "---", "library_name: hf_prune", "tags:", "- pruning", "- input-compensation", "---", "",
-            f"# {repo_id}", "",
-            f"An input-compensation pool (hf_prune {__version__}) for the pruned model "
-            f"`{meta.get('base_model_name_or_path') or meta['base_model_class']}`.", "",
-            f"- pool: {pool['size']} entries, query dim {pool['query_dim']}, value dim {pool['value_dim']}, "
-            f"{pool['parameters']:,} parameters, one query per {pool['queries_per']}",
-            f"- FLOPs per query: {rep['flops']['per_query']:,}",
-            f"- effective sparsity with the pool counted: {rep['effective_sparsity']:.4f} "
-            f"(base alone: {rep['base']['sparsity']:.4f})",
-            f"- after `merge_and_unload()`: {after['note']}", "",
-            "```python",
-            "from hf_prune import InputCompensatedModel",
-            f"ic = InputCompensatedModel.from_pretrained(pruned_model, {repo_id!r})",
-            "```", ""])
+        base = hub_base_model(meta.get("base_model_name_or_path"))
+        label = meta.get("base_model_name_or_path") or meta["base_model_class"]
+        title = f"Input compensation pool for {base.split('/')[-1] if base else meta['base_model_class']}"
+        foldable, _ = self.foldable()
+        card_data = ModelCardData(base_model=base, library_name="hf_prune", model_name=title,
+                                  tags=["hf_prune", "pruned", "input-compensation"])
+        return render_card(
+            card_data, "input_compensation.md.j2", title=title, version=__version__, base_model=base,
+            base_label=label, base_pruning=meta.get("base_pruning"), base_trained=meta["base_weights_trained"],
+            encoder_module=meta["encoder_module"] or self.ic_config.encoder, inject=self.ic_config.inject,
+            load_path=repo_id or "path/to/this/folder", foldable=foldable, pool=rep["pool"],
+            flops_per_query=rep["flops"]["per_query"], effective_sparsity=rep["effective_sparsity"],
+            base_sparsity=rep["base"]["sparsity"], after_merge=rep["after_merge"]["note"],
+            config_json=json.dumps(self.ic_config.to_dict(), indent=2, sort_keys=True))
