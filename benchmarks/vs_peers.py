@@ -5,8 +5,9 @@
 
 llm-compressor pins other transformers versions, so it runs in its own virtual environment, which this script
 creates on first use (``benchmarks/.venv-llmcompressor``: torch==2.13.0 CPU, llmcompressor==0.14.0.1) or takes
-from ``--peer-python``. Each prune runs in a fresh process on both sides; peak RSS is that of the prune alone
-(the high-water mark is reset after the model is loaded). Perplexity is computed here for every saved model with
+from ``--peer-python``. Each prune runs in a fresh process on both sides, ``--repeats`` times (3; the run with
+the median time is reported); peak RSS is that of the prune alone (the high-water mark is reset after the model
+is loaded). Perplexity is computed here for every saved model with
 the same protocol. Prints a table with the ratios ours/peer and writes a PNG plot. Never asserts.
 
 Structured: ModHiFi (MLP neurons removed, least-squares compensation, calibrated on the same windows) next to
@@ -63,13 +64,22 @@ def tp_path(path: str | None) -> str:
     return target
 
 
-def run_worker(python: str, script: str, args: list[str]) -> dict:
-    proc = subprocess.run([python, os.path.join(HERE, "peers", script), *args], capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if lines:
-        return json.loads(lines[-1])
-    last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-    return {"error": last[0][:120]}
+REPEATS = 3  # each prune runs this many times in fresh processes; the run with the median time is reported
+
+
+def run_worker(python: str, script: str, args: list[str], repeats: int | None = None) -> dict:
+    """Run a worker ``repeats`` times (fresh processes) and return the run with the median prune time, so that
+    one run slowed by a busy machine does not decide the comparison; ``times`` lists every run's time."""
+    runs = []
+    for _ in range(repeats or REPEATS):
+        proc = subprocess.run([python, os.path.join(HERE, "peers", script), *args], capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+            return {"error": last[0][:120]}
+        runs.append(json.loads(lines[-1]))
+    runs.sort(key=lambda r: r["prune_s"])
+    return {**runs[len(runs) // 2], "times": [r["prune_s"] for r in runs]}
 
 
 def main() -> None:
@@ -86,8 +96,11 @@ def main() -> None:
     parser.add_argument("--structured-sparsities", nargs="*", type=float, default=[0.25, 0.5],
                         help="fractions of MLP neurons removed for ModHiFi vs torch-pruning (none: skip)")
     parser.add_argument("--tp-path", default=None)
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="fresh-process runs per prune (median reported)")
     parser.add_argument("--plot", default=os.path.join(HERE, "results", "vs_peers.png"))
     args = parser.parse_args()
+    global REPEATS
+    REPEATS = max(1, args.repeats)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
