@@ -67,11 +67,11 @@ def tp_path(path: str | None) -> str:
 REPEATS = 3  # each prune runs this many times in fresh processes; the run with the median time is reported
 
 
-def run_worker(python: str, script: str, args: list[str], repeats: int | None = None) -> dict:
+def run_worker(python: str, script: str, args: list[str], repeats: int = REPEATS) -> dict:
     """Run a worker ``repeats`` times (fresh processes) and return the run with the median prune time, so that
     one run slowed by a busy machine does not decide the comparison; ``times`` lists every run's time."""
     runs = []
-    for _ in range(repeats or REPEATS):
+    for _ in range(max(1, repeats)):
         proc = subprocess.run([python, os.path.join(HERE, "peers", script), *args], capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if not lines:
@@ -99,8 +99,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=REPEATS, help="fresh-process runs per prune (median reported)")
     parser.add_argument("--plot", default=os.path.join(HERE, "results", "vs_peers.png"))
     args = parser.parse_args()
-    global REPEATS
-    REPEATS = max(1, args.repeats)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,8 +129,8 @@ def main() -> None:
     for method in args.methods:
         for pattern in args.patterns:
             common = ["--model", args.model, "--calibration", cal_file, "--method", method, "--pattern", pattern]
-            ours = run_worker(sys.executable, "hf_prune_worker.py", common + ["--out", os.path.join(work, "ours")])
-            peer = run_worker(python, "llmcompressor_worker.py", common + ["--out", os.path.join(work, "peer")])
+            ours = run_worker(sys.executable, "hf_prune_worker.py", common + ["--out", os.path.join(work, "ours")], args.repeats)
+            peer = run_worker(python, "llmcompressor_worker.py", common + ["--out", os.path.join(work, "peer")], args.repeats)
             record = {"method": method, "pattern": pattern, "ours": ours, "peer": peer}
             for side, result in (("ours", ours), ("peer", peer)):
                 if "error" not in result:
@@ -172,10 +170,10 @@ def _structured(args, cal_file: str, work: str, evaluate) -> list[dict]:
     for sparsity in args.structured_sparsities:
         ours = run_worker(sys.executable, "hf_prune_worker.py", [
             "--model", args.model, "--calibration", cal_file, "--method", "modhifi", "--sparsity", str(sparsity),
-            "--out", os.path.join(work, "ours-s")])
+            "--out", os.path.join(work, "ours-s")], args.repeats)
         peer = run_worker(sys.executable, "torch_pruning_worker.py", [
             "--model", args.model, "--sparsity", str(sparsity), "--out", os.path.join(work, "peer-s"),
-            "--tp-path", target])
+            "--tp-path", target], args.repeats)
         for side, result in (("ours", ours), ("peer", peer)):
             if "error" not in result:
                 folder = os.path.join(work, f"{side}-s")
