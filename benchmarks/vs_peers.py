@@ -129,8 +129,10 @@ def main() -> None:
     for method in args.methods:
         for pattern in args.patterns:
             common = ["--model", args.model, "--calibration", cal_file, "--method", method, "--pattern", pattern]
-            ours = run_worker(sys.executable, "hf_prune_worker.py", common + ["--out", os.path.join(work, "ours")], args.repeats)
-            peer = run_worker(python, "llmcompressor_worker.py", common + ["--out", os.path.join(work, "peer")], args.repeats)
+            ours = run_worker(sys.executable, "hf_prune_worker.py", common + ["--out", os.path.join(work, "ours")],
+                              args.repeats)
+            peer = run_worker(python, "llmcompressor_worker.py", common + ["--out", os.path.join(work, "peer")],
+                              args.repeats)
             record = {"method": method, "pattern": pattern, "ours": ours, "peer": peer}
             for side, result in (("ours", ours), ("peer", peer)):
                 if "error" not in result:
