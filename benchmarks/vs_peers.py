@@ -78,6 +78,8 @@ def run_worker(python: str, script: str, args: list[str], repeats: int = REPEATS
             last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
             return {"error": last[0][:120]}
         runs.append(json.loads(lines[-1]))
+        if "prune_s" not in runs[-1]:  # the worker reported why it could not run (e.g. no N:M mode)
+            return runs[-1]
     runs.sort(key=lambda r: r["prune_s"])
     return {**runs[len(runs) // 2], "times": [r["prune_s"] for r in runs]}
 
