@@ -4,8 +4,8 @@ dense model's logits while every pruned weight stays frozen. For a language mode
 the token id only, so ``merge_and_unload()`` folds it into the embedding table: the saved model is a plain
 transformers model with zero extra parameters or FLOPs.
 
-    python examples/input_compensation.py                      # Wanda 50% on hf_prune.toy's tiny LLaMA, then IC
-    python examples/input_compensation.py --pattern 2:4 --pool-size 128 --steps 200 --output out/wanda-2of4-ic
+    python examples/input_compensation.py                      # Wanda 2:4 on hf_prune.toy's tiny LLaMA, then IC
+    python examples/input_compensation.py --pattern unstructured --sparsity 0.6 --steps 200 --output out/wanda-60-ic
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hf_prune.evaluation import perplexity, perplexity_record, perplexity_window
 
 
 def main() -> None:
-    p = parser(__doc__)
+    p = parser(__doc__, pattern="2:4")  # 2:4 loses more than 50% unstructured, so there is more to recover
     p.add_argument("--pool-size", type=int, default=64, help="entries in the compensation pool")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of the pool's training")
     p.add_argument("--lr", type=float, default=1e-2)
@@ -52,12 +52,12 @@ def main() -> None:
         use_cpu=not torch.cuda.is_available(), seed=0, disable_tqdm=True))
     trainer.train()
     ic.eval()
-    report = ic.report()
+    report, trained = ic.report(), ic.trainable_parameters()
     pruner.model = ic.merge_and_unload()  # the pool folded into the embedding table: a plain transformers model
     record = perplexity_record(pruner.model, pruner.tokenizer, TEXTS, seq_len=args.seq_len, dense=dense_value,
                                max_windows=args.eval_windows)
     print(f"perplexity on held-out text: dense {dense_value:.3f} -> pruned {pruned_value:.3f} -> "
-          f"pruned + IC (folded) {record['value']:.3f}; the pool trained {ic.trainable_parameters():,} parameters "
+          f"pruned + IC (folded) {record['value']:.3f}; the pool trained {trained:,} parameters "
           f"and costs {report['after_merge']['parameters']} after folding")
     section = ("Input compensation",
                f"After pruning, an input-compensation pool of {args.pool_size} entries was trained for {args.steps} "
