@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from hf_prune.report import format_table  # noqa: E402
 
 PEER_VERSION = "llmcompressor==0.14.0.1"
 TP_VERSION = "torch-pruning==1.6.1"
+MIB = 2 ** 20
 
 
 def peer_python(path: str | None) -> str:
@@ -118,13 +118,18 @@ def main() -> None:
     cal_file = os.path.join(work, "calibration.pt")
     torch.save(ids, cal_file)
 
-    def evaluate(folder: str) -> tuple[float, float]:
+    def evaluate(folder: str) -> dict:
+        """What every saved model is measured by, with one protocol: perplexity, achieved sparsity of the
+        block Linears, parameters and MLP width."""
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        ppl = perplexity(model, tokenizer, args.eval, seq_len=args.seq_len, max_windows=args.eval_windows,
-                         batch_size=8)
-        return ppl, sparsity_report(model, "layers")["overall"]["achieved"]
+        return {"ppl": perplexity(model, tokenizer, args.eval, seq_len=args.seq_len, max_windows=args.eval_windows,
+                                  batch_size=8),
+                "sparsity": sparsity_report(model, "layers")["overall"]["achieved"],
+                "params": sum(p.numel() for p in model.parameters()),
+                "width": model.config.intermediate_size}
 
-    dense_ppl, _ = evaluate(args.model)
+    dense = evaluate(args.model)
+    dense_ppl = dense["ppl"]
     print(f"model {args.model}; calibration {args.calibration}: {len(ids)} x {args.seq_len} tokens (the same windows "
           f"for both); held-out {args.eval}, {args.eval_windows} windows; dense perplexity {dense_ppl:.3f}\n")
     rows, records = [], []
@@ -138,22 +143,17 @@ def main() -> None:
             record = {"method": method, "pattern": pattern, "ours": ours, "peer": peer}
             for side, result in (("ours", ours), ("peer", peer)):
                 if "error" not in result:
-                    result["ppl"], result["sparsity"] = evaluate(os.path.join(work, side))
+                    result.update(evaluate(os.path.join(work, side)))
                     if result["sparsity"] < 0.01:
                         result["error"] = "oneshot left the model dense (a training-time modifier)"
             records.append(record)
-
-            def cell(result: dict, key: str, fmt: str) -> str:
-                return "n/a" if "error" in result else format(result[key], fmt)
-
             both = "error" not in ours and "error" not in peer
             rows.append([method, pattern,
-                         cell(ours, "ppl", ".3f"), cell(peer, "ppl", ".3f"),
-                         cell(ours, "sparsity", ".4f"), cell(peer, "sparsity", ".4f"),
-                         cell(ours, "prune_s", ".2f"), cell(peer, "prune_s", ".2f"),
+                         _cell(ours, "ppl", ".3f"), _cell(peer, "ppl", ".3f"),
+                         _cell(ours, "sparsity", ".4f"), _cell(peer, "sparsity", ".4f"),
+                         _cell(ours, "prune_s", ".2f"), _cell(peer, "prune_s", ".2f"),
                          f"{peer['prune_s'] / ours['prune_s']:.1f}x" if both else "-",
-                         cell({**ours, "mib": ours.get("peak_rss_bytes", 0) / 2**20}, "mib", ".0f"),
-                         cell({**peer, "mib": peer.get("peak_rss_bytes", 0) / 2**20}, "mib", ".0f"),
+                         _cell(ours, "peak_rss_bytes", ".0f", MIB), _cell(peer, "peak_rss_bytes", ".0f", MIB),
                          peer.get("error", "")])
     if rows:
         print(format_table(rows, ["method", "pattern", "ppl ours", "ppl peer", "sparsity ours", "sparsity peer",
@@ -161,15 +161,19 @@ def main() -> None:
                                   "peak RSS peer (MiB)", "peer note"]))
         print(f"\npeer: {PEER_VERSION} oneshot; ours: hf_prune with its defaults (batch 8). Raw: {work}")
     if args.structured_sparsities:
-        records += _structured(args, cal_file, work, evaluate)
+        records += _structured(args, cal_file, work, evaluate, dense["params"])
     _plot(records, args.plot)
 
 
-def _structured(args, cal_file: str, work: str, evaluate) -> list[dict]:
-    from transformers import AutoConfig
+def _cell(result: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """A table cell: ``result[key] / scale`` formatted, or n/a for a side that did not run."""
+    if "error" in result:
+        return "n/a"
+    return format(result[key] if scale == 1 else result[key] / scale, fmt)
 
+
+def _structured(args, cal_file: str, work: str, evaluate, dense_params: int) -> list[dict]:
     target = tp_path(args.tp_path)
-    dense_params = _params(args.model)
     rows, records = [], []
     for sparsity in args.structured_sparsities:
         ours = run_worker(sys.executable, "hf_prune_worker.py", [
@@ -180,22 +184,14 @@ def _structured(args, cal_file: str, work: str, evaluate) -> list[dict]:
             "--tp-path", target], args.repeats)
         for side, result in (("ours", ours), ("peer", peer)):
             if "error" not in result:
-                folder = os.path.join(work, f"{side}-s")
-                result["ppl"], _ = evaluate(folder)
-                result["width"] = AutoConfig.from_pretrained(folder).intermediate_size
-                result["params"] = _params(folder)
+                result.update(evaluate(os.path.join(work, f"{side}-s")))
         both = "error" not in ours and "error" not in peer
         records.append({"method": "modhifi vs tp-L2", "pattern": f"{sparsity:.0%} neurons", "ours": ours, "peer": peer})
-
-        def cell(result: dict, key: str, fmt: str) -> str:
-            return "n/a" if "error" in result else format(result[key], fmt)
-
-        rows.append([f"{sparsity:.2f}", cell(ours, "width", "d"), cell(peer, "width", "d"),
-                     cell({**ours, "f": ours.get("params", 0) / dense_params}, "f", ".3f"),
-                     cell(ours, "ppl", ".3f"), cell(peer, "ppl", ".3f"),
-                     cell(ours, "prune_s", ".2f"), cell(peer, "prune_s", ".2f"),
-                     cell({**ours, "mib": ours.get("peak_rss_bytes", 0) / 2**20}, "mib", ".0f"),
-                     cell({**peer, "mib": peer.get("peak_rss_bytes", 0) / 2**20}, "mib", ".0f"),
+        rows.append([f"{sparsity:.2f}", _cell(ours, "width", "d"), _cell(peer, "width", "d"),
+                     _cell(ours, "params", ".3f", dense_params),
+                     _cell(ours, "ppl", ".3f"), _cell(peer, "ppl", ".3f"),
+                     _cell(ours, "prune_s", ".2f"), _cell(peer, "prune_s", ".2f"),
+                     _cell(ours, "peak_rss_bytes", ".0f", MIB), _cell(peer, "peak_rss_bytes", ".0f", MIB),
                      (ours.get("error") or peer.get("error") or "") if not both else ""])
     print("\nstructured: MLP neurons removed, the same width in every block")
     print(format_table(rows, ["removed", "width ours", "width peer", "params kept", "ppl ours (ModHiFi)",
@@ -205,17 +201,6 @@ def _structured(args, cal_file: str, work: str, evaluate) -> list[dict]:
           "compensation; ours: ModHiFiConfig defaults (calibrated on the same windows, least-squares compensation). "
           "The peer's time excludes nothing: building its dependency graph is part of its prune.")
     return records
-
-
-def _params(folder: str) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for name in os.listdir(folder):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), "pt") as fh:
-                total += sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())
-    return total
 
 
 def _plot(records: list[dict], path: str) -> None:
@@ -233,7 +218,7 @@ def _plot(records: list[dict], path: str) -> None:
     labels = [f"{r['method']}\n{r['pattern']}" for r in ok]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for ax, key, title, scale in ((axes[0], "ppl", "held-out perplexity", 1), (axes[1], "prune_s", "prune time (s)", 1),
-                                  (axes[2], "peak_rss_bytes", "peak RSS of the prune (MiB)", 2 ** 20)):
+                                  (axes[2], "peak_rss_bytes", "peak RSS of the prune (MiB)", MIB)):
         xs = range(len(ok))
         ax.bar([x - 0.2 for x in xs], [r["ours"][key] / scale for r in ok], 0.4, label="hf_prune")
         ax.bar([x + 0.2 for x in xs], [r["peer"][key] / scale for r in ok], 0.4,

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from hf_prune.cli import main
-from hf_prune.planner import GIB, plan
+from hf_prune.planner import plan
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "data", "configs")
 
