@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from hf_prune import Pruner
-from hf_prune.evaluation import perplexity, perplexity_record
+from hf_prune.evaluation import perplexity, perplexity_record, perplexity_windows
 
 TEXTS = "builtin:python-docs"  # calibration uses its train split, evaluation its test split
 
@@ -38,6 +38,13 @@ def load(model: str | None) -> Pruner:
 
         return Pruner(*toy_causal_lm("tiny"))
     return Pruner.from_pretrained(model, dtype=torch.float32)
+
+
+def training_windows(tokenizer, seq_len: int, count: int) -> torch.Tensor:
+    """``count`` random windows ([count, seq_len] token ids, seed 0) of the train split, cut exactly as the
+    evaluation cuts the disjoint test split."""
+    windows, _ = perplexity_windows(tokenizer, TEXTS, seq_len=seq_len, split="train")
+    return windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))[:count]]
 
 
 def sparsity_arg(args: argparse.Namespace) -> float | None:

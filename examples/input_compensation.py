@@ -14,11 +14,11 @@ import copy
 
 import torch
 import transformers as T
-from example_utils import TEXTS, dense_perplexity, load, parser, sparsity_arg
+from example_utils import TEXTS, dense_perplexity, load, parser, sparsity_arg, training_windows
 
 from hf_prune import CalibrationConfig, InputCompensatedModel, InputCompensationConfig, WandaConfig
 from hf_prune.callbacks import InputCompensationCallback
-from hf_prune.evaluation import perplexity, perplexity_record, perplexity_windows
+from hf_prune.evaluation import perplexity, perplexity_record
 
 
 def main() -> None:
@@ -42,9 +42,7 @@ def main() -> None:
         return perplexity(model, pruner.tokenizer, TEXTS, seq_len=args.seq_len, max_windows=args.eval_windows)
 
     pruned_value = ppl(pruner.model)
-    windows, _ = perplexity_windows(pruner.tokenizer, TEXTS, seq_len=args.seq_len, split="train")
-    rows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))[: args.train_windows]]
-    data = [{"input_ids": row} for row in rows]
+    data = [{"input_ids": row} for row in training_windows(pruner.tokenizer, args.seq_len, args.train_windows)]
     ic = InputCompensatedModel(pruner.model, InputCompensationConfig(pool_size=args.pool_size), teacher=teacher)
     trainer = T.Trainer(model=ic, train_dataset=data, callbacks=[InputCompensationCallback()], args=T.TrainingArguments(
         output_dir=args.work_dir, max_steps=args.steps, per_device_train_batch_size=8, learning_rate=args.lr,

@@ -16,22 +16,13 @@ import copy
 
 import torch
 import transformers as T
-from example_utils import TEXTS, dense_perplexity, load, parser, publish, sparsity_arg
+from example_utils import TEXTS, dense_perplexity, load, parser, publish, sparsity_arg, training_windows
 
 from hf_prune import MagnitudeConfig
-from hf_prune.calibration import builtin_texts
 from hf_prune.callbacks import SparsityPreservingCallback
 from hf_prune.evaluation import perplexity
 from hf_prune.masks import WeightMasks
 from hf_prune.recovery import merge_lora_keep_sparsity
-
-
-def training_windows(tokenizer, seq_len: int, count: int) -> list[dict]:
-    """``count`` random windows of ``seq_len`` tokens from the train split (evaluation uses the test split)."""
-    ids = torch.tensor(tokenizer("\n\n".join(builtin_texts(TEXTS, "train")))["input_ids"])
-    ids = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
-    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))[:count]]
-    return [{"input_ids": row, "labels": row} for row in ids]
 
 
 def training_args(args, lr: float, weight_decay: float) -> T.TrainingArguments:
@@ -60,7 +51,8 @@ def main() -> None:
 
     pruned = ppl(pruner.model)
     lora_model = copy.deepcopy(pruner.model)  # the second recipe starts from the same pruned weights
-    data = training_windows(pruner.tokenizer, args.seq_len, 8 * args.steps)
+    windows = training_windows(pruner.tokenizer, args.seq_len, 8 * args.steps)
+    data = [{"input_ids": row, "labels": row} for row in windows]
 
     # 1. full fine-tuning, every pruned weight held at zero
     keeper = SparsityPreservingCallback()
