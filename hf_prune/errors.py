@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """`` Did you mean a, b?`` with the closest of ``names`` to ``name`` (empty when none is close), for the end
+    of an error message about an unknown name."""
+    near = difflib.get_close_matches(name, list(names), n=3)
+    return f" Did you mean {', '.join(near)}?" if near else ""
+
 
 class HFPruneError(ValueError):
     """Base class of the errors hf_prune raises on bad input or an unusable model."""

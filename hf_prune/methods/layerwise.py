@@ -9,7 +9,6 @@ the report) is here, once.
 from __future__ import annotations
 
 import abc
-import difflib
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,7 +22,7 @@ from ..calibration.offload import check_placement, describe_offload, is_dispatch
 from ..calibration.stats import LinearStats
 from ..calibration.walker import resolve_device, walk
 from ..config import PrunerConfig, check_choice, check_number
-from ..errors import HFPruneError, OffloadError
+from ..errors import HFPruneError, OffloadError, did_you_mean
 from ..masks import Pattern
 from ..report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
 from ..result import PruningResult
@@ -139,11 +138,6 @@ def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, 
     return found
 
 
-def _close(name: str, names: list[str]) -> str:
-    near = difflib.get_close_matches(name, names, n=3)
-    return f" Did you mean {', '.join(near)}?" if near else ""
-
-
 def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[str] | None,
                    exclude_modules: list[str] | None) -> list[tuple[str, nn.Linear, str, str]]:
     """The candidate Linears that the target/exclude regexes select; each regex must match something."""
@@ -186,7 +180,7 @@ def plan_targets(model: nn.Module, stages: list[Stage], config: LayerwiseConfig)
     unknown = [n for n in overrides if n not in set(names)]
     if unknown:
         raise ValueError(f"module_sparsity names {unknown[0]!r}, which is not a module being pruned."
-                         f"{_close(unknown[0], names)}")
+                         f"{did_you_mean(unknown[0], names)}")
     targets = [Target(n, m, b, s, overrides.get(n, config.sparsity)) for n, m, b, s in selected]
     for t in targets:
         if not bool(torch.isfinite(module_weight(t.module)).all()):  # offloaded: read from its weights map

@@ -18,7 +18,6 @@ logits, MSE to its features and/or the task loss) whenever the wrapper is traini
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import inspect
 import json
@@ -35,7 +34,7 @@ from torch import nn
 
 from ...architectures import pixel_input
 from ...config import PrunerConfig
-from ...errors import HFPruneError
+from ...errors import HFPruneError, did_you_mean
 from ...io import check_output_dir
 from ...masks import WeightMasks
 from ...report import model_totals
@@ -70,11 +69,6 @@ class InputCompensator(nn.Module):
     def extra_repr(self) -> str:
         m, dq = self.keys.shape
         return f"pool_size={m}, query_dim={dq}, value_dim={self.values.shape[1]}, temperature={self.temperature:g}"
-
-
-def _close(name: str, names: list[str]) -> str:
-    near = difflib.get_close_matches(name, names, n=3)
-    return f" Did you mean {', '.join(near)}?" if near else ""
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -209,7 +203,7 @@ class InputCompensatedModel(nn.Module):
             if encoder not in ("embedding", "identity") and names.get(encoder) is not embedding:
                 if encoder not in names:
                     raise HFPruneError(f"InputCompensationConfig.encoder={encoder!r} is not a module of "
-                                       f"{type(model).__name__}.{_close(encoder, list(names))}")
+                                       f"{type(model).__name__}.{did_you_mean(encoder, list(names))}")
                 raise HFPruneError(f"for inject='inputs_embeds' the query is the token's input embedding: use "
                                    f"encoder='embedding' (= {embed_name!r}); {encoder!r} is another module.")
             query_pool = "none" if config.query_pool == "auto" else config.query_pool
@@ -230,7 +224,7 @@ class InputCompensatedModel(nn.Module):
                 encoder_module = encoder
             else:
                 raise HFPruneError(f"InputCompensationConfig.encoder={encoder!r} is not a module of "
-                                   f"{type(model).__name__}.{_close(encoder, list(names))}")
+                                   f"{type(model).__name__}.{did_you_mean(encoder, list(names))}")
             with torch.no_grad():
                 probe = torch.zeros(1, channels, height, width, device=next(model.parameters()).device,
                                     dtype=next(model.parameters()).dtype)
