@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hf_prune import CalibrationConfig, ECoFLaPConfig, Pruner, WandaConfig  # noqa: E402
-from hf_prune.report import _reset_vm_hwm, _vm_hwm_bytes, format_table  # noqa: E402
+from hf_prune.engine.report import _reset_vm_hwm, _vm_hwm_bytes, format_table  # noqa: E402
 from oneshot import rss_bytes  # noqa: E402  (this folder is on sys.path when a script here runs)
 
 SCORERS = {  # name -> ECoFLaPConfig overrides
@@ -61,7 +61,7 @@ def _memory_model(args, vocab: int):
 def measure(args) -> dict:
     """One measurement in this (fresh) process: load, reset the peak, run, report."""
     from hf_prune.calibration import build_calibration
-    from hf_prune.calibration.walker import calibration_mode, to_device
+    from hf_prune.engine.walker import calibration_mode, to_device
     from hf_prune.methods.ecoflap import allocate
     from hf_prune.methods.ecoflap.losses import ScoringLoss
     from hf_prune.toy import toy_causal_lm

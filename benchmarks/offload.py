@@ -36,7 +36,7 @@ MB = 2 ** 20
 
 
 def _vm_hwm() -> int:
-    from hf_prune.report import _vm_hwm_bytes
+    from hf_prune.engine.report import _vm_hwm_bytes
 
     return _vm_hwm_bytes() or 0
 
@@ -46,7 +46,7 @@ def child(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401  (imported before the baseline is read)
 
     from hf_prune import CalibrationConfig, Pruner
-    from hf_prune.config import get_method
+    from hf_prune.registry import get_method
 
     torch.set_num_threads(args.threads)
     baseline = rss_bytes()
@@ -134,7 +134,7 @@ def main() -> None:
         return
 
     from hf_prune.planner import plan
-    from hf_prune.report import format_table
+    from hf_prune.engine.report import format_table
 
     work = tempfile.mkdtemp(prefix="hf_prune_offload_bench-")
     try:

@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, RIAConfig, SparseGPTConfig, WandaConfig  # noqa: E402
-from hf_prune.architectures import get_adapter  # noqa: E402
+from hf_prune.models import get_family  # noqa: E402
 from hf_prune.calibration import build_calibration  # noqa: E402
 from hf_prune.evaluation import perplexity  # noqa: E402
 from hf_prune.methods.sparsegpt import config as sparsegpt_config  # noqa: E402
-from hf_prune.report import format_table  # noqa: E402
+from hf_prune.engine.report import format_table  # noqa: E402
 
 METHODS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig, "ria": RIAConfig}
 
@@ -68,8 +68,8 @@ def main() -> None:
     name = args.model or f"toy LLaMA ({args.toy_size}, trained on builtin:python-docs)"
     params = sum(p.numel() for p in dense.parameters())
     cal = CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, dataset=args.calibration)
-    adapter = get_adapter(dense)
-    batches = build_calibration(cal, tokenizer=tokenizer, causal_lm=adapter.causal_lm).batches
+    family = get_family(dense)
+    batches = build_calibration(cal, tokenizer=tokenizer, causal_lm=family.causal_lm).batches
 
     with torch.no_grad():  # one dense forward over the calibration batches: the unit of "x fwd"
         start = time.perf_counter()
@@ -78,7 +78,7 @@ def main() -> None:
         forward_s = time.perf_counter() - start
     dense_ppl = perplexity(dense, tokenizer, args.eval, seq_len=args.seq_len, max_windows=args.eval_windows,
                            batch_size=8)
-    stage = adapter.stages(dense)[0]
+    stage = family.stages(dense)[0]
     block = stage.blocks(dense)[0]
     block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
     hidden = dense.config.hidden_size

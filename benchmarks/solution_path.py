@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hf_prune import CalibrationConfig, Pruner, RIAConfig, SPPConfig  # noqa: E402
-from hf_prune.calibration.stats import LinearStats  # noqa: E402
-from hf_prune.calibration.walker import walk  # noqa: E402
-from hf_prune.report import format_table  # noqa: E402
+from hf_prune.engine.stats import LinearStats  # noqa: E402
+from hf_prune.engine.walker import walk  # noqa: E402
+from hf_prune.engine.report import format_table  # noqa: E402
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 TRAIN = 1400
@@ -70,7 +70,7 @@ def accuracy(model, x, y) -> float:
 def trained_vit(x, y, steps: int, cache: str):
     import transformers as T
 
-    from hf_prune.io import atomic_output_dir
+    from hf_prune.artifacts.files import atomic_output_dir
 
     folder = os.path.join(cache, f"vit-digits-{steps}")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
@@ -189,13 +189,13 @@ class StructuredBaseline:
 
 
 def structured_baseline(model, config, x, sparsity: float, use_data: bool):
-    from hf_prune.architectures import get_adapter
+    from hf_prune.models import get_family
     from hf_prune.methods.spp import build_units
 
     model = copy.deepcopy(model)
     start = time.perf_counter()
     units = build_units(model, config)
-    stages = get_adapter(model).stages(model)
+    stages = get_family(model).stages(model)
     batches = [{"pixel_values": x[i: i + 64]} for i in range(0, 256, 64)] if use_data else None
     walk(model, stages, batches, StructuredBaseline(model, units, sparsity, use_data), device=torch.device("cpu"),
          progress=False)

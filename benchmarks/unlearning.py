@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hf_prune import ModHiFiConfig, Pruner  # noqa: E402
-from hf_prune.report import format_table  # noqa: E402
+from hf_prune.engine.report import format_table  # noqa: E402
 
 
 def digits():

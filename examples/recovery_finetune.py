@@ -2,7 +2,7 @@
 
 1. full fine-tuning with ``transformers.Trainer`` + ``hf_prune.callbacks.SparsityPreservingCallback`` (pruned
    weights stay exactly zero through AdamW with weight decay; N:M groups stay intact);
-2. LoRA with PEFT on the frozen pruned model, merged back with ``hf_prune.recovery.merge_lora_keep_sparsity``
+2. LoRA with PEFT on the frozen pruned model, merged back with ``hf_prune.training.merge_lora_keep_sparsity``
    (PEFT's plain merge would fill every pruned position with the dense LoRA update; re-masking after the merge
    keeps the zeros but drops the part of the update that fell on them, which the script reports).
 
@@ -21,8 +21,8 @@ from example_utils import TEXTS, dense_perplexity, load, parser, publish, sparsi
 from hf_prune import MagnitudeConfig
 from hf_prune.callbacks import SparsityPreservingCallback
 from hf_prune.evaluation import perplexity
-from hf_prune.masks import WeightMasks
-from hf_prune.recovery import merge_lora_keep_sparsity
+from hf_prune.training.weight_masks import WeightMasks
+from hf_prune.training.lora import merge_lora_keep_sparsity
 
 
 def training_args(args, lr: float, weight_decay: float) -> T.TrainingArguments:

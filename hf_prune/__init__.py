@@ -1,7 +1,9 @@
 """hf_prune: prune Hugging Face models with the strongest published methods."""
 
 from .allocation import Allocation
-from .config import CalibrationConfig, PrunerConfig, available_methods, register_method
+from .calibration.config import CalibrationConfig
+from .config import PrunerConfig
+from .registry import available_methods, register_method
 from .methods import ECoFLaPConfig, MagnitudeConfig, ModHiFiConfig, RIAConfig, SparseGPTConfig, WandaConfig
 from .methods.spp import SolutionPath, SPPConfig
 from .methods.input_compensation import InputCompensatedModel, InputCompensationConfig

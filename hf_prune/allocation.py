@@ -76,7 +76,7 @@ class Allocation:
         return ""
 
     def summary(self) -> str:
-        from .report import format_table
+        from .engine.report import format_table
 
         rows = [[name, b["size"], f"{b['target']:.4f}", f"{b['allocated']:.4f}",
                  f"{min(self.groups[g]['sparsity'] for g in b['groups']):.4f}",

@@ -15,7 +15,8 @@ import sys
 import typing
 from typing import Any, Sequence
 
-from .config import CalibrationConfig, available_methods, get_method
+from .calibration.config import CalibrationConfig
+from .registry import available_methods, get_method
 from .errors import HFPruneError
 
 EXIT_BAD_INPUT = 2
@@ -107,7 +108,7 @@ def _dtype(text: str) -> Any:
 
 
 def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .io import check_output_dir
+    from .artifacts.files import check_output_dir
     from .pruner import Pruner
 
     spec = get_method(args.method)
@@ -150,13 +151,13 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def _checkpoint_dir(args: argparse.Namespace, output: str, spec: Any) -> str | None:
     """Where ``prune`` checkpoints: ``--checkpoint-dir``, else the hidden sibling ``.NAME.checkpoint`` of the
     output folder (the output itself only appears, atomically, at the end). None: no checkpoint."""
-    from .checkpoint import RunCheckpoint, accepts_checkpoint, resumable_methods
+    from .engine.checkpoint import RunCheckpoint, resumable_methods
 
     if args.no_checkpoint:
         if args.resume:
             raise CLIError("--resume and --no-checkpoint contradict each other; drop one.")
         return None
-    if not accepts_checkpoint(spec.run):
+    if not spec.resumable:
         if args.resume or args.checkpoint_dir:
             raise CLIError(f"{spec.name} cannot checkpoint or resume; resumable methods: "
                            f"{', '.join(resumable_methods())}.")
@@ -185,7 +186,7 @@ def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .report import format_table
+    from .engine.report import format_table
 
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
@@ -272,7 +273,8 @@ def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_push(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .hub import card_files_for_folder, folder_files, push_folder
+    from .artifacts.cards import card_files_for_folder
+    from .artifacts.hub import folder_files, push_folder
 
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")

@@ -13,10 +13,10 @@ import time
 import torch
 
 from .calibration.corpus import builtin_texts
-from .config import CalibrationConfig
+from .calibration.config import CalibrationConfig
 from .methods import MagnitudeConfig, RIAConfig, SparseGPTConfig, WandaConfig
 from .pruner import Pruner
-from .report import format_table
+from .engine.report import format_table
 
 METHODS = (MagnitudeConfig, WandaConfig, SparseGPTConfig, RIAConfig)
 PATTERNS = ("unstructured", "2:4")

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures import get_adapter
-from .config import get_method
-from .methods.layerwise import linear_candidates
+from .models import get_family
+from .registry import MethodCost, get_method
+from .engine.targets import linear_candidates
 
 GIB = 2 ** 30
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -128,7 +128,7 @@ class Plan:
         return asdict(self)
 
     def table(self) -> str:
-        from .report import format_table
+        from .engine.report import format_table
 
         rows = [[s.name, s.blocks, f"{s.block_params / 1e6:.1f}M", f"{s.stats_bytes / GIB:.2f}",
                  f"{s.solve_bytes / GIB:.2f}", f"{s.forward_bytes / GIB:.2f}", f"{s.device_peak / GIB:.2f}",
@@ -162,10 +162,8 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
         raise ValueError(f"max_memory={max_memory!r} only applies to offload='disk' and must be a positive number of "
                          "bytes (the CPU budget of the weights accelerate keeps in RAM).")
     spec = get_method(method)
-    allocator = spec.config_class() if "layer_pruner" in getattr(spec.config_class, "__dataclass_fields__", {}) \
-        else None  # an allocator (ECoFLaP) with its defaults: scores first, then its layer-wise pruner
-    layer_method = allocator.layer_pruner if allocator is not None else method
-    statistics = getattr(get_method(layer_method).config_class, "statistics", frozenset())
+    cost = spec.cost(spec.config_class()) if spec.cost is not None else MethodCost()  # with the config's defaults
+    statistics = cost.statistics
     config = load_config(model_or_config)
     model = meta_model(config)
     dtype_name = dtype or str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
@@ -175,8 +173,8 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
     torch_dtype = _DTYPES[dtype_name]
     width = torch.tensor([], dtype=torch_dtype).element_size()
     parameters = sum(p.numel() for p in model.parameters())
-    adapter = get_adapter(model)
-    stages = adapter.stages(model)
+    family = get_family(model)
+    stages = family.stages(model)
     result = Plan(model=str(model_or_config), model_class=type(model).__name__, method=method, dtype=dtype_name,
                   parameters=parameters, weight_bytes=parameters * width, num_samples=num_samples, seq_len=seq_len,
                   batch_size=batch_size, offload=offload)
@@ -192,9 +190,8 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
             stats += sum(m.in_features for m in linears) * 4
         if "gram" in statistics:
             stats += sum(m.in_features ** 2 for m in linears) * 4
-        solve = 0
-        if layer_method == "sparsegpt":
-            solve = max(4 * (m.in_features * m.out_features + 3 * m.in_features ** 2) for m in linears)
+        solves = [cost.solve(m.in_features, m.out_features) for m in linears] if cost.solve is not None else []
+        solve = max(b for b, _ in solves) if solves else 0
         hidden = stage.config(model).hidden_size  # the residual width: what the walker caches per token
         widest = max(max(m.out_features for m in linears), max(m.in_features for m in linears))
         tokens = _tokens_per_sample(stage, config, seq_len)
@@ -204,13 +201,11 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
         activations = 2 * num_samples * tokens * hidden * width
         passes = 3 if statistics else 0  # capture, statistics, pruned outputs
         flops = passes * 2 * block_params * num_samples * tokens * len(blocks)
-        if layer_method == "sparsegpt":
-            flops += len(blocks) * sum(2 * m.in_features ** 3 + 2 * m.out_features * m.in_features ** 2
-                                       for m in linears)
+        flops += len(blocks) * sum(f for _, f in solves)
         result.stages.append(StagePlan(stage.name, len(blocks), block_params, hidden, tokens, stats, solve, forward,
                                        device_peak, activations, flops))
-    if allocator is not None:
-        result.stages.insert(0, _scores_stage(model, stages, result.stages, allocator, width, batch_size, seq_len))
+    if cost.extra_stage is not None:  # a stage that runs before the walk (an allocator's scoring)
+        result.stages.insert(0, cost.extra_stage(model, stages, result.stages, width, batch_size, seq_len))
     result.device_peak = max(s.device_peak for s in result.stages)
     resident = result.weight_bytes if offload != "disk" else \
         min(result.weight_bytes, max_memory or 0) + largest_block * width
@@ -228,41 +223,6 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
         result.throughput_source = f"matmul measured on {exec_device}"
     result.seconds = result.flops / result.throughput
     return result
-
-
-def _scores_stage(model: nn.Module, stages: list, planned: list[StagePlan], allocator, width: int, batch_size: int,
-                  seq_len: int) -> StagePlan:
-    """ECoFLaP's stage 1 (with the config's defaults): whole-model passes with every weight on the device.
-
-    Zeroth order: 2 forward passes per perturbation unit (a Linear, or a group) per batch, plus a snapshot
-    and a float32 direction of the largest unit. First order: 2 forwards and a backward (about 2 forwards)
-    per batch, with every block's input kept and one block's activations and gradients recomputed.
-    """
-    linears = linear_candidates(model, stages)
-    batches = -(-allocator.num_score_samples // batch_size)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_params = head.weight.numel() if head is not None else 0
-    vocab = head.weight.shape[0] if head is not None else 0
-    forward_flops = 2 * batch_size * (sum(s.block_params * s.blocks * s.tokens_per_sample for s in planned)
-                                      + head_params * seq_len)
-    working = max(s.forward_bytes for s in planned) + batch_size * seq_len * vocab * 4  # + float32 logits
-    block_count = sum(s.blocks for s in planned)
-    if allocator.score == "zeroth_order":
-        if allocator.zo_perturb == "tensor":
-            units, largest = len(linears), max(m.weight.numel() for _, m, *_ in linears)
-        else:
-            units = {"layer": len(linears), "block": block_count, "submodel": len(stages)}[allocator.granularity]
-            largest = max(s.block_params for s in planned)  # a block's weights (a bound for one group)
-        extra = largest * (width + 4)
-        flops = batches * units * allocator.zo_num_noise * 2 * forward_flops
-    else:
-        extra = sum(s.blocks * batch_size * s.tokens_per_sample * s.hidden * width for s in planned) \
-            + 2 * max(s.forward_bytes + s.block_params * width for s in planned)
-        flops = batches * 4 * forward_flops
-    weights = sum(p.numel() for p in model.parameters()) * width
-    return StagePlan(f"{allocator.method} scores ({allocator.score})", block_count,
-                     max(s.block_params for s in planned), max(s.hidden for s in planned), seq_len, 0, extra,
-                     working, weights + working + extra, 0, flops)
 
 
 def _tokens_per_sample(stage, config, seq_len: int) -> int:
@@ -285,7 +245,7 @@ def _measure_block(model: nn.Module, stage, device: torch.device, dtype: torch.d
     import copy
     import inspect
 
-    from .calibration.walker import _first_tensor
+    from .engine.walker import _first_tensor
 
     block = copy.deepcopy(stage.blocks(model)[0]).to_empty(device=device).to(dtype)
     with torch.no_grad():

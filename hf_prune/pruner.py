@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from .allocation import Allocation
-from .calibration.offload import module_weight, offloaded_state_dict
-from .checkpoint import RunCheckpoint, accepts_checkpoint, resumable_methods
-from .errors import CheckpointError
-from .config import PrunerConfig, get_method
-from .hub import CARD_NAME, build_model_card, check_evaluations, check_sections, push_pretrained
-from .io import atomic_output_dir, check_output_dir
-from .plots import SPARSITY_PICTURE, plot_layer_sparsity
+from .engine.offload import module_weight, offloaded_state_dict
+from .engine.checkpoint import RunCheckpoint, resumable_methods
+from .errors import CheckpointError, HFPruneError
+from .config import PrunerConfig
+from .registry import get_method
+from .artifacts.cards import CARD_NAME, build_model_card, check_evaluations, check_sections
+from .artifacts.hub import push_pretrained
+from .artifacts.files import atomic_output_dir, check_output_dir
+from .artifacts.plots import SPARSITY_PICTURE, plot_layer_sparsity
 from .result import PruningResult
 from .structured.layout import needs_variable_layout, save_variable_layout
 
@@ -136,7 +138,7 @@ class Pruner:
         ``resume=True`` continue the run checkpointed there (load the same unpruned model and pass the same config
         and data: anything else is refused before a weight changes) and end with weights bit-identical to an
         uninterrupted run. A folder that already holds a checkpoint is refused without ``resume=True``. Resumable
-        methods: ``hf_prune.checkpoint.resumable_methods()`` (the layer-wise pruners and ECoFLaP). The folder is
+        methods: ``hf_prune.engine.checkpoint.resumable_methods()`` (the layer-wise pruners and ECoFLaP). The folder is
         left in place afterwards (delete it once the result is saved); ``hf-prune prune`` does that itself.
         """
         if isinstance(config, dict):
@@ -146,16 +148,19 @@ class Pruner:
         if calibration_dataset is not None:  # the effective config records where the data came from
             config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration,
                                                                                 dataset=calibration_dataset))
-        run = get_method(config.method).run
+        spec = get_method(config.method)
+        if spec.kind == "trained":
+            raise HFPruneError(spec.how_to_run or f"{config.method} is trained with transformers.Trainer, not run by "
+                               "Pruner.prune. The model was not changed.")
         extra = {}
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run checkpointed into.")
         if checkpoint_dir is not None:
-            if not accepts_checkpoint(run):
+            if not spec.resumable:
                 raise CheckpointError(f"{config.method} cannot checkpoint or resume; resumable methods: "
                                       f"{', '.join(resumable_methods())}. Run it without checkpoint_dir/resume.")
             extra["checkpoint"] = RunCheckpoint(checkpoint_dir, resume=resume)
-        result = run(self, config, device=device, progress=progress, **extra)
+        result = spec.run(self, config, device=device, progress=progress, **extra)
         self.results.append(result)
         return result
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .report import format_table
+from .engine.report import format_table
 
 
 @dataclass

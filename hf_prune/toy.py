@@ -120,7 +120,7 @@ def toy_folder(size: str = "small", cache_dir: str | None = None) -> str:
     torch.manual_seed(spec.seed)
     train_causal_lm(model, tokenizer, texts, steps=spec.steps, batch_size=spec.batch_size, seq_len=spec.seq_len,
                     lr=spec.lr, seed=spec.seed)
-    from .io import atomic_output_dir
+    from .artifacts.files import atomic_output_dir
 
     with atomic_output_dir(folder) as tmp:
         model.save_pretrained(tmp)

@@ -12,7 +12,7 @@ import transformers as T
 
 from conftest import FAMILIES, make_batches, make_model
 from test_structured import _out
-from hf_prune.architectures import get_adapter
+from hf_prune.models import get_family
 from hf_prune.structured import (attention_groups, needs_variable_layout, save_variable_layout,
                                  set_attention_geometry, shrink_attention, zero_attention)
 
@@ -52,7 +52,7 @@ def test_shrink_equals_zeroing_and_reloads(family, tokenizer, corpus, tmp_path):
                                                                           zip(qk[1:], vo[1:])))
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in reference.parameters())
     torch.testing.assert_close(_out(model, batch), _out(reference, batch), rtol=1e-5, atol=1e-5)
-    for stage in get_adapter(model).stages(model):
+    for stage in get_family(model).stages(model):
         set_attention_geometry(model, stage)
     model.save_pretrained(tmp_path)
     if needs_variable_layout(model):
@@ -75,7 +75,7 @@ def test_uniform_geometry_goes_into_the_stock_config(family, tokenizer, corpus, 
         qk, vo = _random_keeps(group, g, uniform=True)
         zero_attention(reference, ref_group, qk, vo)
         shrink_attention(model, group, qk, vo)
-    stage = get_adapter(model).stages(model)[0]
+    stage = get_family(model).stages(model)[0]
     assert set_attention_geometry(model, stage)
     assert not needs_variable_layout(model)
     if family == "vit":  # 3 heads of 12: the softmax scale of the old width is folded into q

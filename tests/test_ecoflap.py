@@ -14,7 +14,7 @@ import transformers as T
 from conftest import make_batches, make_model
 from hf_prune import (Allocation, CalibrationConfig, ECoFLaPConfig, Pruner, PrunerConfig, SparseGPTConfig,
                       WandaConfig)
-from hf_prune.architectures import get_adapter
+from hf_prune.models import get_family
 from hf_prune.cli import main
 from hf_prune.methods.ecoflap import allocate
 
@@ -47,7 +47,7 @@ def _blip2(vocab):
 def _kill_block(model, index):
     """Scale block ``index``'s input norms to ~0: its Linears see ~zero inputs, so it contributes almost
     nothing and the loss hardly depends on any of its weights."""
-    layer = model.get_submodule(get_adapter(model).stages(model)[0].path)[index]
+    layer = model.get_submodule(get_family(model).stages(model)[0].path)[index]
     with torch.no_grad():
         layer.input_layernorm.weight.fill_(1e-4)
         layer.post_attention_layernorm.weight.fill_(1e-4)
@@ -331,7 +331,7 @@ def test_every_family_gets_its_loss_and_an_exact_budget(case, loss, tokenizer, c
     batches = make_batches(family, tokenizer, corpus)
     if case == "vit+labels":
         batches = [{**b, "labels": torch.arange(len(b["pixel_values"])) % 3} for b in batches]
-    if case == "clip_vision":  # one tower alone: the adapter walks its own encoder
+    if case == "clip_vision":  # one tower alone: the family walks its own encoder
         model = T.CLIPVisionModel(model.config.vision_config)
         batches = [{"pixel_values": b["pixel_values"]} for b in batches]
     if case == "clip_text":

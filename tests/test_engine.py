@@ -8,10 +8,11 @@ import torch
 
 from conftest import FAMILIES, make_batches, make_model
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, WandaConfig
-from hf_prune.architectures import get_adapter
-from hf_prune.calibration.stats import StatsCollector
-from hf_prune.calibration.walker import _run_block, calibration_mode, capture_stage_inputs, walk
-from hf_prune.methods.layerwise import LayerwiseProcessor, plan_targets
+from hf_prune.models import get_family
+from hf_prune.engine.stats import StatsCollector
+from hf_prune.engine.walker import _run_block, calibration_mode, capture_stage_inputs, walk
+from hf_prune.methods.layerwise import LayerwiseProcessor
+from hf_prune.engine.targets import plan_targets
 
 
 def _last_block_outputs(model, stage, batches):
@@ -30,7 +31,7 @@ def _last_block_outputs(model, stage, batches):
 def test_captured_inputs_replay_the_real_forward(family, tokenizer, corpus):
     model = make_model(family, vocab=len(tokenizer))
     batches = make_batches(family, tokenizer, corpus)
-    stages = get_adapter(model).stages(model)
+    stages = get_family(model).stages(model)
     assert {"llama": 1, "opt": 1, "bert": 1, "vit": 1, "clip": 2, "blip2": 3}[family] == len(stages)
     for stage in stages:
         expected = _last_block_outputs(model, stage, batches)
@@ -49,7 +50,7 @@ def test_next_block_sees_the_pruned_outputs(tokenizer, corpus):
     model = make_model("llama", vocab=len(tokenizer))
     batches = make_batches("llama", tokenizer, corpus)
     config = WandaConfig(sparsity=0.6)
-    stages = get_adapter(model).stages(model)
+    stages = get_family(model).stages(model)
     seen = {}
 
     class Recording(LayerwiseProcessor):
@@ -81,7 +82,7 @@ def test_padding_tokens_are_excluded(tokenizer, corpus):
     batches = make_batches("bert", tokenizer, corpus, n=8, batch=4, seq=24)
     real = int(sum(b["attention_mask"].sum() for b in batches))
     assert real < sum(b["attention_mask"].numel() for b in batches)  # there is padding to exclude
-    stages = get_adapter(model).stages(model)
+    stages = get_family(model).stages(model)
     config = WandaConfig()
     counted = {}
 
@@ -140,7 +141,7 @@ def test_streamed_capture_path_hooks_are_transparent(tokenizer, corpus):
     must not alter inputs or outputs, and everything must be back where it was afterwards."""
     model = make_model("blip2", vocab=len(tokenizer))
     batches = make_batches("blip2", tokenizer, corpus, n=4, batch=2)
-    stages = get_adapter(model).stages(model)
+    stages = get_family(model).stages(model)
     with calibration_mode(model):
         plain = capture_stage_inputs(model, stages[2], stages, batches, torch.device("cpu"))
         streamed = capture_stage_inputs(model, stages[2], stages, batches, torch.device("cpu", 0))

@@ -11,7 +11,7 @@ import transformers as T
 
 from conftest import FAMILIES, make_batches, make_model
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, RIAConfig, SparseGPTConfig, WandaConfig
-from hf_prune.masks import nm_violations, prune_count
+from hf_prune.patterns import nm_violations, prune_count
 
 METHODS = (MagnitudeConfig, WandaConfig, SparseGPTConfig, RIAConfig)
 PATTERNS = ("unstructured", "2:4", "4:8")

@@ -17,7 +17,8 @@ from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, PrunerConfig, W
 from hf_prune.cli import main
 from hf_prune.errors import HubError
 from hf_prune.evaluation import perplexity, perplexity_record
-from hf_prune.hub import CardSection, push_folder
+from hf_prune.artifacts.cards import CardSection
+from hf_prune.artifacts.hub import push_folder
 
 CAL = CalibrationConfig(num_samples=4, seq_len=32)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -71,13 +72,13 @@ def test_card_yaml_body_and_picture(pruned, tmp_path):
 
 
 def test_card_names_hub_base_model_and_skips_picture_without_matplotlib(tokenizer, tmp_path, monkeypatch):
-    import hf_prune.plots
+    import hf_prune.artifacts.plots
 
     model = make_model("opt", vocab=len(tokenizer))
     model.config._name_or_path = model.name_or_path = "facebook/opt-125m"
     pruner = Pruner(model, tokenizer)
     pruner.prune(MagnitudeConfig(sparsity=0.25), progress=False)
-    monkeypatch.setattr(hf_prune.plots, "have_matplotlib", lambda: False)
+    monkeypatch.setattr(hf_prune.artifacts.plots, "have_matplotlib", lambda: False)
     pruner.save_pretrained(tmp_path / "out", repo_id="me/opt-magnitude")
     assert not (tmp_path / "out" / "sparsity_per_layer.png").exists()
     meta, body = _card((tmp_path / "out" / "README.md").read_text())

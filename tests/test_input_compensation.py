@@ -18,7 +18,7 @@ from hf_prune import (InputCompensatedModel, InputCompensationConfig, MagnitudeC
 from hf_prune.callbacks import InputCompensationCallback
 from hf_prune.errors import HFPruneError
 from hf_prune.evaluation import perplexity, perplexity_windows
-from hf_prune.masks import nm_violations
+from hf_prune.patterns import nm_violations
 from hf_prune.methods.input_compensation.ops import (attention_entropy, compensation, fold_into_table, kd_kl_loss,
                                                      masked_mse, pool_flops, pool_parameters)
 

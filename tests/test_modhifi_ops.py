@@ -191,7 +191,7 @@ def test_global_budget_and_union_selection():
 
 def test_collector_reads_conv_patches_and_means():
     """The engine's statistics of a Conv2d are those of its im2col patches; the "sum" kind gives E[x]."""
-    from hf_prune.calibration.stats import StatsCollector
+    from hf_prune.engine.stats import StatsCollector
 
     conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1)
     linear = torch.nn.Linear(5, 2)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, RIAConfig, SparseGPTConfig, WandaConfig  # noqa: E402
-from hf_prune.masks import Pattern, nm_violations, prune_count  # noqa: E402
+from hf_prune.patterns import Pattern, nm_violations, prune_count  # noqa: E402
 
 HF_PRUNE = os.path.dirname(os.path.dirname(os.path.abspath(__import__("hf_prune").__file__)))
 CONFIGS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig, "ria": RIAConfig}

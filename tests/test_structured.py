@@ -10,7 +10,7 @@ import torch
 import transformers as T
 
 from conftest import FAMILIES, make_batches, make_model
-from hf_prune.architectures import get_adapter
+from hf_prune.models import get_family
 from hf_prune.structured import keep_columns, keep_rows, mlp_groups, set_mlp_width, shrink_mlp
 
 
@@ -28,7 +28,7 @@ def test_shrink_equals_zeroing_and_reloads(family, tokenizer, corpus, tmp_path):
     model = make_model(family, vocab=len(tokenizer))
     reference = make_model(family, vocab=len(tokenizer))
     batch = make_batches(family, tokenizer, corpus, n=4, batch=4)[0]
-    stages = get_adapter(model).stages(model)
+    stages = get_family(model).stages(model)
     groups = mlp_groups(model)
     assert len(groups) == sum(len(s.blocks(model)) for s in stages)
     g = torch.Generator().manual_seed(0)
@@ -57,7 +57,7 @@ def test_non_uniform_widths_are_refused(tokenizer):
     groups = mlp_groups(model)
     shrink_mlp(model, groups[0], list(range(100)))
     with pytest.raises(ValueError, match=r"different MLP widths \[100, 128\].*same number of neurons"):
-        set_mlp_width(model, get_adapter(model).stages(model)[0])
+        set_mlp_width(model, get_family(model).stages(model)[0])
 
 
 def test_slicing_validates_indices():

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from hf_prune import CalibrationConfig, MagnitudeConfig, ModHiFiConfig, Pruner, SparseGPTConfig, WandaConfig  # noqa: E402
-from hf_prune.report import _reset_vm_hwm, _vm_hwm_bytes  # noqa: E402
+from hf_prune.engine.report import _reset_vm_hwm, _vm_hwm_bytes  # noqa: E402
 
 CONFIGS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig,
            "modhifi": ModHiFiConfig}  # modhifi: --sparsity is the fraction of MLP neurons removed (equal widths)

@@ -20,7 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
-from hf_prune.report import _reset_vm_hwm, _vm_hwm_bytes  # noqa: E402
+from hf_prune.engine.report import _reset_vm_hwm, _vm_hwm_bytes  # noqa: E402
 
 
 def main() -> None:

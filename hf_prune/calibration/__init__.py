@@ -1,9 +1,8 @@
-"""Calibration: data sources -> token batches, the block walker, and the statistics hooks."""
+"""Calibration data: its config, the sources (datasets, lists, files, the built-in corpus, self-generated
+sequences) and the token batches the engine walks."""
 
+from .config import CalibrationConfig
 from .corpus import builtin_texts
 from .data import CalibrationSet, build_calibration, load_texts
-from .stats import LinearStats, StatsCollector
-from .walker import BlockProcessor, walk
 
-__all__ = ["BlockProcessor", "CalibrationSet", "LinearStats", "StatsCollector", "build_calibration",
-           "builtin_texts", "load_texts", "walk"]
+__all__ = ["CalibrationConfig", "CalibrationSet", "build_calibration", "builtin_texts", "load_texts"]

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..config import CalibrationConfig, _describe_object
+from .config import CalibrationConfig
+from ..checks import describe_object
 from ..errors import CalibrationDataError
 from .corpus import BUILTIN_PREFIX, builtin_provenance, builtin_texts
 
@@ -73,7 +74,7 @@ def load_rows(source: Any, *, split: str = "train", dataset_config: str | None =
             f"no {purpose} data was given: pass calibration_dataset=... (a list of texts, a datasets.Dataset, a "
             "local file, or 'builtin:python-docs', which works offline) or set CalibrationConfig(dataset=...).")
     if isinstance(source, (list, tuple)) and all(isinstance(t, str) for t in source):
-        return list(source), {"source": _describe_object(list(source))}
+        return list(source), {"source": describe_object(list(source))}
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str):
@@ -105,7 +106,7 @@ def load_rows(source: Any, *, split: str = "train", dataset_config: str | None =
                                        "set CalibrationConfig(split=...).")
         return load_rows(source[split], split=split, purpose=purpose)
     if datasets is not None and isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-        return list(source), {"source": _describe_object(source)}
+        return list(source), {"source": describe_object(source)}
     raise CalibrationDataError(
         f"unsupported {purpose} source of type {type(source).__name__}; use a list of strings, a "
         "datasets.Dataset, a local .txt/.jsonl/.json/.csv path, 'builtin:python-docs', a Hub dataset name, or "

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import CalibrationDataError
 from .data import CalibrationSet
-from .walker import calibration_mode, model_device
+from ..engine.walker import calibration_mode, model_device
 
 
 def _start_token(model: nn.Module, tokenizer: Any) -> int:

@@ -9,38 +9,25 @@ the report) is here, once.
 from __future__ import annotations
 
 import abc
-import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from ..architectures import Stage, get_adapter
+from ..models import Stage, get_family
 from ..calibration.data import CalibrationSet, build_calibration
-from ..calibration.offload import check_placement, describe_offload, is_dispatched, module_weight
-from ..calibration.stats import LinearStats
-from ..calibration.walker import resolve_device, walk
-from ..config import PrunerConfig, check_choice, check_number
-from ..errors import HFPruneError, OffloadError, did_you_mean
-from ..masks import Pattern
-from ..report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
+from ..engine.offload import describe_offload, module_weight
+from ..engine.stats import LinearStats
+from ..engine.walker import resolve_device, walk
+from ..config import PrunerConfig
+from ..engine.targets import Target, calibration_needs, check_model_ready, plan_targets, stages_with_targets
+from ..checks import check_choice, check_number, regex_list
+from ..errors import HFPruneError
+from ..patterns import Pattern
+from ..engine.report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
+from ..registry import MethodCost, register_method
 from ..result import PruningResult
-
-
-def _regex_list(owner: str, name: str, value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"{owner}.{name} must be a regex string or a non-empty list of them, got {value!r}.")
-    for pattern in value:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"{owner}.{name}: {pattern!r} is not a valid regular expression ({exc}).") from None
-    return list(value)
 
 
 def _unwrap_allocation(value: Any) -> Any:
@@ -72,6 +59,8 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
     module_sparsity: dict[str, float] | None = None
 
     statistics: ClassVar[frozenset] = frozenset()  # what the method reads: "sq_norm", "gram"
+    # (in_features, out_features) -> (bytes, flops) of the per-Linear solve beyond the statistics, for the planner
+    solve_cost: ClassVar[Callable[[int, int], tuple[int, float]] | None] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,8 +81,8 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
             self.sparsity = 0.5
         check_number(owner, "sparsity", self.sparsity, 0.0, 1.0)
         self.sparsity = float(self.sparsity)
-        self.target_modules = _regex_list(owner, "target_modules", self.target_modules)
-        self.exclude_modules = _regex_list(owner, "exclude_modules", self.exclude_modules)
+        self.target_modules = regex_list(owner, "target_modules", self.target_modules)
+        self.exclude_modules = regex_list(owner, "exclude_modules", self.exclude_modules)
         if self.module_sparsity is not None:
             self.module_sparsity = _unwrap_allocation(self.module_sparsity)
             if not isinstance(self.module_sparsity, dict):
@@ -116,104 +105,6 @@ def check_scope(owner: str, scope: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # which modules, at which sparsity
-
-
-@dataclass
-class Target:
-    name: str
-    module: nn.Linear
-    block: str
-    stage: str
-    sparsity: float
-
-
-def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, nn.Linear, str, str]]:
-    """(name, module, block name, stage name) of every nn.Linear inside the blocks, in walk order."""
-    found = []
-    for stage in stages:
-        for block_name, block in zip(stage.block_names(model), stage.blocks(model)):
-            for sub, module in block.named_modules(prefix=block_name):
-                if isinstance(module, nn.Linear):
-                    found.append((sub, module, block_name, stage.name))
-    return found
-
-
-def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[str] | None,
-                   exclude_modules: list[str] | None) -> list[tuple[str, nn.Linear, str, str]]:
-    """The candidate Linears that the target/exclude regexes select; each regex must match something."""
-    candidates = linear_candidates(model, stages)
-    if not candidates:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer inside its blocks "
-                         f"({', '.join(s.path for s in stages)}); the layer-wise pruners prune Linear layers only.")
-    names = [c[0] for c in candidates]
-    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(names)]
-    examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-
-    def check_matches(field: str, regex: str) -> None:
-        if any(re.search(regex, n) for n in names):
-            return
-        hit = [n for n in outside if re.search(regex, n)]
-        extra = (f" It matches {', '.join(hit[:3])}, which lie outside the transformer blocks and are never "
-                 "pruned by layer-wise methods." if hit else "")
-        raise ValueError(f"{field} regex {regex!r} matches no Linear layer inside the transformer blocks "
-                         f"(e.g. {examples}).{extra}")
-
-    selected = candidates
-    if target_modules:
-        for regex in target_modules:
-            check_matches("target_modules", regex)
-        selected = [c for c in selected if any(re.search(r, c[0]) for r in target_modules)]
-    if exclude_modules:
-        for regex in exclude_modules:
-            check_matches("exclude_modules", regex)
-        selected = [c for c in selected if not any(re.search(r, c[0]) for r in exclude_modules)]
-    if not selected:
-        raise ValueError("target_modules/exclude_modules leave no module to prune.")
-    return selected
-
-
-def plan_targets(model: nn.Module, stages: list[Stage], config: LayerwiseConfig) -> list[Target]:
-    """Resolve the modules to prune and their sparsities, validating everything against the model."""
-    selected = select_modules(model, stages, config.target_modules, config.exclude_modules)
-    names = [c[0] for c in selected]
-    overrides = config.module_sparsity or {}
-    unknown = [n for n in overrides if n not in set(names)]
-    if unknown:
-        raise ValueError(f"module_sparsity names {unknown[0]!r}, which is not a module being pruned."
-                         f"{did_you_mean(unknown[0], names)}")
-    targets = [Target(n, m, b, s, overrides.get(n, config.sparsity)) for n, m, b, s in selected]
-    for t in targets:
-        if not bool(torch.isfinite(module_weight(t.module)).all()):  # offloaded: read from its weights map
-            raise ValueError(f"{t.name} holds NaN/inf weights; the checkpoint is corrupt or overflowed when loaded "
-                             "(try dtype=torch.float32). Nothing was pruned.")
-    pattern = Pattern.parse(config.pattern)
-    if pattern.is_nm:
-        bad = [f"{t.name} (in_features={t.module.in_features})" for t in targets if t.module.in_features % pattern.m]
-        if bad:
-            raise ValueError(f"pattern {pattern} needs every pruned layer's input width to be a multiple of "
-                             f"{pattern.m}, but {len(bad)} are not: {', '.join(bad[:3])}. Exclude them with "
-                             "exclude_modules or pick another pattern.")
-    return targets
-
-
-OFFLOAD_METHODS = ("magnitude", "wanda", "sparsegpt", "ria")
-
-
-def check_model_ready(model: nn.Module, *, offload: bool = False) -> None:
-    """A real model with real weights. ``offload=True``: accelerate CPU/disk offload is fine (the layer-wise
-    engine writes pruned weights back into the weights maps); otherwise an offloaded model is refused."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Pruner needs a torch.nn.Module (a transformers model), got {type(model).__name__}.")
-    if offload:
-        check_placement(model)
-        return
-    if any(p.device.type == "meta" for p in model.parameters()):
-        offloaded = is_dispatched(model)
-        raise OffloadError(
-            "some weights are on the 'meta' device (" + ("accelerate CPU/disk offload" if offloaded else
-                                                          "an empty model") + "); this method needs every weight "
-            "on a module: load the model with device_map=None (or 'cpu')"
-            + (f", or prune offloaded models with {', '.join(OFFLOAD_METHODS)}." if offloaded else "."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,15 +142,6 @@ class LayerwiseProcessor:
         self.info = dict((state or {}).get("info", {}))
 
 
-def stages_with_targets(stages: list[Stage], targets: list[Target]) -> list[Stage]:
-    names = {t.stage for t in targets}
-    return [s for s in stages if s.name in names]
-
-
-def calibration_needs(stages: list[Stage]) -> set[str]:
-    return {key for s in stages for key in s.requires}
-
-
 def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.device | None = None,
                   progress: bool = True, calibration: CalibrationSet | None = None,
                   checkpoint: Any = None) -> PruningResult:
@@ -270,8 +152,8 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
     ``hf_prune.checkpoint.RunCheckpoint`` to save after every block and to resume from."""
     model = pruner.model
     check_model_ready(model, offload=True)
-    adapter = get_adapter(model)
-    stages = adapter.stages(model)
+    family = get_family(model)
+    stages = family.stages(model)
     targets = plan_targets(model, stages, config)
     active = stages_with_targets(stages, targets)
     exec_device = resolve_device(model, device)
@@ -283,7 +165,7 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
                 if calibration is None:
                     calibration = build_calibration(config.calibration, tokenizer=pruner.tokenizer,
                                                     processor=pruner.processor, needs=calibration_needs(active),
-                                                    causal_lm=adapter.causal_lm)
+                                                    causal_lm=family.causal_lm)
             batches, provenance = calibration.batches, calibration.provenance
         resumed_from = None
         if checkpoint is not None:
@@ -299,7 +181,7 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
                     raise type(exc)(f"{exc} Note: {len(processor.info)} of {len(targets)} modules were already "
                                     "pruned in place before this failure; reload the model before retrying.") from exc
                 raise
-    report = layerwise_report(model, adapter.name, active, targets, config, processor.info, provenance, meter,
+    report = layerwise_report(model, family.name, active, targets, config, processor.info, provenance, meter,
                               exec_device)
     if checkpoint is not None:
         checkpoint.finish()
@@ -331,3 +213,15 @@ def layerwise_report(model: nn.Module, family: str, stages: list[Stage], targets
         "run": meter.to_dict(),
         "environment": environment(device),
     }
+
+
+def layerwise_cost(config: LayerwiseConfig) -> MethodCost:
+    """The planner's inputs for a layer-wise pruner: the statistics it reads and its per-Linear solve."""
+    return MethodCost(statistics=frozenset(config.statistics), solve=config.solve_cost)
+
+
+def register_layerwise(config_class: type, *, display_name: str) -> None:
+    """Register a layer-wise pruner: it runs through ``run_layerwise``, resumes, works on offloaded models and
+    takes an allocation's ``module_sparsity``."""
+    register_method(config_class, run_layerwise, display_name=display_name, resumable=True, offload=True,
+                    layerwise=True, needs_data=lambda config: bool(config.statistics), cost=layerwise_cost)

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..architectures import AttentionSpec, Stage, get_adapter
+from ..models import AttentionSpec, Stage, get_family
 
 
 @dataclass
@@ -59,7 +59,7 @@ class AttentionGroup:
 
 def attention_groups(model: nn.Module, stages: list[Stage] | None = None) -> list[AttentionGroup]:
     """The self-attention of every block of every stage that has one, in walk order."""
-    stages = get_adapter(model).stages(model) if stages is None else stages
+    stages = get_family(model).stages(model) if stages is None else stages
     groups = []
     for stage in stages:
         spec = stage.attention

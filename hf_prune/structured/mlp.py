@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import MLPSpec, Stage, get_adapter
+from ..models import MLPSpec, Stage, get_family
 
 
 @dataclass
@@ -35,7 +35,7 @@ class MLPGroup:
 
 def mlp_groups(model: nn.Module, stages: list[Stage] | None = None) -> list[MLPGroup]:
     """The MLP of every block of every stage that has one, in walk order."""
-    stages = get_adapter(model).stages(model) if stages is None else stages
+    stages = get_family(model).stages(model) if stages is None else stages
     groups = []
     for stage in stages:
         if stage.mlp is None:

@@ -1,9 +1,10 @@
 """ECoFLaP: zeroth- or first-order scores -> per-layer sparsity allocation -> any layer-wise pruner."""
 
-from ...config import register_method
+from ...registry import register_method
 from .config import ECoFLaPConfig
+from .plan import ecoflap_cost
 from .run import allocate, run_ecoflap
 
-register_method(ECoFLaPConfig, run_ecoflap)
+register_method(ECoFLaPConfig, run_ecoflap, display_name="ECoFLaP", resumable=True, cost=ecoflap_cost)
 
 __all__ = ["ECoFLaPConfig", "allocate", "run_ecoflap"]

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...config import PrunerConfig, available_methods, check_choice, check_int, check_number, get_method
-from ...masks import Pattern
-from ..layerwise import LayerwiseConfig, _regex_list
+from ...config import PrunerConfig
+from ...registry import available_methods, get_method
+from ...checks import check_choice, check_int, check_number
+from ...patterns import Pattern
+from ..layerwise import LayerwiseConfig
+from ...checks import regex_list
 
 GRANULARITIES = ("block", "layer", "submodel")
 SCORES = ("zeroth_order", "first_order")
@@ -106,8 +109,8 @@ class ECoFLaPConfig(PrunerConfig):
                              f"{pattern.sparsity:g} of every module, so there is no per-layer sparsity to allocate; "
                              "use pattern='unstructured' (or prune with an N:M layer-wise method directly).")
         self.pattern = str(pattern)
-        self.target_modules = _regex_list(owner, "target_modules", self.target_modules)
-        self.exclude_modules = _regex_list(owner, "exclude_modules", self.exclude_modules)
+        self.target_modules = regex_list(owner, "target_modules", self.target_modules)
+        self.exclude_modules = regex_list(owner, "exclude_modules", self.exclude_modules)
         choices = layerwise_methods()
         if self.layer_pruner not in choices:
             raise ValueError(f"{owner}.layer_pruner={self.layer_pruner!r} is not a layer-wise pruner; choose one of "

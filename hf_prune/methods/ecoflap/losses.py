@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...architectures import Adapter
+from ...models import Family
 from ...errors import CalibrationDataError
 
 DESCRIPTIONS = {
@@ -125,14 +125,14 @@ class ScoringLoss:
         return tensor.float().reshape(-1, tensor.shape[-1])
 
 
-def _is_clip_pair(model: nn.Module, adapter: Adapter, batch: dict) -> bool:
-    return (adapter.name == "clip" and hasattr(model, "logit_scale") and "input_ids" in batch
+def _is_clip_pair(model: nn.Module, family: Family, batch: dict) -> bool:
+    return (family.name == "clip" and hasattr(model, "logit_scale") and "input_ids" in batch
             and "pixel_values" in batch)
 
 
-def choose_loss(model: nn.Module, adapter: Adapter, batch: dict) -> ScoringLoss:
+def choose_loss(model: nn.Module, family: Family, batch: dict) -> ScoringLoss:
     """The scoring loss for this model and these batches (see the module docstring)."""
-    if adapter.name == "blip-2":
+    if family.name == "blip-2":
         if model.get_output_embeddings() is None or "input_ids" not in batch:
             raise CalibrationDataError("ECoFLaP scores BLIP-2 with its caption loss, which needs "
                                        "Blip2ForConditionalGeneration and batches with pixel_values and input_ids.")
@@ -141,11 +141,11 @@ def choose_loss(model: nn.Module, adapter: Adapter, batch: dict) -> ScoringLoss:
         if token is None:
             token = getattr(config, "image_token_index", None)
         return ScoringLoss("caption_lm", image_token_id=token)
-    if adapter.causal_lm and model.get_output_embeddings() is not None and "input_ids" in batch:
+    if family.causal_lm and model.get_output_embeddings() is not None and "input_ids" in batch:
         return ScoringLoss("causal_lm")
     if "labels" in batch:
         return ScoringLoss("model_loss")
-    if _is_clip_pair(model, adapter, batch):
+    if _is_clip_pair(model, family, batch):
         sizes = [batch["input_ids"].shape[0], batch["pixel_values"].shape[0]]
         if min(sizes) < 2:
             raise CalibrationDataError(

@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...masks import prune_count
+from ...patterns import prune_count
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from ...allocation import Allocation
-from ...architectures import Adapter, Stage, get_adapter
+from ...models import Family, Stage, get_family
 from ...calibration.data import CalibrationSet, build_calibration
-from ...calibration.walker import model_device, resolve_device
-from ...report import RunMeter
+from ...engine.walker import model_device, resolve_device
+from ...engine.report import RunMeter
 from ...result import PruningResult
 from ...version import __version__
-from ..layerwise import (LayerwiseConfig, Target, calibration_needs, check_model_ready, plan_targets, run_layerwise,
-                         stages_with_targets)
+from ..layerwise import LayerwiseConfig, run_layerwise
+from ...engine.targets import Target, calibration_needs, check_model_ready, plan_targets, stages_with_targets
 from .config import ECoFLaPConfig
 from .losses import ScoringLoss, check_batches, choose_loss, describe
 from .ops import min_keep, solve_budget, split_keep
@@ -34,7 +34,7 @@ from .scores import Unit, first_order_scores, zeroth_order_scores
 class Plan:
     """Everything validated before any weight is touched."""
 
-    adapter: Adapter
+    family: Family
     stages: list[Stage]
     targets: list[Target]
     layer_config: LayerwiseConfig
@@ -53,26 +53,26 @@ def make_plan(pruner: Any, config: ECoFLaPConfig, *, with_prune_data: bool) -> P
         raise TypeError(f"ECoFLaP needs an ECoFLaPConfig, got {type(config).__name__}.")
     model = pruner.model
     check_model_ready(model)
-    adapter = get_adapter(model)
-    stages = adapter.stages(model)
+    family = get_family(model)
+    stages = family.stages(model)
     layer_config = config.layer_pruner_config()
     targets = plan_targets(model, stages, layer_config)
     needs = {key for s in stages for key in s.requires}  # stage 1 runs the whole model
     score_cal = dataclasses.replace(config.calibration, num_samples=config.num_score_samples)
     score_data = build_calibration(score_cal, tokenizer=pruner.tokenizer, processor=pruner.processor, needs=needs,
-                                   causal_lm=adapter.causal_lm)
+                                   causal_lm=family.causal_lm)
     prune_data = None
     if with_prune_data and layer_config.statistics:
         prune_data = build_calibration(config.calibration, tokenizer=pruner.tokenizer, processor=pruner.processor,
                                        needs=calibration_needs(stages_with_targets(stages, targets)),
-                                       causal_lm=adapter.causal_lm)
-    loss = choose_loss(model, adapter, score_data.batches[0])
+                                       causal_lm=family.causal_lm)
+    loss = choose_loss(model, family, score_data.batches[0])
     check_batches(loss, score_data.batches)
     if config.granularity == "submodel" and (config.per_submodel_budget or len(stages) == 1):
         warnings.warn("ECoFLaP with granularity='submodel' and one budget per sub-model (or a single sub-model) has "
                       "one group per budget: every module gets the target sparsity (a uniform allocation).",
                       stacklevel=3)
-    return Plan(adapter, stages, targets, layer_config, score_data, prune_data, loss, model_device(model))
+    return Plan(family, stages, targets, layer_config, score_data, prune_data, loss, model_device(model))
 
 
 def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[str, list[Target]],

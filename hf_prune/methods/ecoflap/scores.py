@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ...calibration.walker import calibration_mode, to_device
+from ...engine.walker import calibration_mode, to_device
 from ...errors import NonFiniteStatisticsError
 from .losses import ScoringLoss
 

@@ -1,7 +1,8 @@
-from ...config import register_method
-from .config import InputCompensationConfig, run_input_compensation
+from ...registry import register_method
+from .config import InputCompensationConfig, HOW_TO_RUN
 from .model import InputCompensatedModel, InputCompensator
 
-register_method(InputCompensationConfig, run_input_compensation)
+register_method(InputCompensationConfig, None, display_name="Input Compensation", kind="trained",
+                how_to_run=HOW_TO_RUN, card_template="input_compensation.md.j2")
 
 __all__ = ["InputCompensatedModel", "InputCompensationConfig", "InputCompensator"]

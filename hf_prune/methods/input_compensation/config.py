@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...config import PrunerConfig, check_choice, check_int, check_number
-from ...errors import HFPruneError
+from ...config import PrunerConfig
+from ...checks import check_choice, check_int, check_number
 
 ENCODERS = ("embedding", "identity")  # or a dotted module path of the pruned model
 INJECTS = ("auto", "inputs_embeds", "pixel_values")
@@ -122,17 +122,11 @@ class InputCompensationConfig(PrunerConfig):
         return any(name in TEACHER_LOSSES for name in self.loss_terms)
 
 
-def run_input_compensation(pruner: Any, config: InputCompensationConfig, *, device: Any = None,
-                           progress: bool = True) -> Any:
-    """``Pruner.prune`` entry point: refuses, before touching any weight, and says what to do instead.
-
-    IC needs the dense model as a teacher (``Pruner.prune`` changes its model in place, so it has none) and
-    a training loop with its optimizer, schedule and data (``transformers.Trainer`` owns those); hiding a
-    second training loop inside ``prune`` would duplicate Trainer and bury its knobs.
-    """
-    raise HFPruneError(
-        "input compensation is trained, not applied in one shot: prune first (e.g. pruner.prune(WandaConfig(...))), "
-        "then wrap the pruned model, ic = InputCompensatedModel(pruner.model, InputCompensationConfig(...), "
-        "teacher=dense_model), and train it with transformers.Trainer(model=ic, ..., "
-        "callbacks=[hf_prune.callbacks.InputCompensationCallback()]); for language models ic.merge_and_unload() "
-        "then folds the pool into the embedding table. The model was not changed.")
+# what Pruner.prune says instead of running IC: it needs the dense model as a teacher (prune changes its model in
+# place, so it has none) and a training loop with its optimizer, schedule and data (transformers.Trainer owns those)
+HOW_TO_RUN = (
+    "input compensation is trained, not applied in one shot: prune first (e.g. pruner.prune(WandaConfig(...))), "
+    "then wrap the pruned model, ic = InputCompensatedModel(pruner.model, InputCompensationConfig(...), "
+    "teacher=dense_model), and train it with transformers.Trainer(model=ic, ..., "
+    "callbacks=[hf_prune.callbacks.InputCompensationCallback()]); for language models ic.merge_and_unload() "
+    "then folds the pool into the embedding table. The model was not changed.")

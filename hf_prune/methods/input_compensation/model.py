@@ -1,4 +1,4 @@
-"""``InputCompensatedModel``: a pruned model with a compensation pool on its input, trained like an adapter.
+"""``InputCompensatedModel``: a pruned model with a compensation pool on its input, trained like an family.
 
 The wrapper keeps the pruned model's forward signature (``Trainer``, pipelines and ``generate`` keep working)
 and injects the compensation through hooks:
@@ -32,12 +32,12 @@ from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...architectures import pixel_input
+from ...models import pixel_input
 from ...config import PrunerConfig
 from ...errors import HFPruneError, did_you_mean
-from ...io import check_output_dir
-from ...masks import WeightMasks
-from ...report import model_totals
+from ...artifacts.files import check_output_dir
+from ...training.weight_masks import WeightMasks
+from ...engine.report import model_totals
 from ...version import __version__
 from .config import InputCompensationConfig
 from .ops import (attention_entropy, compensation, conv2d_flops, default_temperature, fold_into_table, kd_kl_loss,
@@ -594,10 +594,10 @@ class InputCompensatedModel(nn.Module):
         }
 
     def _has_blocks(self) -> bool:
-        from ...architectures import get_adapter
+        from ...models import get_family
 
         try:
-            get_adapter(self.base_model).stages(self.base_model)
+            get_family(self.base_model).stages(self.base_model)
             return True
         except HFPruneError:
             return False
@@ -662,7 +662,7 @@ class InputCompensatedModel(nn.Module):
                 if os.path.isdir(path):
                     raise FileNotFoundError(f"no {name} in {folder!r}; was it written by "
                                             "InputCompensatedModel.save_pretrained?")
-                from ...hub import hub_errors
+                from ...artifacts.hub import hub_errors
 
                 with hub_errors("download the input compensation pool from", path):
                     local = hf_hub_download(path, name, subfolder=subfolder, revision=revision, token=token)
@@ -698,7 +698,8 @@ class InputCompensatedModel(nn.Module):
         ``model_cards/input_compensation.md.j2``) in one commit, through the same path as every hf_prune artifact
         (the repo is created first; no network or a refused token raises ``hf_prune.errors.HubError``).
         Returns ``huggingface_hub.CommitInfo``."""
-        from ...hub import CARD_NAME, push_pretrained
+        from ...artifacts.cards import CARD_NAME
+        from ...artifacts.hub import push_pretrained
 
         def save(folder: str) -> None:
             self.save_pretrained(folder)
@@ -712,7 +713,7 @@ class InputCompensatedModel(nn.Module):
         """The ``huggingface_hub.ModelCard`` of this pool."""
         from huggingface_hub import ModelCardData
 
-        from ...hub import hub_base_model, render_card
+        from ...artifacts.cards import hub_base_model, render_card
 
         rep = self.report()
         meta = self._metadata()

@@ -1,7 +1,6 @@
-from ...config import register_method
-from ..layerwise import run_layerwise
+from ..layerwise import register_layerwise
 from .config import MagnitudeConfig
 
-register_method(MagnitudeConfig, run_layerwise)
+register_layerwise(MagnitudeConfig, display_name="Magnitude")
 
 __all__ = ["MagnitudeConfig"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...masks import Pattern, mask_from_scores
+from ...patterns import Pattern, mask_from_scores
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:

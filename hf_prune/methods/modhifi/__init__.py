@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...config import register_method
+from ...registry import register_method
 from .config import ModHiFiConfig
 from .report import ModHiFiResult
 
@@ -20,6 +20,7 @@ def run_modhifi(pruner: Any, config: ModHiFiConfig, *, device: Any = None, progr
     return run_prune(pruner, config, device=device, progress=progress)
 
 
-register_method(ModHiFiConfig, run_modhifi)
+register_method(ModHiFiConfig, run_modhifi, display_name="ModHiFi",
+                needs_data=lambda config: config.needs_statistics)
 
 __all__ = ["ModHiFiConfig", "ModHiFiResult", "run_modhifi"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...config import PrunerConfig, _describe_object, check_choice, check_int, check_number
+from ...config import PrunerConfig
+from ...checks import check_choice, check_int, check_number, describe_object
 from .ops import PER_OUTPUT_SCORES, SCORES
 
 MODES = ("prune", "unlearn")
@@ -131,5 +132,5 @@ class ModHiFiConfig(PrunerConfig):
         for name in ("forget_data", "remain_data"):
             value = out[name]
             if value is not None and not isinstance(value, str):
-                out[name] = _describe_object(value)
+                out[name] = describe_object(value)
         return out

@@ -21,16 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...architectures import Adapter, Stage, get_adapter
+from ...models import Family, Stage, get_family
 from ...calibration.data import build_calibration
-from ...calibration.stats import LinearStats
+from ...engine.stats import LinearStats
 from ...calibration.synthetic import sample_sequences
-from ...calibration.walker import resolve_device, walk
+from ...engine.walker import resolve_device, walk
 from ...errors import CalibrationDataError, HFPruneError, UnsupportedModelError
-from ...masks import prune_count
-from ...report import RunMeter
+from ...patterns import prune_count
+from ...engine.report import RunMeter
 from ...structured import MLPGroup, mlp_groups, set_mlp_width, shrink_mlp
-from ..layerwise import calibration_needs, check_model_ready
+from ...engine.targets import calibration_needs, check_model_ready
 from . import ops
 from .config import ModHiFiConfig
 from .report import ModHiFiResult, prune_report, size_summary
@@ -146,15 +146,15 @@ def _relative(error: float, energy: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def calibration_batches(pruner: Any, config: ModHiFiConfig, adapter: Adapter, stages: list[Stage]) -> tuple[list, dict]:
+def calibration_batches(pruner: Any, config: ModHiFiConfig, family: Family, stages: list[Stage]) -> tuple[list, dict]:
     """The calibration set, or, with no data given, sequences sampled from the causal LM itself."""
     model = pruner.model
     if config.calibration.dataset is not None:
         cal = build_calibration(config.calibration, tokenizer=pruner.tokenizer, processor=pruner.processor,
-                                needs=calibration_needs(stages), causal_lm=adapter.causal_lm)
+                                needs=calibration_needs(stages), causal_lm=family.causal_lm)
         return cal.batches, cal.provenance
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not adapter.causal_lm or head is None:
+    if not family.causal_lm or head is None:
         raise CalibrationDataError(
             f"ModHiFi reads activations but no calibration data was given, and the data-free path (sequences "
             f"sampled from the model itself) needs a causal language model with an LM head; "
@@ -200,8 +200,8 @@ def run_prune(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device 
               progress: bool = True) -> ModHiFiResult:
     model = pruner.model
     check_model_ready(model)
-    adapter = get_adapter(model)
-    stages = [s for s in adapter.stages(model) if s.mlp is not None]
+    family = get_family(model)
+    stages = [s for s in family.stages(model) if s.mlp is not None]
     if not stages:
         raise UnsupportedModelError(f"{type(model).__name__} has no transformer MLP blocks that ModHiFi can prune "
                                     "(it prunes MLP hidden neurons); mode='unlearn' works on it.")
@@ -217,7 +217,7 @@ def run_prune(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device 
                                                              "reads no activations"}
         if config.needs_statistics:
             with meter.phase("calibration_data"):
-                batches, provenance = calibration_batches(pruner, config, adapter, stages)
+                batches, provenance = calibration_batches(pruner, config, family, stages)
         try:
             for iteration in range(1, config.num_iterations + 1):
                 fraction = config.sparsity * iteration / config.num_iterations
@@ -247,6 +247,6 @@ def run_prune(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device 
         for stage in stages:
             widths = {p.group.width for p in plans.values() if p.group.stage is stage}
             config_widths[stage.name] = set_mlp_width(model, stage) if len(widths) == 1 else None
-    report = prune_report(model, adapter.name, stages, config, plans, provenance, meter, exec_device, before,
+    report = prune_report(model, family.name, stages, config, plans, provenance, meter, exec_device, before,
                           size_summary(model, groups), config_widths)
     return ModHiFiResult(config=config, report=report, model=model)

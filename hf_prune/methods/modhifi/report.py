@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ...report import environment, format_table, model_record, model_totals, module_entry, sparsity_section
+from ...engine.report import environment, format_table, model_record, model_totals, module_entry, sparsity_section
 from ...result import PruningResult
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...architectures import Adapter, Stage, get_adapter
+from ...models import Family, Stage, get_family
 from ...calibration.data import _is_prepared, _pad_batch, _text_tokenizer, column, load_rows
-from ...calibration.stats import LinearStats
-from ...calibration.walker import model_device, resolve_device, to_device, walk
+from ...engine.stats import LinearStats
+from ...engine.walker import model_device, resolve_device, to_device, walk
 from ...errors import CalibrationDataError, HFPruneError
-from ...report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
-from ..layerwise import calibration_needs, check_model_ready
+from ...engine.report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
+from ...engine.targets import calibration_needs, check_model_ready
 from . import ops
 from .config import ModHiFiConfig
 from .report import ModHiFiResult
@@ -186,18 +186,18 @@ class UnlearnProcessor:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def _choose_edit(config: ModHiFiConfig, adapter: Adapter) -> str:
+def _choose_edit(config: ModHiFiConfig, family: Family) -> str:
     if config.unlearn_edit != "auto":
         return config.unlearn_edit
-    return "zero" if adapter.normalization == "batch" else "negate"
+    return "zero" if family.normalization == "batch" else "negate"
 
 
 def run_unlearn(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device | None = None,
                 progress: bool = True) -> ModHiFiResult:
     model = pruner.model
     check_model_ready(model)
-    adapter = get_adapter(model)
-    stages = adapter.stages(model)
+    family = get_family(model)
+    stages = family.stages(model)
     targets = unlearn_targets(model, stages)
     if not targets:
         raise ValueError(f"{type(model).__name__} has no layer ModHiFi can edit (MLP output Linears or Conv2d "
@@ -210,7 +210,7 @@ def run_unlearn(pruner: Any, config: ModHiFiConfig, *, device: str | torch.devic
         targets = targets[-config.unlearn_layers:]
     exec_device = resolve_device(model, device)
     needs = calibration_needs(stages)
-    edit = _choose_edit(config, adapter)
+    edit = _choose_edit(config, family)
     with RunMeter() as meter:
         with meter.phase("data"):
             forget, forget_labels, forget_prov = labelled_batches(
@@ -270,7 +270,7 @@ def run_unlearn(pruner: Any, config: ModHiFiConfig, *, device: str | torch.devic
         "mode": "unlearn",
         "config": config.to_dict(),
         "pattern": f"unlearn-{edit}",
-        "model": model_record(model, adapter.name, stages),
+        "model": model_record(model, family.name, stages),
         "calibration": {"forget": forget_prov, "remain": remain_prov},
         "sparsity": sparsity_section(entries, block_of),
         "model_totals": model_totals(model),

@@ -1,7 +1,6 @@
-from ...config import register_method
-from ..layerwise import run_layerwise
+from ..layerwise import register_layerwise
 from .config import RIAConfig
 
-register_method(RIAConfig, run_layerwise)
+register_layerwise(RIAConfig, display_name="RIA")
 
 __all__ = ["RIAConfig"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...config import check_number
-from ...masks import Pattern
+from ...checks import check_number
+from ...patterns import Pattern
 from ..layerwise import LayerwiseConfig, check_scope
 from .ops import ria_prune_mask
 

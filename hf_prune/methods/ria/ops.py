@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...masks import Pattern, mask_from_scores
+from ...patterns import Pattern, mask_from_scores
 
 
 def ria_scores(weight: torch.Tensor, col_sq_mean: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:

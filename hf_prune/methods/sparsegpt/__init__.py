@@ -1,7 +1,6 @@
-from ...config import register_method
-from ..layerwise import run_layerwise
+from ..layerwise import register_layerwise
 from .config import SparseGPTConfig
 
-register_method(SparseGPTConfig, run_layerwise)
+register_layerwise(SparseGPTConfig, display_name="SparseGPT")
 
 __all__ = ["SparseGPTConfig"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...config import check_int, check_number
-from ...masks import Pattern
+from ...checks import check_int, check_number
+from ...patterns import Pattern
 from ..layerwise import LayerwiseConfig
 from .ops import sparsegpt_prune
 
@@ -34,6 +34,13 @@ class SparseGPTConfig(LayerwiseConfig):
         if pattern.is_nm and self.block_size % pattern.m:
             raise ValueError(f"{owner}.block_size={self.block_size} must be a multiple of M={pattern.m} "
                              f"for pattern {pattern}.")
+
+    @staticmethod
+    def solve_cost(in_features: int, out_features: int) -> tuple[int, float]:
+        """An fp32 copy of the weight and three in x in matrices (Hessian, its factor, the inverse); the Cholesky,
+        the inverse and the column-by-column update."""
+        return (4 * (in_features * out_features + 3 * in_features ** 2),
+                2 * in_features ** 3 + 2 * out_features * in_features ** 2)
 
     def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
         return sparsegpt_prune(weight, stats.hessian, sparsity, pattern, block_size=self.block_size,

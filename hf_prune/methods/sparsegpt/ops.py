@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import NonFiniteStatisticsError
-from ...masks import Pattern, nm_prune_mask, prune_count, smallest_k_mask
+from ...patterns import Pattern, nm_prune_mask, prune_count, smallest_k_mask
 
 UNSTRUCTURED_LEAF = 8
 

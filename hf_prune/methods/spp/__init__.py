@@ -1,13 +1,13 @@
 """SPP: solution-path pruning (Ding et al., ICLR 2025) with a Trainer callback, and a training-free variant."""
 
-from ...config import register_method
+from ...registry import register_method
 from .config import SPPConfig
 from .masks import MaskUnit, SPPMasks, attach_masks, build_units
 from .path import SolutionPath, save_model
 from .run import run_spp
 from .training_free import training_free_path
 
-register_method(SPPConfig, run_spp)
+register_method(SPPConfig, run_spp, display_name="SPP", needs_data=lambda config: config.path is None)
 
 __all__ = ["MaskUnit", "SPPConfig", "SPPMasks", "SolutionPath", "attach_masks", "build_units", "run_spp",
            "save_model", "training_free_path"]

@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...config import PrunerConfig, check_choice, check_int, check_number
-from ..layerwise import _regex_list
+from ...config import PrunerConfig
+from ...checks import check_choice, check_int, check_number
+from ...checks import regex_list
 
 GROUPS = ("qk", "vo", "mlp")
 COUPLINGS = ("released", "split_lbi")
@@ -131,8 +132,8 @@ class SPPConfig(PrunerConfig):
                              "such as 'cosine_with_min_lr', 'cosine', 'linear' or 'constant'.")
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
             raise ValueError(f"{owner}.path={self.path!r} must be the folder or Hub id of a saved SolutionPath.")
-        self.target_modules = _regex_list(owner, "target_modules", self.target_modules)
-        self.exclude_modules = _regex_list(owner, "exclude_modules", self.exclude_modules)
+        self.target_modules = regex_list(owner, "target_modules", self.target_modules)
+        self.exclude_modules = regex_list(owner, "exclude_modules", self.exclude_modules)
 
     def training_arguments(self, output_dir: str, **overrides: Any):
         """``transformers.TrainingArguments`` carrying this search's optimizer and schedule (``learning_rate=lr``,

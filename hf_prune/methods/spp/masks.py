@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...architectures import get_adapter
+from ...models import get_family
 from ...structured.attention import AttentionGroup, attention_groups
 from ...structured.mlp import MLPGroup, mlp_groups
 from . import ops
@@ -138,7 +138,7 @@ def _mlp_unit(model: nn.Module, group: MLPGroup) -> MaskUnit:
 
 def build_units(model: nn.Module, config: SPPConfig) -> list[MaskUnit]:
     """The mask units of ``model`` for ``config.groups``, block by block in walk order."""
-    stages = get_adapter(model).stages(model)
+    stages = get_family(model).stages(model)
     attention = {g.block: g for g in attention_groups(model, stages)} if {"qk", "vo"} & set(config.groups) else {}
     mlps = {g.block: g for g in mlp_groups(model, stages)} if "mlp" in config.groups else {}
     units = []
@@ -296,7 +296,7 @@ def attach_masks(model: nn.Module, config: SPPConfig) -> SPPMasks:
     Do this before creating the ``Trainer``; pass ``hf_prune.callbacks.SolutionPathCallback()`` to it. The masks
     start at 1 (the model computes exactly what it did). ``SPPMasks.remove(model)`` undoes everything.
     """
-    from ..layerwise import check_model_ready
+    from ...engine.targets import check_model_ready
 
     if not isinstance(config, SPPConfig):
         raise TypeError(f"attach_masks needs an SPPConfig, got {type(config).__name__}.")

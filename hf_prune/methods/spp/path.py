@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...hub import CARD_NAME
-from ...io import atomic_output_dir, check_output_dir
-from ...masks import prune_count
-from ...plots import have_matplotlib
+from ...artifacts.cards import CARD_NAME
+from ...artifacts.files import atomic_output_dir, check_output_dir
+from ...patterns import prune_count
+from ...artifacts.plots import have_matplotlib
 from ...version import __version__
 from . import ops
 from .config import BUDGETS, SCOPES, SPPConfig
@@ -257,7 +257,7 @@ class SolutionPath:
         ``save_model`` / ``Pruner.save_pretrained`` with a layout that stock transformers reloads through
         ``trust_remote_code=True``. Returns a copy unless ``inplace``.
         """
-        from ...architectures import get_adapter
+        from ...models import get_family
         from ...structured import attention_groups, mlp_groups, set_attention_geometry, set_mlp_width
         from ...structured import shrink_attention, shrink_mlp
 
@@ -267,7 +267,7 @@ class SolutionPath:
         units = self._check_model(model)
         keep = self.masks_at(sparsity, budget, scope)
         target = model if inplace else copy.deepcopy(model)
-        stages = get_adapter(target).stages(target)
+        stages = get_family(target).stages(target)
         attention = {g.block: g for g in attention_groups(target, stages)}
         mlps = {g.block: g for g in mlp_groups(target, stages)}
         by_block: dict[str, dict[str, MaskUnit]] = {}
@@ -315,9 +315,9 @@ class SolutionPath:
         """The ``huggingface_hub.ModelCard`` of this path (``model_cards/solution_path.md.j2``)."""
         from huggingface_hub import ModelCardData
 
-        from ...hub import hub_base_model, render_card
-        from ...plots import PLOT_EXTRA_HINT
-        from ...report import environment
+        from ...artifacts.cards import hub_base_model, render_card
+        from ...artifacts.plots import PLOT_EXTRA_HINT
+        from ...engine.report import environment
 
         base = hub_base_model(self.model.get("name_or_path"))
         model_class = self.model.get("class") or "model"
@@ -354,7 +354,7 @@ class SolutionPath:
         else:
             from huggingface_hub import hf_hub_download
 
-            from ...hub import hub_errors
+            from ...artifacts.hub import hub_errors
 
             kw = dict(revision=revision, token=token, subfolder=subfolder)
             with hub_errors("download the solution path from", path):
@@ -378,7 +378,7 @@ class SolutionPath:
         """Create ``repo_id`` if needed and upload the path (safetensors + JSON + picture + card) in one commit,
         through ``hf_prune.hub.push_pretrained``; returns ``huggingface_hub.CommitInfo``. Without network it raises
         ``hf_prune.errors.HubError`` naming the endpoint."""
-        from ...hub import push_pretrained
+        from ...artifacts.hub import push_pretrained
 
         return push_pretrained(lambda folder: self.save_pretrained(folder, repo_id=repo_id), repo_id,
                                private=private, token=token, revision=revision, create_pr=create_pr,

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...architectures import get_adapter
-from ...calibration.walker import resolve_device
-from ...report import RunMeter, environment, model_totals, module_entry, sparsity_section
+from ...models import get_family
+from ...engine.walker import resolve_device
+from ...engine.report import RunMeter, environment, model_totals, module_entry, sparsity_section
 from ...result import PruningResult
-from ..layerwise import check_model_ready, layerwise_report
+from ...engine.targets import check_model_ready
+from ..layerwise import layerwise_report
 from .config import SPPConfig
 from .path import SolutionPath
 from .training_free import plan_path_targets, training_free_path
@@ -21,9 +22,9 @@ from .training_free import plan_path_targets, training_free_path
 
 def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     """(out, in, numel) of every Linear inside the transformer blocks."""
-    from ..layerwise import linear_candidates
+    from ...engine.targets import linear_candidates
 
-    stages = get_adapter(model).stages(model)
+    stages = get_family(model).stages(model)
     return {name: (m.out_features, m.in_features, m.weight.numel())
             for name, m, _, _ in linear_candidates(model, stages)}
 
@@ -32,8 +33,8 @@ def structured_report(model: nn.Module, before: dict[str, tuple[int, int, int]],
                       config: SPPConfig, meter: RunMeter, device: torch.device, params_before: int) -> dict:
     """Report of a structured read-off: per Linear, the share of its original weights removed (sliced out or
     zeroed); ``stored_*`` fields describe the tensor actually saved."""
-    adapter = get_adapter(model)
-    stages = adapter.stages(model)
+    family = get_family(model)
+    stages = family.stages(model)
     entries, block_of = {}, {}
     for stage in stages:
         for block_name, block in zip(stage.block_names(model), stage.blocks(model)):
@@ -62,7 +63,7 @@ def structured_report(model: nn.Module, before: dict[str, tuple[int, int, int]],
         "config": config.to_dict(),
         "pattern": "structured",
         "model": {"class": type(model).__name__, "model_type": getattr(model.config, "model_type", None),
-                  "name_or_path": getattr(model.config, "_name_or_path", None) or None, "family": adapter.name,
+                  "name_or_path": getattr(model.config, "_name_or_path", None) or None, "family": family.name,
                   "stages": [{"name": s.name, "path": s.path, "blocks": len(s.blocks(model))} for s in stages],
                   "dtype": str(first.dtype).replace("torch.", "")},
         "calibration": {"source": None, "note": "read off a saved solution path: no data"},
@@ -107,7 +108,7 @@ def run_spp(pruner: Any, config: SPPConfig, *, device: str | torch.device | None
         report = structured_report(model, before, path, config, meter, exec_device, params_before)
     else:
         stages, targets = plan_path_targets(model, config)
-        report = layerwise_report(model, get_adapter(model).name, stages, targets, config, {}, provenance, meter,
+        report = layerwise_report(model, get_family(model).name, stages, targets, config, {}, provenance, meter,
                                   exec_device)
         report["pattern"] = "unstructured"
         if config.path is None:

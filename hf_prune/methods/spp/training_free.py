@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...architectures import get_adapter
+from ...models import get_family
 from ...calibration.data import build_calibration
-from ...calibration.stats import LinearStats
-from ...calibration.walker import resolve_device, walk
-from ...report import RunMeter, module_kind
-from ..layerwise import Target, calibration_needs, check_model_ready, select_modules, stages_with_targets
+from ...engine.stats import LinearStats
+from ...engine.walker import resolve_device, walk
+from ...engine.report import RunMeter, module_kind
+from ...engine.targets import Target, calibration_needs, check_model_ready, select_modules, stages_with_targets
 from . import ops
 from .config import SPPConfig
 from .masks import model_info
@@ -51,7 +51,7 @@ class PathProcessor:
 
 
 def plan_path_targets(model: nn.Module, config: SPPConfig) -> tuple[list, list[Target]]:
-    stages = get_adapter(model).stages(model)
+    stages = get_family(model).stages(model)
     selected = select_modules(model, stages, config.target_modules, config.exclude_modules)
     targets = [Target(name, module, block, stage, config.sparsity) for name, module, block, stage in selected]
     for t in targets:
@@ -69,7 +69,7 @@ def training_free_path(model: nn.Module, config: SPPConfig, calibration_dataset:
     Returns the path and the calibration provenance. ``calibration_dataset`` overrides ``config.calibration.dataset``.
     """
     check_model_ready(model)
-    adapter = get_adapter(model)
+    family = get_family(model)
     stages, targets = plan_path_targets(model, config)
     try:
         exec_device = resolve_device(model, device)
@@ -80,7 +80,7 @@ def training_free_path(model: nn.Module, config: SPPConfig, calibration_dataset:
     with meter.phase("calibration_data"):
         calibration = build_calibration(config.calibration, calibration_dataset, tokenizer=tokenizer,
                                         processor=processor, needs=calibration_needs(stages),
-                                        causal_lm=adapter.causal_lm)
+                                        causal_lm=family.causal_lm)
     with meter.phase("solution_path"):
         walk(model, stages, calibration.batches, path_processor, device=exec_device, progress=progress,
              desc="spp path")

@@ -1,7 +1,6 @@
-from ...config import register_method
-from ..layerwise import run_layerwise
+from ..layerwise import register_layerwise
 from .config import WandaConfig
 
-register_method(WandaConfig, run_layerwise)
+register_layerwise(WandaConfig, display_name="Wanda")
 
 __all__ = ["WandaConfig"]

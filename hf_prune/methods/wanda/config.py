@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...masks import Pattern
+from ...patterns import Pattern
 from ..layerwise import LayerwiseConfig, check_scope
 from .ops import wanda_prune_mask
 

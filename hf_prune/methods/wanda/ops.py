@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...masks import Pattern, mask_from_scores
+from ...patterns import Pattern, mask_from_scores
 
 
 def wanda_scores(weight: torch.Tensor, col_sq_mean: torch.Tensor) -> torch.Tensor:

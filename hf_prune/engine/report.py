@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .masks import Pattern, nm_violations
-from .version import __version__
+from ..patterns import Pattern, nm_violations
+from ..version import __version__
 
 
 def _vm_hwm_bytes() -> int | None:
@@ -141,7 +141,7 @@ def module_kind(name: str) -> str:
 
 
 def model_totals(model: nn.Module) -> dict:
-    from .calibration.offload import iter_tensors  # offloaded weights are read from their maps, one at a time
+    from .offload import iter_tensors  # offloaded weights are read from their maps, one at a time
 
     params = zeros = 0
     for _, p in iter_tensors(model):

@@ -24,7 +24,7 @@ def _natural(text: str) -> list:
 def layer_sparsity_table(report: dict) -> tuple[list[str], dict[str, list[float | None]], list[float]]:
     """(block names in walk order, {module kind: achieved sparsity per block (None where absent)},
     overall achieved sparsity per block) from a pruning report."""
-    from .report import module_kind
+    from ..engine.report import module_kind
 
     sp = report["sparsity"]
     stage_paths = [s["path"] for s in report.get("model", {}).get("stages", [])]

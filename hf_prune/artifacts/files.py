@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 
-from .errors import OutputDirError
+from ..errors import OutputDirError
 
 
 def check_output_dir(path: str | os.PathLike) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..masks import WeightMasks
+from .weight_masks import WeightMasks
 
 
 class SparsityPreservingCallback(TrainerCallback):

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def _compensated(model):
-    from ..methods.input_compensation.model import InputCompensatedModel
+    from .model import InputCompensatedModel
 
     inner = model
     for _ in range(4):  # DDP / accelerate wrappers keep the model in .module

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..architectures import Stage
+from ..models import Stage
 from ..errors import CalibrationDataError, NonFiniteStatisticsError
 from .offload import hook_execution_device, is_dispatched, onloaded
 from .stats import LinearStats, StatsCollector

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration.offload import iter_tensors, write_tensors
-from .errors import CheckpointError
+from .offload import iter_tensors, write_tensors
+from ..errors import CheckpointError
+from ..registry import method_specs
 
 STATE = "state.json"
 FORMAT = 1
@@ -256,14 +257,6 @@ class RunCheckpoint:
         _atomic_write(os.path.join(self.folder, STATE), write)
 
 
-def accepts_checkpoint(run) -> bool:
-    """Whether a registered method's ``run`` function takes a ``checkpoint``."""
-    import inspect
-
-    return "checkpoint" in inspect.signature(run).parameters
-
-
 def resumable_methods() -> list[str]:
-    from .config import available_methods, get_method
-
-    return [name for name in available_methods() if accepts_checkpoint(get_method(name).run)]
+    """The registered methods that checkpoint and resume (their spec says ``resumable``)."""
+    return [spec.name for spec in method_specs() if spec.resumable]

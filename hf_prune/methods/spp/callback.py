@@ -28,7 +28,7 @@ import os
 
 from transformers import TrainerCallback
 
-from ..methods.spp.masks import SPPMasks
+from .masks import SPPMasks
 
 PATH_FOLDER = "solution_path"
 

@@ -1,0 +1,257 @@
+"""Model cards for every artifact hf_prune writes, rendered from the Jinja templates in ``model_cards/`` through
+``huggingface_hub.ModelCard``: ``build_model_card`` for a pruned model (from its pruning report), ``render_card``
+for an artifact with its own template, ``card_data`` for the metadata every card shares, ``CardSection`` for
+sections an artifact adds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Iterable
+
+from ..registry import display_name
+
+TEMPLATE = "pruned_model.md.j2"
+CARD_NAME = "README.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+_PIPELINES = (
+    ("ForCausalLM", "text-generation"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForImageClassification", "image-classification"),
+    ("Blip2ForConditionalGeneration", "image-to-text"),
+    ("CLIPModel", "zero-shot-image-classification"),
+    ("Model", "feature-extraction"),
+)
+
+# the framework versions a card lists, in this order, when the report recorded them
+_VERSION_KEYS = ("hf_prune", "torch", "transformers", "accelerate", "peft", "datasets", "huggingface_hub", "python")
+
+
+def template_path(name: str = TEMPLATE) -> str:
+    return str(resources.files("hf_prune.model_cards").joinpath(name))
+
+
+def hub_base_model(name_or_path: str | None) -> str | None:
+    """The Hub id of the base model, or None for local paths (``base_model`` must be a Hub id)."""
+    if not name_or_path or os.path.exists(name_or_path) or not _HUB_ID.match(name_or_path):
+        return None
+    return name_or_path
+
+
+def pipeline_tag(model_class: str) -> str | None:
+    for suffix, tag in _PIPELINES:
+        if model_class.endswith(suffix):
+            return tag
+    return None
+
+
+def pattern_tag(pattern: str) -> str:
+    return "unstructured-sparsity" if pattern == "unstructured" else f"sparsity-{pattern.replace(':', 'of')}"
+
+
+# ------------------------------------------------------------------------------------------------- card parts
+
+
+@dataclass(frozen=True)
+class CardSection:
+    """A section an artifact adds to a card: a ``## title`` followed by ``body`` (Markdown)."""
+
+    title: str
+    body: str
+
+    @classmethod
+    def coerce(cls, value: Any) -> "CardSection":
+        if isinstance(value, CardSection):
+            return value
+        if isinstance(value, dict) and set(value) == {"title", "body"}:
+            value = (value["title"], value["body"])
+        if (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, str) for v in value)
+                and value[0].strip()):
+            return cls(value[0].strip(), value[1])
+        raise TypeError(f"a card section must be a CardSection(title, body) or a (title, markdown) pair of "
+                        f"strings, got {value!r}.")
+
+    def to_dict(self) -> dict:
+        return {"title": self.title, "body": self.body}
+
+
+def check_sections(sections: Iterable[Any] | None) -> list[CardSection]:
+    return [CardSection.coerce(s) for s in sections or ()]
+
+
+def check_evaluations(evaluations: Iterable[dict] | None) -> list[dict]:
+    """Validate evaluation records: dicts with ``metric`` (str) and ``value`` (number), optionally
+    ``dense`` (the dense model's value), ``dataset``, ``split``, ``seq_len``, ``windows``, ``task`` and
+    ``protocol`` (a dict of how it was measured). ``hf_prune.evaluation.perplexity_record`` makes one."""
+    out = []
+    for i, record in enumerate(evaluations or ()):
+        if not isinstance(record, dict):
+            raise TypeError(f"evaluations[{i}] must be a dict such as hf_prune.evaluation.perplexity_record(...) "
+                            f"returns, got {type(record).__name__}.")
+        if not isinstance(record.get("metric"), str) or not record["metric"]:
+            raise ValueError(f"evaluations[{i}] needs a 'metric' name (e.g. 'perplexity'), got {record!r}.")
+        for key in ("value", "dense"):
+            value = record.get(key)
+            if (key == "value" or value is not None) and (isinstance(value, bool)
+                                                          or not isinstance(value, (int, float))):
+                raise ValueError(f"evaluations[{i}][{key!r}] must be a number, got {value!r}.")
+        if record.get("protocol") is not None and not isinstance(record["protocol"], dict):
+            raise ValueError(f"evaluations[{i}]['protocol'] must be a dict describing how it was measured.")
+        out.append(dict(record))
+    return out
+
+
+def _eval_results(evaluations: list[dict], default_task: str | None) -> list:
+    """``model-index`` entries (``EvalResult``) for the evaluations that name their dataset (in-memory data,
+    recorded as ``<in-memory ...>``, stays in the card's body only)."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for e in evaluations:
+        if not e.get("dataset") or str(e["dataset"]).startswith("<"):
+            continue
+        args = {k: e[k] for k in ("seq_len", "windows") if e.get(k) is not None}
+        results.append(EvalResult(task_type=e.get("task") or default_task or "text-generation",
+                                  dataset_type=str(e["dataset"]), dataset_name=str(e["dataset"]),
+                                  dataset_split=e.get("split"), metric_type=e["metric"], metric_value=e["value"],
+                                  dataset_args=args or None))
+    return results
+
+
+def render_card(card_data: Any, template: str = TEMPLATE, **variables: Any):
+    """A ``huggingface_hub.ModelCard`` from one of the templates in ``model_cards/``."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard.from_template(card_data, template_path=template_path(template), **variables)
+
+
+def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: list[dict] | None = None,
+                     finetuning: dict | None = None, sections: Iterable[Any] | None = None,
+                     picture: str | None = None, extra_tags: Iterable[str] = (), allocation_plot: str | None = None):
+    """A ``huggingface_hub.ModelCard`` for a pruned model, from its pruning report.
+
+    ``evaluations``: dense-vs-pruned measurements (see ``check_evaluations``), shown with their protocol and
+    written to the ``model-index``; ``finetuning``: the summary of a recovery fine-tuning run
+    (``SparsityPreservingCallback.summary()``); ``sections``: extra ``CardSection``s an artifact adds;
+    ``picture``: the file name (in the same folder) of the per-layer sparsity PNG, or None when it was not drawn;
+    ``allocation_plot``: the file name of an allocating method's (ECoFLaP's) per-module allocation PNG.
+    """
+    from huggingface_hub import ModelCardData
+
+    from .plots import PLOT_EXTRA_HINT
+
+    evaluations = check_evaluations(evaluations)
+    sections = check_sections(sections)
+    config = report["config"]
+    method = report["method"]
+    model = report["model"]
+    base = hub_base_model(model.get("name_or_path"))
+    method_name = display_name(method)
+    pattern = report.get("pattern") or config.get("pattern") or "unstructured"
+    title = f"{base.split('/')[-1] if base else model['class']} pruned with {method_name} ({pattern})"
+    task = pipeline_tag(model["class"])
+    tags = ["hf_prune", "pruned", method, pattern_tag(pattern)]
+    if finetuning:
+        tags.append("recovery-finetuned")
+    tags += [t for t in extra_tags if t not in tags]
+    eval_results = _eval_results(evaluations, task)
+    card_data = ModelCardData(
+        base_model=base,
+        library_name="hf_prune",
+        tags=tags,
+        pipeline_tag=task,
+        model_name=title,
+        eval_results=eval_results or None,
+    )
+    sp = report["sparsity"]
+    environment = report.get("environment") or {}
+    calibration = report.get("calibration") or {}
+    resized = report.get("structured") is not None or report.get("pattern") == "structured"  # tensors physically smaller
+    load_class = model["class"]
+    if report.get("variable_layout"):  # per-layer widths: transformers' remote-code path of an Auto class
+        from ..structured.layout import _auto_classes
+
+        load_class = _auto_classes(model.get("model_type") or "", model["class"])[0]
+    return render_card(
+        card_data,
+        title=title,
+        base_model=base,
+        model_class=model["class"],
+        method_name=method_name,
+        pattern=pattern,
+        target_sparsity=config.get("sparsity"),
+        config=config,
+        config_json=json.dumps(config, indent=2, sort_keys=True),
+        calibration=calibration,
+        calibration_items=sorted((k, v) for k, v in calibration.items() if not isinstance(v, (dict, list))),
+        overall=sp["overall"],
+        per_kind=sorted(sp["per_module_kind"].items()),
+        blocks=len(sp.get("per_block") or {}),
+        totals=report["model_totals"],
+        run=report["run"],
+        environment=environment,
+        versions=[(k, environment[k]) for k in _VERSION_KEYS if environment.get(k)],
+        load_path=repo_id or "path/to/this/folder",
+        evaluations=evaluations,
+        finetuning=finetuning,
+        sections=sections,
+        picture=picture,
+        plot_hint=PLOT_EXTRA_HINT,
+        previous_runs=[(r.get("method"), r.get("pattern")) for r in report.get("previous_runs") or []],
+        changed=report.get("weights_changed_since_pruning"),
+        structured=report.get("structured_note"),
+        allocation=report.get("allocation"),
+        allocation_rows=_allocation_rows(report.get("allocation")),
+        allocation_plot=allocation_plot,
+        layer_pruner=display_name((report.get("layer_pruner") or {}).get("method")),
+        resized=resized,
+        load_class=load_class,
+        trust_remote_code=bool(report.get("variable_layout")),
+    )
+
+
+def _allocation_rows(allocation: dict | None) -> list[dict]:
+    """One row per budget of a sparsity allocation: size, target, allocated, least and most sparse group."""
+    rows = []
+    for name, budget in ((allocation or {}).get("budgets") or {}).items():
+        group_sparsity = [allocation["groups"][g]["sparsity"] for g in budget["groups"]]
+        rows.append({"name": name, "size": budget["size"], "target": budget["target"],
+                     "allocated": budget["allocated"], "low": min(group_sparsity), "high": max(group_sparsity)})
+    return rows
+
+
+def card_files_for_folder(folder: str | os.PathLike, repo_id: str | None = None) -> dict[str, bytes]:
+    """The card of a folder written by ``Pruner.save_pretrained``, re-rendered from its ``pruning_report.json``
+    for ``repo_id`` (``{"README.md": ...}``, plus the per-layer picture when the folder lacks it and matplotlib
+    is now installed); empty for a folder without a report."""
+    from .plots import SPARSITY_PICTURE, plot_layer_sparsity
+
+    path = os.path.join(folder, "pruning_report.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        report = json.load(fh)
+    files: dict[str, bytes] = {}
+    has_picture = os.path.isfile(os.path.join(folder, SPARSITY_PICTURE))
+    if not has_picture:
+        with tempfile.TemporaryDirectory(prefix="hf_prune-card-") as tmp:
+            drawn = plot_layer_sparsity(report, os.path.join(tmp, SPARSITY_PICTURE))
+            if drawn:
+                with open(drawn, "rb") as fh:
+                    files[SPARSITY_PICTURE] = fh.read()
+                has_picture = True
+    from ..allocation import PLOT_NAME as ALLOCATION_PLOT
+
+    card = report.get("card") or {}
+    allocation_plot = ALLOCATION_PLOT if os.path.isfile(os.path.join(folder, ALLOCATION_PLOT)) else None
+    files[CARD_NAME] = build_model_card(report, repo_id=repo_id, evaluations=card.get("evaluations"),
+                                        finetuning=card.get("finetuning"), sections=card.get("sections"),
+                                        picture=SPARSITY_PICTURE if has_picture else None,
+                                        allocation_plot=allocation_plot).content.encode("utf-8")
+    return files

@@ -1,0 +1,127 @@
+"""Target selection and model checks shared by every method: which Linears of which blocks, at which sparsity,
+validated against the model before any weight changes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import OffloadError, did_you_mean
+from ..models import Stage
+from ..patterns import Pattern
+from ..registry import method_specs
+from .offload import check_placement, is_dispatched, module_weight
+
+
+def offload_methods() -> list[str]:
+    """The registered methods that prune accelerate-offloaded models."""
+    return [spec.name for spec in method_specs() if spec.offload]
+
+
+@dataclass
+class Target:
+    name: str
+    module: nn.Linear
+    block: str
+    stage: str
+    sparsity: float
+
+
+def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, nn.Linear, str, str]]:
+    """(name, module, block name, stage name) of every nn.Linear inside the blocks, in walk order."""
+    found = []
+    for stage in stages:
+        for block_name, block in zip(stage.block_names(model), stage.blocks(model)):
+            for sub, module in block.named_modules(prefix=block_name):
+                if isinstance(module, nn.Linear):
+                    found.append((sub, module, block_name, stage.name))
+    return found
+
+
+def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[str] | None,
+                   exclude_modules: list[str] | None) -> list[tuple[str, nn.Linear, str, str]]:
+    """The candidate Linears that the target/exclude regexes select; each regex must match something."""
+    candidates = linear_candidates(model, stages)
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer inside its blocks "
+                         f"({', '.join(s.path for s in stages)}); the layer-wise pruners prune Linear layers only.")
+    names = [c[0] for c in candidates]
+    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(names)]
+    examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+    def check_matches(field: str, regex: str) -> None:
+        if any(re.search(regex, n) for n in names):
+            return
+        hit = [n for n in outside if re.search(regex, n)]
+        extra = (f" It matches {', '.join(hit[:3])}, which lie outside the transformer blocks and are never "
+                 "pruned by layer-wise methods." if hit else "")
+        raise ValueError(f"{field} regex {regex!r} matches no Linear layer inside the transformer blocks "
+                         f"(e.g. {examples}).{extra}")
+
+    selected = candidates
+    if target_modules:
+        for regex in target_modules:
+            check_matches("target_modules", regex)
+        selected = [c for c in selected if any(re.search(r, c[0]) for r in target_modules)]
+    if exclude_modules:
+        for regex in exclude_modules:
+            check_matches("exclude_modules", regex)
+        selected = [c for c in selected if not any(re.search(r, c[0]) for r in exclude_modules)]
+    if not selected:
+        raise ValueError("target_modules/exclude_modules leave no module to prune.")
+    return selected
+
+
+def plan_targets(model: nn.Module, stages: list[Stage], config: Any) -> list[Target]:
+    """Resolve the modules to prune and their sparsities (``config``: a layer-wise config's ``target_modules``,
+    ``exclude_modules``, ``module_sparsity``, ``sparsity`` and ``pattern``), validating everything against the model."""
+    selected = select_modules(model, stages, config.target_modules, config.exclude_modules)
+    names = [c[0] for c in selected]
+    overrides = config.module_sparsity or {}
+    unknown = [n for n in overrides if n not in set(names)]
+    if unknown:
+        raise ValueError(f"module_sparsity names {unknown[0]!r}, which is not a module being pruned."
+                         f"{did_you_mean(unknown[0], names)}")
+    targets = [Target(n, m, b, s, overrides.get(n, config.sparsity)) for n, m, b, s in selected]
+    for t in targets:
+        if not bool(torch.isfinite(module_weight(t.module)).all()):  # offloaded: read from its weights map
+            raise ValueError(f"{t.name} holds NaN/inf weights; the checkpoint is corrupt or overflowed when loaded "
+                             "(try dtype=torch.float32). Nothing was pruned.")
+    pattern = Pattern.parse(config.pattern)
+    if pattern.is_nm:
+        bad = [f"{t.name} (in_features={t.module.in_features})" for t in targets if t.module.in_features % pattern.m]
+        if bad:
+            raise ValueError(f"pattern {pattern} needs every pruned layer's input width to be a multiple of "
+                             f"{pattern.m}, but {len(bad)} are not: {', '.join(bad[:3])}. Exclude them with "
+                             "exclude_modules or pick another pattern.")
+    return targets
+
+
+def check_model_ready(model: nn.Module, *, offload: bool = False) -> None:
+    """A real model with real weights. ``offload=True``: accelerate CPU/disk offload is fine (the layer-wise
+    engine writes pruned weights back into the weights maps); otherwise an offloaded model is refused."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Pruner needs a torch.nn.Module (a transformers model), got {type(model).__name__}.")
+    if offload:
+        check_placement(model)
+        return
+    if any(p.device.type == "meta" for p in model.parameters()):
+        offloaded = is_dispatched(model)
+        raise OffloadError(
+            "some weights are on the 'meta' device (" + ("accelerate CPU/disk offload" if offloaded else
+                                                          "an empty model") + "); this method needs every weight "
+            "on a module: load the model with device_map=None (or 'cpu')"
+            + (f", or prune offloaded models with {', '.join(offload_methods())}." if offloaded else "."))
+
+
+def stages_with_targets(stages: list[Stage], targets: list[Target]) -> list[Stage]:
+    names = {t.stage for t in targets}
+    return [s for s in stages if s.name in names]
+
+
+def calibration_needs(stages: list[Stage]) -> set[str]:
+    return {key for s in stages for key in s.requires}

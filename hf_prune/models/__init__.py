@@ -1,0 +1,11 @@
+"""Model knowledge: the family spec (``spec``) and one small file per family for what cannot be derived from
+transformers (block lists, tower run functions, structured specs). Importing this package registers every
+built-in family."""
+
+from . import bert, blip2, clip, llama, opt, resnet, vit  # noqa: F401  (importing registers each family)
+from .inputs import PixelInput, pixel_input
+from .spec import (AttentionSpec, Family, MLPSpec, Stage, get_family, register_family, registered_families,
+                   supported_families)
+
+__all__ = ["AttentionSpec", "Family", "MLPSpec", "PixelInput", "Stage", "get_family", "pixel_input",
+           "register_family", "registered_families", "supported_families"]

@@ -1,0 +1,53 @@
+"""BLIP-2: vision tower -> Q-Former -> language model (any registered causal-LM family)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .spec import (FC_MLP, AttentionSpec, Family, MLPSpec, Stage, call_model, causal_lm_families, family_for_type,
+                   first_existing, model_type_of, register_family)
+
+QFORMER_MLP = MLPSpec(("intermediate_query.dense",), "output_query.dense", "intermediate_size")
+QFORMER_ATTENTION = AttentionSpec("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                                  "attention.output.dense", module="attention.attention",
+                                  head_dim_attr="attention_head_size", heads_attr="num_attention_heads",
+                                  total_attr="all_head_size")
+
+
+def _run_vision(model: nn.Module, batch: dict) -> Any:
+    return model.vision_model(pixel_values=batch["pixel_values"])
+
+
+def _run_qformer(model: nn.Module, batch: dict) -> Any:
+    return model.get_image_features(pixel_values=batch["pixel_values"])
+
+
+def _stages(model: nn.Module) -> list[Stage]:
+    stages = []
+    if first_existing(model, ("vision_model.encoder.layers",)):  # fused qkv Linear: no attention slicing
+        stages.append(Stage("vision", "vision_model.encoder.layers", run=_run_vision,
+                            requires=("pixel_values",), mask_key=None, mlp=FC_MLP, config_attr="vision_config"))
+    if first_existing(model, ("qformer.encoder.layer",)):  # self-attention only (cross-attention untouched)
+        stages.append(Stage("qformer", "qformer.encoder.layer", run=_run_qformer,
+                            requires=("pixel_values",), mask_key=None, mlp=QFORMER_MLP,
+                            attention=QFORMER_ATTENTION, config_attr="qformer_config"))
+    language_model = getattr(model, "language_model", None)
+    if language_model is not None:
+        lm_type = model_type_of(language_model)
+        lm_family = family_for_type(lm_type)
+        if lm_family is None or not lm_family.causal_lm:
+            decoders = sorted(t for f in causal_lm_families() for t in f.model_types)
+            raise UnsupportedModelError(
+                f"BLIP-2 with a {lm_type!r} language model is not supported yet; supported language models: "
+                f"{', '.join(decoders)}.")
+        for stage in lm_family.stages(language_model):
+            stages.append(Stage("language", f"language_model.{stage.path}", run=call_model,
+                                requires=("pixel_values", "input_ids"), mask_key="attention_mask",
+                                mlp=stage.mlp, attention=stage.attention, config_attr="text_config"))
+    return stages
+
+
+FAMILY = register_family(Family("blip-2", ("blip-2",), resolve=_stages))

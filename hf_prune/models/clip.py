@@ -1,0 +1,49 @@
+"""CLIP: two independent towers (vision, text), or one standalone tower."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .spec import FC_MLP, AttentionSpec, Family, Stage, first_existing, model_type_of, register_family
+
+ATTENTION = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                          module="self_attn", heads_attr="num_heads", scaling_attr="scale")
+
+
+def _run_vision(model: nn.Module, batch: dict) -> Any:
+    return model.vision_model(pixel_values=batch["pixel_values"])
+
+
+def _run_text(model: nn.Module, batch: dict) -> Any:
+    return model.text_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+
+def _run_tower_vision(model: nn.Module, batch: dict) -> Any:
+    return model(pixel_values=batch["pixel_values"])
+
+
+def _run_tower_text(model: nn.Module, batch: dict) -> Any:
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+
+def _stages(model: nn.Module) -> list[Stage]:
+    stages = []
+    if first_existing(model, ("vision_model.encoder.layers",)):
+        stages.append(Stage("vision", "vision_model.encoder.layers", run=_run_vision,
+                            requires=("pixel_values",), mask_key=None, mlp=FC_MLP, attention=ATTENTION,
+                            config_attr="vision_config"))
+    if first_existing(model, ("text_model.encoder.layers",)):
+        stages.append(Stage("text", "text_model.encoder.layers", run=_run_text, mlp=FC_MLP,
+                            attention=ATTENTION, config_attr="text_config"))
+    if not stages and first_existing(model, ("encoder.layers",)):  # a standalone tower (transformers 5 layout)
+        if model_type_of(model) == "clip_vision_model":
+            stages.append(Stage("vision", "encoder.layers", run=_run_tower_vision, requires=("pixel_values",),
+                                mask_key=None, mlp=FC_MLP, attention=ATTENTION))
+        elif model_type_of(model) == "clip_text_model":
+            stages.append(Stage("text", "encoder.layers", run=_run_tower_text, mlp=FC_MLP, attention=ATTENTION))
+    return stages
+
+
+FAMILY = register_family(Family("clip", ("clip", "clip_vision_model", "clip_text_model"), resolve=_stages))

@@ -1,0 +1,190 @@
+"""What the engine needs to know about a model family: its stages of blocks and the specs of their MLP and
+attention, and the registry of families (one small file per family in ``hf_prune.models``).
+
+A family lists the model's *stages*: each a ``ModuleList`` of transformer blocks plus how to drive a
+forward pass that reaches the first block (``run``), which batch keys that pass needs, and which batch
+key marks the real (non-padding) tokens of the stage's hidden states. Multi-tower models have several
+stages walked one after another (CLIP: vision tower, text tower; BLIP-2: vision tower, Q-Former,
+language model), so a later stage is calibrated on the outputs of the already pruned earlier ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def first_existing(model: nn.Module, candidates: tuple[str, ...]) -> str | None:
+    for path in candidates:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.ModuleList):
+            return path
+    return None
+
+
+def call_model(model: nn.Module, batch: dict) -> Any:
+    return model(**batch)
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """Where a block's MLP hidden neurons live, for structured removal.
+
+    ``inputs``: Linears (relative to the block) whose output rows (and bias entries) are the neurons;
+    ``output``: the Linear whose input columns consume them; ``width_key``: the config field holding
+    their number, in the stage's (sub-)config.
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    width_key: str
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Where a block's self-attention lives, for structured removal of head dimensions and whole heads.
+
+    ``q``/``k``/``v``/``o``: the projections (relative to the block); q-k dimensions pair rows of ``q`` with rows
+    of ``k``, v-o dimensions pair rows of ``v`` with input columns of ``o``. ``module``: the attention module
+    whose plain attributes its forward reads: ``head_dim_attr`` (the per-head width used to split q, k *and* v),
+    ``heads_attr`` (the query-head count, when the forward reads one), ``total_attr`` (heads x width, when
+    stored), ``scaling_attr`` (the softmax scale, computed once from the original head width).
+    ``kv_heads_key``: config field of the key/value head count (grouped-query attention: a k or v dimension
+    serves every query head of its group). ``head_dim_key``: config field a stock module reads its head width
+    from (None: the width is always hidden_size / heads). ``rope``: rotary embeddings rotate dimension d with
+    d + head_dim/2 (``rotate_half``), with frequencies computed from the config's head width, so q-k dimensions
+    come in tied pairs and the head width itself cannot change.
+    """
+
+    q: str
+    k: str
+    v: str
+    o: str
+    module: str
+    head_dim_attr: str = "head_dim"
+    heads_attr: str | None = None
+    total_attr: str | None = None
+    scaling_attr: str | None = "scaling"
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str | None = None
+    head_dim_key: str | None = None
+    rope: bool = False
+
+
+@dataclass
+class Stage:
+    """One sequence of blocks walked by the calibration engine."""
+
+    name: str
+    path: str  # dotted path of the nn.ModuleList holding the blocks
+    run: Callable[[nn.Module, dict], Any] = call_model
+    requires: tuple[str, ...] = ("input_ids",)
+    mask_key: str | None = "attention_mask"  # batch key whose [B, T] mask marks real tokens, or None
+    mlp: MLPSpec | None = None  # the block's MLP neurons (structured methods)
+    attention: AttentionSpec | None = None  # the block's self-attention (structured methods)
+    config_attr: str = ""  # attribute of model.config holding this stage's sub-config ("" = model.config)
+
+    def config(self, model: nn.Module) -> Any:
+        """The (sub-)config describing this stage's blocks (a standalone tower uses its own root config)."""
+        root = model.config
+        for part in self.config_attr.split(".") if self.config_attr else ():
+            if not hasattr(root, part):
+                return model.config
+            root = getattr(root, part)
+        return root
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.path)
+
+    def block_names(self, model: nn.Module) -> list[str]:
+        return [f"{self.path}.{i}" for i in range(len(self.blocks(model)))]
+
+
+@dataclass
+class Family:
+    """How to find and drive the blocks of one model family."""
+
+    name: str
+    model_types: tuple[str, ...]
+    causal_lm: bool = False
+    resolve: Callable[[nn.Module], list[Stage]] = field(default=lambda model: [])
+    normalization: str = "layer"  # inside the blocks: "layer" (LayerNorm/RMSNorm + residual) or "batch" (BatchNorm)
+
+    def stages(self, model: nn.Module) -> list[Stage]:
+        stages = self.resolve(model)
+        if not stages:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} (model_type={model_type_of(model)!r}) belongs to the {self.name} family "
+                f"but none of its block lists was found; hf_prune expects the stock transformers layout.")
+        return stages
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    for model_type in family.model_types:
+        _FAMILIES[model_type] = family
+    return family
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def supported_families() -> dict[str, tuple[str, ...]]:
+    families: dict[str, tuple[str, ...]] = {}
+    for family in _FAMILIES.values():
+        families[family.name] = family.model_types
+    return families
+
+
+def get_family(model: nn.Module) -> Family:
+    model_type = model_type_of(model)
+    if model_type in _FAMILIES:
+        return _FAMILIES[model_type]
+    known = "; ".join(f"{name} ({', '.join(types)})" for name, types in sorted(supported_families().items()))
+    raise UnsupportedModelError(
+        f"{type(model).__name__} (model_type={model_type!r}) is not a family the block walker knows. "
+        f"Supported families (model_type values): {known}.")
+
+
+
+
+def registered_families() -> list[Family]:
+    """Every registered family, once each."""
+    return list({id(f): f for f in _FAMILIES.values()}.values())
+
+
+def causal_lm_families() -> list[Family]:
+    return [f for f in registered_families() if f.causal_lm]
+
+
+def family_for_type(model_type: str | None) -> Family | None:
+    return _FAMILIES.get(model_type)
+
+
+# shared by several families: the fc1/fc2 MLP of ViT, CLIP and BLIP-2's vision tower
+FC_MLP = MLPSpec(("mlp.fc1",), "mlp.fc2", "intermediate_size")
+
+
+def decoder_stage(paths: tuple[str, ...], mlp: MLPSpec,
+                  attention: AttentionSpec) -> Callable[[nn.Module], list[Stage]]:
+    """The one stage of a decoder-only language model: the first of ``paths`` that holds its blocks."""
+    def resolve(model: nn.Module) -> list[Stage]:
+        path = first_existing(model, paths)
+        return [Stage("decoder", path, mlp=mlp, attention=attention)] if path else []
+
+    return resolve
