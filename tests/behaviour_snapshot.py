@@ -21,6 +21,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # this checkout's hf_prune, whatever is installed
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOLATILE = ("run", "environment")
