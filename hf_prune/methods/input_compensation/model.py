@@ -1,4 +1,4 @@
-"""``InputCompensatedModel``: a pruned model with a compensation pool on its input, trained like an family.
+"""``InputCompensatedModel``: a pruned model with a compensation pool on its input, trained like an adapter.
 
 The wrapper keeps the pruned model's forward signature (``Trainer``, pipelines and ``generate`` keep working)
 and injects the compensation through hooks:
