@@ -2,8 +2,9 @@
 
 from ...registry import register_method
 from .config import SPPConfig
-from .masks import MaskUnit, SPPMasks, attach_masks, build_units
+from .masks import SPPMasks, attach_masks
 from .path import SolutionPath, save_model
+from .units import MaskUnit, build_units
 from .run import run_spp
 from .training_free import training_free_path
 

@@ -33,7 +33,7 @@ from ...artifacts.plots import have_matplotlib
 from ...version import __version__
 from . import ops
 from .config import BUDGETS, SCOPES, SPPConfig
-from .masks import MaskUnit, SPPMasks, build_units
+from .units import MaskUnit, build_units, carries_masks
 
 TENSORS_NAME = "solution_path.safetensors"
 JSON_NAME = "solution_path.json"
@@ -189,7 +189,7 @@ class SolutionPath:
     def _check_model(self, model: nn.Module) -> list[MaskUnit]:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}.")
-        if SPPMasks.find(model) is not None:
+        if carries_masks(model):
             raise ValueError("the model still carries SPP masks (model.hf_prune_spp); call "
                              "SPPMasks.find(model).remove(model) before reading a model off the path.")
         if self.kind == "unstructured":

@@ -22,7 +22,7 @@ from ...engine.report import RunMeter, module_kind
 from ...engine.targets import Target, calibration_needs, check_model_ready, select_modules, stages_with_targets
 from . import ops
 from .config import SPPConfig
-from .masks import model_info
+from .units import model_info
 from .path import SolutionPath
 
 GRAM = frozenset({"gram"})
