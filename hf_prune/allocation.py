@@ -120,7 +120,7 @@ class Allocation:
             path = os.path.join(path, ALLOCATION_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no sparsity allocation at {path!r}; it is written by Pruner.save_pretrained "
-                                    "after an allocating method (ECoFLaP) or by Allocation.save.")
+                                    "after an allocating method or by Allocation.save.")
         with open(path, encoding="utf-8") as fh:
             return cls.from_dict(json.load(fh))
 

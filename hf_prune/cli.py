@@ -16,7 +16,7 @@ import typing
 from typing import Any, Sequence
 
 from .calibration.config import CalibrationConfig
-from .registry import available_methods, get_method
+from .registry import available_methods, default_method, get_method
 from .errors import HFPruneError
 
 EXIT_BAD_INPUT = 2
@@ -74,7 +74,12 @@ def _add_config_options(parser: argparse.ArgumentParser, config_class: type) -> 
     for f in dataclasses.fields(config_class):
         if f.name == "calibration":
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
         _add_field(group, "--" + f.name.replace("_", "-"), hints[f.name], default, f.name, config_class.__name__)
     cal = parser.add_argument_group("calibration (CalibrationConfig)")
     cal_hints = typing.get_type_hints(CalibrationConfig)
@@ -361,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model card is re-rendered from pruning_report.json so that it loads from REPO. "
                                    "HF_ENDPOINT selects the Hub; HF_TOKEN or --token authenticates.")
     u.add_argument("dir", help="folder written by hf-prune prune / Pruner.save_pretrained")
-    u.add_argument("repo", help="Hub repo id, e.g. your-name/llama-wanda-2of4")
+    u.add_argument("repo", help="Hub repo id, e.g. your-name/llama-pruned-2of4")
     u.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
                    help="create the repo private (default: the namespace's default; ignored if it exists)")
     u.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
@@ -377,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="expected peak memory, disk and time of a prune, without loading weights")
     pl.add_argument("model", help="Hub id, model folder or config.json file")
-    pl.add_argument("--method", default="wanda", choices=available_methods())
+    pl.add_argument("--method", default=None, choices=available_methods(),
+                    help=f"the method to plan (default: {default_method()})")
     pl.add_argument("--num-samples", type=int, default=128)
     pl.add_argument("--seq-len", type=int, default=2048)
     pl.add_argument("--batch-size", type=int, default=8)

@@ -12,14 +12,18 @@ import time
 
 import torch
 
-from .calibration.corpus import builtin_texts
 from .calibration.config import CalibrationConfig
-from .methods import MagnitudeConfig, RIAConfig, SparseGPTConfig, WandaConfig
-from .pruner import Pruner
+from .calibration.corpus import builtin_texts
 from .engine.report import format_table
+from .pruner import Pruner
+from .registry import method_specs
 
-METHODS = (MagnitudeConfig, WandaConfig, SparseGPTConfig, RIAConfig)
 PATTERNS = ("unstructured", "2:4")
+
+
+def demo_methods() -> list[type]:
+    """The config classes of every registered layer-wise pruner, in registration order."""
+    return [spec.config_class for spec in method_specs() if spec.layerwise]
 
 
 def minilm_path() -> str:
@@ -71,7 +75,7 @@ def _run(*, quick: bool, progress: bool, print_fn) -> list[dict]:
     print_fn(f"calibration: builtin:python-docs train split, {num_samples} texts x <=128 tokens; "
              f"evaluation: {len(sentences)} held-out sentences (test split)\n")
     rows, records = [], []
-    for config_cls in METHODS:
+    for config_cls in demo_methods():
         for pattern in PATTERNS:
             pruner = Pruner.from_pretrained(path, dtype=torch.float32)
             config = config_cls(sparsity=0.5 if pattern == "unstructured" else None, pattern=pattern,

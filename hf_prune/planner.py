@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .models import get_family
-from .registry import MethodCost, get_method
+from .registry import MethodCost, default_method, get_method
 from .engine.targets import linear_candidates
 
 GIB = 2 ** 30
@@ -146,7 +146,7 @@ class Plan:
         return "\n".join([head, body, tail])
 
 
-def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128, seq_len: int = 2048,
+def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 128, seq_len: int = 2048,
          batch_size: int = 8, dtype: str | None = None, offload: str = "none", device: str | None = None,
          throughput: float | None = None, measure_block: bool = False, max_memory: float | None = None) -> Plan:
     """Expected memory, disk and time of ``hf-prune prune`` for a model, without loading any weight.
@@ -161,6 +161,7 @@ def plan(model_or_config: str, method: str = "wanda", *, num_samples: int = 128,
     if max_memory is not None and (offload != "disk" or not max_memory > 0):
         raise ValueError(f"max_memory={max_memory!r} only applies to offload='disk' and must be a positive number of "
                          "bytes (the CPU budget of the weights accelerate keeps in RAM).")
+    method = method or default_method()
     spec = get_method(method)
     cost = spec.cost(spec.config_class()) if spec.cost is not None else MethodCost()  # with the config's defaults
     statistics = cost.statistics

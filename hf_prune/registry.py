@@ -44,6 +44,7 @@ class MethodSpec:
     - ``cost(config) -> MethodCost``: the planner's estimate inputs; None: the planner treats it as data-free.
     - ``card_template``: the template in ``model_cards/`` for the pruned model's card.
     - ``how_to_run``: for a trained method, what ``Pruner.prune`` tells the user to do instead.
+    - ``default``: the method used where none is named (``hf-prune plan``, an allocator's stage 2); one method.
     """
 
     name: str
@@ -58,6 +59,7 @@ class MethodSpec:
     cost: Callable[[Any], MethodCost] | None = None
     card_template: str = DEFAULT_CARD
     how_to_run: str = ""
+    default: bool = False
 
     @property
     def summary(self) -> str:
@@ -108,7 +110,16 @@ def available_methods() -> list[str]:
 
 
 def method_specs() -> list[MethodSpec]:
-    return [_METHODS[name] for name in sorted(_METHODS)]
+    """Every registered method's spec, in registration order."""
+    return list(_METHODS.values())
+
+
+def default_method() -> str:
+    """The name of the method registered as the default (see ``MethodSpec.default``)."""
+    for spec in _METHODS.values():
+        if spec.default:
+            return spec.name
+    raise ValueError("no pruning method is registered as the default; import hf_prune to register the built-ins.")
 
 
 def display_name(method: str | None) -> str | None:

@@ -1,13 +1,14 @@
-"""Built-in pruning methods; importing this package registers each of them."""
+"""Built-in pruning methods; importing this package registers each of them (in this order: the order of
+tables such as the demo's and of capability lists in messages)."""
 
-from .input_compensation import InputCompensationConfig
 from .magnitude import MagnitudeConfig
-from .modhifi import ModHiFiConfig
-from .ria import RIAConfig
-from .sparsegpt import SparseGPTConfig
-from .spp import SPPConfig, SolutionPath
 from .wanda import WandaConfig
-from .ecoflap import ECoFLaPConfig  # noqa: E402  (after the layer-wise methods it can run as stage 2)
+from .sparsegpt import SparseGPTConfig
+from .ria import RIAConfig
+from .ecoflap import ECoFLaPConfig
+from .modhifi import ModHiFiConfig
+from .spp import SPPConfig, SolutionPath
+from .input_compensation import InputCompensationConfig
 
 __all__ = ["ECoFLaPConfig", "InputCompensationConfig", "MagnitudeConfig", "ModHiFiConfig", "RIAConfig", "SPPConfig",
            "SolutionPath", "SparseGPTConfig", "WandaConfig"]

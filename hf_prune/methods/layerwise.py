@@ -220,8 +220,9 @@ def layerwise_cost(config: LayerwiseConfig) -> MethodCost:
     return MethodCost(statistics=frozenset(config.statistics), solve=config.solve_cost)
 
 
-def register_layerwise(config_class: type, *, display_name: str) -> None:
+def register_layerwise(config_class: type, *, display_name: str, default: bool = False) -> None:
     """Register a layer-wise pruner: it runs through ``run_layerwise``, resumes, works on offloaded models and
     takes an allocation's ``module_sparsity``."""
     register_method(config_class, run_layerwise, display_name=display_name, resumable=True, offload=True,
-                    layerwise=True, needs_data=lambda config: bool(config.statistics), cost=layerwise_cost)
+                    layerwise=True, needs_data=lambda config: bool(config.statistics), cost=layerwise_cost,
+                    default=default)

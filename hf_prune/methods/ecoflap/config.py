@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ...checks import check_choice, check_int, check_number, regex_list
 from ...config import PrunerConfig
-from ...registry import available_methods, get_method
-from ...checks import check_choice, check_int, check_number
 from ...patterns import Pattern
+from ...registry import default_method, get_method, method_specs
 from ..layerwise import LayerwiseConfig
-from ...checks import regex_list
 
 GRANULARITIES = ("block", "layer", "submodel")
 SCORES = ("zeroth_order", "first_order")
@@ -21,7 +20,8 @@ _OWNED = ("sparsity", "pattern", "target_modules", "exclude_modules", "module_sp
 
 
 def layerwise_methods() -> list[str]:
-    return [m for m in available_methods() if issubclass(get_method(m).config_class, LayerwiseConfig)]
+    """The registered methods that can run as stage 2 (they take a per-module ``module_sparsity``)."""
+    return sorted(spec.name for spec in method_specs() if spec.layerwise)
 
 
 @dataclass(kw_only=True)
@@ -73,7 +73,7 @@ class ECoFLaPConfig(PrunerConfig):
     zo_num_noise: int = 1
     zo_perturb: str = "tensor"
     num_score_samples: int = 32
-    layer_pruner: str = "wanda"
+    layer_pruner: str = field(default_factory=default_method)  # the registry's default layer-wise pruner
     layer_pruner_kwargs: dict[str, Any] | None = None
     pattern: str = "unstructured"
     target_modules: list[str] | None = None
