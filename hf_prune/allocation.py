@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .engine.report import format_table
 from .version import __version__
 
 ALLOCATION_NAME = "sparsity_allocation.json"
@@ -76,8 +77,6 @@ class Allocation:
         return ""
 
     def summary(self) -> str:
-        from .engine.report import format_table
-
         rows = [[name, b["size"], f"{b['target']:.4f}", f"{b['allocated']:.4f}",
                  f"{min(self.groups[g]['sparsity'] for g in b['groups']):.4f}",
                  f"{max(self.groups[g]['sparsity'] for g in b['groups']):.4f}"] for name, b in self.budgets.items()]

@@ -15,9 +15,16 @@ import sys
 import typing
 from typing import Any, Sequence
 
+from .artifacts.cards import card_files_for_folder
+from .artifacts.hub import folder_files, push_folder
 from .calibration.config import CalibrationConfig
-from .registry import available_methods, default_method, get_method
+from .demo import run_demo
+from .engine.checkpoint import RunCheckpoint, resumable_methods
 from .errors import HFPruneError
+from .evaluation import perplexity, perplexity_record, perplexity_windows
+from .planner import plan
+from .pruner import Pruner
+from .registry import available_methods, default_method, get_method
 
 EXIT_BAD_INPUT = 2
 
@@ -114,8 +121,6 @@ def _dtype(text: str) -> Any:
 
 def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from .artifacts.files import check_output_dir
-    from .pruner import Pruner
-
     spec = get_method(args.method)
     parser = argparse.ArgumentParser(prog=f"hf-prune prune --method {args.method}", add_help=False)
     _add_config_options(parser, spec.config_class)
@@ -133,9 +138,7 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     evaluations = []
     dense_ppl = None
     if args.eval_texts:
-        from .evaluation import perplexity, perplexity_record
-
-        dense_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
+            dense_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
                                max_windows=args.eval_max_windows)
     result = pruner.prune(config, device=args.device, progress=not args.no_progress, checkpoint_dir=checkpoint_dir,
                           resume=args.resume)
@@ -156,8 +159,6 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def _checkpoint_dir(args: argparse.Namespace, output: str, spec: Any) -> str | None:
     """Where ``prune`` checkpoints: ``--checkpoint-dir``, else the hidden sibling ``.NAME.checkpoint`` of the
     output folder (the output itself only appears, atomically, at the end). None: no checkpoint."""
-    from .engine.checkpoint import RunCheckpoint, resumable_methods
-
     if args.no_checkpoint:
         if args.resume:
             raise CLIError("--resume and --no-checkpoint contradict each other; drop one.")
@@ -173,9 +174,6 @@ def _checkpoint_dir(args: argparse.Namespace, output: str, spec: Any) -> str | N
 
 
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .evaluation import perplexity, perplexity_windows
-    from .pruner import Pruner
-
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
     pruner = Pruner.from_pretrained(args.model, dtype=_dtype(args.dtype))
@@ -260,8 +258,6 @@ def _bytes(text: str) -> float:
 
 
 def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .planner import plan
-
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
     result = plan(args.model, args.method, num_samples=args.num_samples, seq_len=args.seq_len,
@@ -278,9 +274,6 @@ def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_push(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .artifacts.cards import card_files_for_folder
-    from .artifacts.hub import folder_files, push_folder
-
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
     if not os.path.isdir(args.dir):
@@ -304,8 +297,6 @@ def cmd_methods(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .demo import run_demo
-
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
     run_demo(quick=args.quick, progress=not args.no_progress)

@@ -32,7 +32,9 @@ from torch import nn
 
 from .models import get_family
 from .registry import MethodCost, default_method, get_method
+from .engine.report import format_table
 from .engine.targets import linear_candidates
+from .engine.walker import _first_tensor
 
 GIB = 2 ** 30
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -128,8 +130,6 @@ class Plan:
         return asdict(self)
 
     def table(self) -> str:
-        from .engine.report import format_table
-
         rows = [[s.name, s.blocks, f"{s.block_params / 1e6:.1f}M", f"{s.stats_bytes / GIB:.2f}",
                  f"{s.solve_bytes / GIB:.2f}", f"{s.forward_bytes / GIB:.2f}", f"{s.device_peak / GIB:.2f}",
                  f"{s.activation_cache / GIB:.2f}"] for s in self.stages]
@@ -245,8 +245,6 @@ def _measure_block(model: nn.Module, stage, device: torch.device, dtype: torch.d
     """Throughput (FLOP/s) of one real block with random weights on ``device`` (one batch of up to 512 tokens)."""
     import copy
     import inspect
-
-    from .engine.walker import _first_tensor
 
     block = copy.deepcopy(stage.blocks(model)[0]).to_empty(device=device).to(dtype)
     with torch.no_grad():
