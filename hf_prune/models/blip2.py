@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .spec import (FC_MLP, AttentionSpec, Family, MLPSpec, Stage, call_model, causal_lm_families, family_for_type,
-                   first_existing, model_type_of, register_family)
+                   first_existing, model_type_of, patch_tokens, register_family)
 
 QFORMER_MLP = MLPSpec(("intermediate_query.dense",), "output_query.dense", "intermediate_size")
 QFORMER_ATTENTION = AttentionSpec("attention.attention.query", "attention.attention.key", "attention.attention.value",
@@ -25,15 +25,21 @@ def _run_qformer(model: nn.Module, batch: dict) -> Any:
     return model.get_image_features(pixel_values=batch["pixel_values"])
 
 
+def _query_tokens(config: Any, stage_config: Any, seq_len: int) -> int:
+    """The Q-Former's blocks carry its learned query tokens, whatever the text length."""
+    return int(getattr(config, "num_query_tokens", 32))
+
+
 def _stages(model: nn.Module) -> list[Stage]:
     stages = []
     if first_existing(model, ("vision_model.encoder.layers",)):  # fused qkv Linear: no attention slicing
         stages.append(Stage("vision", "vision_model.encoder.layers", run=_run_vision,
-                            requires=("pixel_values",), mask_key=None, mlp=FC_MLP, config_attr="vision_config"))
+                            requires=("pixel_values",), mask_key=None, mlp=FC_MLP, config_attr="vision_config",
+                            tokens=patch_tokens))
     if first_existing(model, ("qformer.encoder.layer",)):  # self-attention only (cross-attention untouched)
         stages.append(Stage("qformer", "qformer.encoder.layer", run=_run_qformer,
                             requires=("pixel_values",), mask_key=None, mlp=QFORMER_MLP,
-                            attention=QFORMER_ATTENTION, config_attr="qformer_config"))
+                            attention=QFORMER_ATTENTION, config_attr="qformer_config", tokens=_query_tokens))
     language_model = getattr(model, "language_model", None)
     if language_model is not None:
         lm_type = model_type_of(language_model)

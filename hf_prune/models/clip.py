@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .spec import FC_MLP, AttentionSpec, Family, Stage, first_existing, model_type_of, register_family
+from .spec import FC_MLP, AttentionSpec, Family, Stage, first_existing, model_type_of, patch_tokens, register_family
 
 ATTENTION = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                           module="self_attn", heads_attr="num_heads", scaling_attr="scale")
@@ -33,14 +33,14 @@ def _stages(model: nn.Module) -> list[Stage]:
     if first_existing(model, ("vision_model.encoder.layers",)):
         stages.append(Stage("vision", "vision_model.encoder.layers", run=_run_vision,
                             requires=("pixel_values",), mask_key=None, mlp=FC_MLP, attention=ATTENTION,
-                            config_attr="vision_config"))
+                            config_attr="vision_config", tokens=patch_tokens))
     if first_existing(model, ("text_model.encoder.layers",)):
         stages.append(Stage("text", "text_model.encoder.layers", run=_run_text, mlp=FC_MLP,
                             attention=ATTENTION, config_attr="text_config"))
     if not stages and first_existing(model, ("encoder.layers",)):  # a standalone tower (transformers 5 layout)
         if model_type_of(model) == "clip_vision_model":
             stages.append(Stage("vision", "encoder.layers", run=_run_tower_vision, requires=("pixel_values",),
-                                mask_key=None, mlp=FC_MLP, attention=ATTENTION))
+                                mask_key=None, mlp=FC_MLP, attention=ATTENTION, tokens=patch_tokens))
         elif model_type_of(model) == "clip_text_model":
             stages.append(Stage("text", "encoder.layers", run=_run_tower_text, mlp=FC_MLP, attention=ATTENTION))
     return stages

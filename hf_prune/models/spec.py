@@ -82,6 +82,22 @@ class AttentionSpec:
     rope: bool = False
 
 
+TokenCount = Callable[[Any, Any, int], int]
+"""``(model config, stage config, seq_len) -> tokens`` one sample puts through each block of a stage."""
+
+
+def sequence_tokens(config: Any, stage_config: Any, seq_len: int) -> int:
+    """A text stage: the calibration sequence itself."""
+    return seq_len
+
+
+def patch_tokens(config: Any, stage_config: Any, seq_len: int) -> int:
+    """A vision tower: one token per image patch plus the class token (ViT's 224 / 16 when the config is silent)."""
+    image = getattr(stage_config, "image_size", 224)
+    patch = getattr(stage_config, "patch_size", 16)
+    return (image // patch) ** 2 + 1
+
+
 @dataclass
 class Stage:
     """One sequence of blocks walked by the calibration engine."""
@@ -94,6 +110,11 @@ class Stage:
     mlp: MLPSpec | None = None  # the block's MLP neurons (structured methods)
     attention: AttentionSpec | None = None  # the block's self-attention (structured methods)
     config_attr: str = ""  # attribute of model.config holding this stage's sub-config ("" = model.config)
+    tokens: TokenCount = sequence_tokens  # tokens per sample through each block (the planner's memory and time)
+
+    def tokens_per_sample(self, model: nn.Module, seq_len: int) -> int:
+        """Tokens one sample puts through each block of this stage, for calibration sequences of ``seq_len``."""
+        return self.tokens(model.config, self.config(model), seq_len)
 
     def config(self, model: nn.Module) -> Any:
         """The (sub-)config describing this stage's blocks (a standalone tower uses its own root config)."""
