@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -132,15 +133,44 @@ class Stage:
         return [f"{self.path}.{i}" for i in range(len(self.blocks(model)))]
 
 
+@dataclass(frozen=True)
+class FamilyLoss:
+    """The family's own loss, for methods that score weights with a loss (ECoFLaP), where the generic ones (a
+    causal LM's next-token loss, the model's own loss on ``labels``, label-free output sensitivity) would miss
+    what the family is trained on.
+
+    ``kind``: its name in reports; ``description``: one line saying what it is; ``value(model, batch)``: the
+    float64 loss of one batch; ``select(model, batch, scorer)``: whether a model of the family is scored with it
+    on batches like ``batch``, raising a ``CalibrationDataError`` that names the fix when it should be but this
+    model or batch cannot carry it (``scorer``: the scoring method's display name, for that message);
+    ``check(batches)``: raises the same way when one of the scoring batches does not suit it; ``requires``: batch
+    keys every scoring batch must carry; ``first``: True when it goes before the generic losses (even on batches
+    with ``labels``), False when it only replaces the label-free fallback.
+    """
+
+    kind: str
+    description: str
+    value: Callable[[nn.Module, dict], torch.Tensor]
+    select: Callable[[nn.Module, dict, str], bool]
+    check: Callable[[list[dict]], None] = lambda batches: None
+    requires: tuple[str, ...] = ()
+    first: bool = False
+
+
 @dataclass
 class Family:
-    """How to find and drive the blocks of one model family."""
+    """How to find and drive the blocks of one model family.
+
+    ``causal_lm``: a decoder-only language-model family (next-token calibration text, packed windows);
+    ``loss``: the family's own scoring loss, if the generic ones do not fit it.
+    """
 
     name: str
     model_types: tuple[str, ...]
     causal_lm: bool = False
     resolve: Callable[[nn.Module], list[Stage]] = field(default=lambda model: [])
     normalization: str = "layer"  # inside the blocks: "layer" (LayerNorm/RMSNorm + residual) or "batch" (BatchNorm)
+    loss: FamilyLoss | None = None
 
     def stages(self, model: nn.Module) -> list[Stage]:
         stages = self.resolve(model)
@@ -180,8 +210,6 @@ def get_family(model: nn.Module) -> Family:
     raise UnsupportedModelError(
         f"{type(model).__name__} (model_type={model_type!r}) is not a family the block walker knows. "
         f"Supported families (model_type values): {known}.")
-
-
 
 
 def registered_families() -> list[Family]:
