@@ -81,4 +81,5 @@ CAPTION_LOSS = FamilyLoss(
                   "padding ignored)",
     value=_caption_loss, select=_scores_with_captions, requires=("input_ids",), first=True)
 
-FAMILY = register_family(Family("blip-2", ("blip-2",), resolve=_stages, loss=CAPTION_LOSS))
+FAMILY = register_family(Family("blip-2", ("blip-2",), resolve=_stages, loss=CAPTION_LOSS,
+                                pipeline_tags={"Blip2ForConditionalGeneration": "image-to-text"}))

@@ -78,4 +78,4 @@ CONTRASTIVE_LOSS = FamilyLoss("clip_contrastive", "CLIP's symmetric image-text c
                               value=_contrastive_loss, select=_scores_contrastively, check=_check_pairs)
 
 FAMILY = register_family(Family("clip", ("clip", "clip_vision_model", "clip_text_model"), resolve=_stages,
-                                loss=CONTRASTIVE_LOSS))
+                                loss=CONTRASTIVE_LOSS, pipeline_tags={"CLIPModel": "zero-shot-image-classification"}))

@@ -11,7 +11,7 @@ language model), so a later stage is calibrated on the outputs of the already pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -162,7 +162,9 @@ class Family:
     """How to find and drive the blocks of one model family.
 
     ``causal_lm``: a decoder-only language-model family (next-token calibration text, packed windows);
-    ``loss``: the family's own scoring loss, if the generic ones do not fit it.
+    ``loss``: the family's own scoring loss, if the generic ones do not fit it; ``pipeline_tags``: Hub pipeline
+    tags of the family's classes that the generic class-name suffixes (``...ForCausalLM``, ``...Model``) would get
+    wrong, by class-name suffix.
     """
 
     name: str
@@ -171,6 +173,7 @@ class Family:
     resolve: Callable[[nn.Module], list[Stage]] = field(default=lambda model: [])
     normalization: str = "layer"  # inside the blocks: "layer" (LayerNorm/RMSNorm + residual) or "batch" (BatchNorm)
     loss: FamilyLoss | None = None
+    pipeline_tags: Mapping[str, str] = field(default_factory=dict)
 
     def stages(self, model: nn.Module) -> list[Stage]:
         stages = self.resolve(model)
