@@ -228,6 +228,18 @@ def family_for_type(model_type: str | None) -> Family | None:
     return _FAMILIES.get(model_type)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal LM by its class or config: a ``...CausalLM`` class or architecture, or a
+    config marked ``is_decoder`` (an encoder-decoder never is). It reads the instance, not the family, because
+    one family holds both kinds (a BERT configured as a decoder; a LLaMA backbone without its LM head); for the
+    stock model classes it agrees with ``Family.causal_lm`` (tests/test_models.py)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    names = [type(model).__name__, *(getattr(config, "architectures", None) or [])]
+    return any("CausalLM" in n for n in names) or bool(getattr(config, "is_decoder", False))
+
+
 # shared by several families: the fc1/fc2 MLP of ViT, CLIP and BLIP-2's vision tower
 FC_MLP = MLPSpec(("mlp.fc1",), "mlp.fc2", "intermediate_size")
 
