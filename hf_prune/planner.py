@@ -195,7 +195,7 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
         solve = max(b for b, _ in solves) if solves else 0
         hidden = stage.config(model).hidden_size  # the residual width: what the walker caches per token
         widest = max(max(m.out_features for m in linears), max(m.in_features for m in linears))
-        tokens = _tokens_per_sample(stage, config, seq_len)
+        tokens = stage.tokens_per_sample(model, seq_len)
         # one batch through the block: a few tensors of the widest activation, plus attention scores
         forward = batch_size * tokens * widest * width * 4 + batch_size * tokens * tokens * width
         device_peak = block_params * width + stats + solve + forward
@@ -224,20 +224,6 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
         result.throughput_source = f"matmul measured on {exec_device}"
     result.seconds = result.flops / result.throughput
     return result
-
-
-def _tokens_per_sample(stage, config, seq_len: int) -> int:
-    """Tokens one sample puts through a block of this stage (patches for vision, queries for a Q-Former)."""
-    vision = getattr(config, "vision_config", None) if stage.name != "decoder" else None
-    if stage.name == "vision" and vision is not None:
-        return (vision.image_size // vision.patch_size) ** 2 + 1
-    if stage.name == "qformer":
-        return int(getattr(config, "num_query_tokens", 32))
-    if stage.requires == ("pixel_values",):
-        image = getattr(config, "image_size", 224)
-        patch = getattr(config, "patch_size", 16)
-        return (image // patch) ** 2 + 1
-    return seq_len
 
 
 def _measure_block(model: nn.Module, stage, device: torch.device, dtype: torch.dtype, batch_size: int,

@@ -76,10 +76,22 @@ def make_model(family: str, vocab: int = 512, seed: int = 0) -> torch.nn.Module:
         with torch.no_grad():  # transformers initialises the learned queries to zero; trained ones are not
             model.query_tokens.normal_(0.0, 0.5)
         return model
+    if family == "resnet":
+        return T.ResNetForImageClassification(T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                             num_labels=3))
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "opt", "bert", "vit", "clip", "blip2")
+# every registered family (hf_prune.models.registered_families()) -> the make_model name of its tiny model;
+# tests/test_models.py fails for a registered family missing here, so a new family comes with its tiny model
+TINY_MODELS = {"llama": "llama", "opt": "opt", "bert": "bert", "vit": "vit", "clip": "clip", "blip-2": "blip2",
+               "resnet": "resnet"}
+# registered families the layer-wise matrix leaves out, with the reason (tests/test_models.py checks it holds)
+NOT_LAYERWISE = {"resnet": "its blocks hold convolutions, no nn.Linear for a layer-wise method to prune "
+                           "(ModHiFi's unlearning prunes them)"}
+# the families every layer-wise method x pattern runs on (make_model names)
+FAMILIES = tuple(tiny for name, tiny in TINY_MODELS.items() if name not in NOT_LAYERWISE)
+IMAGE_ONLY = ("vit", "resnet")  # families whose batches carry images and no text
 
 
 def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch: int = 4, seq: int = 24,
@@ -89,7 +101,7 @@ def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch:
     out = []
     for start in range(0, n, batch):
         b = {}
-        if family != "vit":
+        if family not in IMAGE_ONLY:
             # sentences of different lengths, so every batch carries padding to exclude
             chunk = [" ".join(t.split()[: 3 + 5 * (j % 4)]) for j, t in enumerate(texts[start: start + batch])]
             enc = tokenizer(chunk, truncation=True, max_length=seq, padding=True, return_tensors="pt")
@@ -98,7 +110,7 @@ def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch:
                 ids = torch.cat([torch.full((ids.shape[0], QUERY_TOKENS), IMAGE_TOKEN), ids], 1)
                 mask = torch.cat([torch.ones(ids.shape[0], QUERY_TOKENS, dtype=mask.dtype), mask], 1)
             b.update(input_ids=ids, attention_mask=mask)
-        if family in ("vit", "clip", "blip2"):
+        if family in (*IMAGE_ONLY, "clip", "blip2"):
             b["pixel_values"] = torch.randn(min(batch, n - start), 3, IMAGE, IMAGE, generator=g)
         out.append(b)
     return out

@@ -13,19 +13,19 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable
 
+from ..models import family_for_type
 from ..registry import display_name
 
 TEMPLATE = "pruned_model.md.j2"
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+# by transformers' class naming; a family's classes that these would get wrong are in its Family.pipeline_tags
 _PIPELINES = (
     ("ForCausalLM", "text-generation"),
     ("ForSequenceClassification", "text-classification"),
     ("ForTokenClassification", "token-classification"),
     ("ForImageClassification", "image-classification"),
-    ("Blip2ForConditionalGeneration", "image-to-text"),
-    ("CLIPModel", "zero-shot-image-classification"),
     ("Model", "feature-extraction"),
 )
 
@@ -44,8 +44,11 @@ def hub_base_model(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
-def pipeline_tag(model_class: str) -> str | None:
-    for suffix, tag in _PIPELINES:
+def pipeline_tag(model_class: str, model_type: str | None = None) -> str | None:
+    """The Hub pipeline tag of a model class: its family's own tag for it (``model_type`` names the family), else
+    the one its class-name suffix implies, else None."""
+    family = family_for_type(model_type)
+    for suffix, tag in (*(family.pipeline_tags.items() if family is not None else ()), *_PIPELINES):
         if model_class.endswith(suffix):
             return tag
     return None
@@ -155,7 +158,7 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
     method_name = display_name(method)
     pattern = report.get("pattern") or config.get("pattern") or "unstructured"
     title = f"{base.split('/')[-1] if base else model['class']} pruned with {method_name} ({pattern})"
-    task = pipeline_tag(model["class"])
+    task = pipeline_tag(model["class"], model.get("model_type"))
     tags = ["hf_prune", "pruned", method, pattern_tag(pattern)]
     if finetuning:
         tags.append("recovery-finetuned")

@@ -11,8 +11,9 @@ language model), so a later stage is calibrated on the outputs of the already pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -82,6 +83,22 @@ class AttentionSpec:
     rope: bool = False
 
 
+TokenCount = Callable[[Any, Any, int], int]
+"""``(model config, stage config, seq_len) -> tokens`` one sample puts through each block of a stage."""
+
+
+def sequence_tokens(config: Any, stage_config: Any, seq_len: int) -> int:
+    """A text stage: the calibration sequence itself."""
+    return seq_len
+
+
+def patch_tokens(config: Any, stage_config: Any, seq_len: int) -> int:
+    """A vision tower: one token per image patch plus the class token (ViT's 224 / 16 when the config is silent)."""
+    image = getattr(stage_config, "image_size", 224)
+    patch = getattr(stage_config, "patch_size", 16)
+    return (image // patch) ** 2 + 1
+
+
 @dataclass
 class Stage:
     """One sequence of blocks walked by the calibration engine."""
@@ -94,6 +111,11 @@ class Stage:
     mlp: MLPSpec | None = None  # the block's MLP neurons (structured methods)
     attention: AttentionSpec | None = None  # the block's self-attention (structured methods)
     config_attr: str = ""  # attribute of model.config holding this stage's sub-config ("" = model.config)
+    tokens: TokenCount = sequence_tokens  # tokens per sample through each block (the planner's memory and time)
+
+    def tokens_per_sample(self, model: nn.Module, seq_len: int) -> int:
+        """Tokens one sample puts through each block of this stage, for calibration sequences of ``seq_len``."""
+        return self.tokens(model.config, self.config(model), seq_len)
 
     def config(self, model: nn.Module) -> Any:
         """The (sub-)config describing this stage's blocks (a standalone tower uses its own root config)."""
@@ -111,15 +133,47 @@ class Stage:
         return [f"{self.path}.{i}" for i in range(len(self.blocks(model)))]
 
 
+@dataclass(frozen=True)
+class FamilyLoss:
+    """The family's own loss, for methods that score weights with a loss (ECoFLaP), where the generic ones (a
+    causal LM's next-token loss, the model's own loss on ``labels``, label-free output sensitivity) would miss
+    what the family is trained on.
+
+    ``kind``: its name in reports; ``description``: one line saying what it is; ``value(model, batch)``: the
+    float64 loss of one batch; ``select(model, batch, scorer)``: whether a model of the family is scored with it
+    on batches like ``batch``, raising a ``CalibrationDataError`` that names the fix when it should be but this
+    model or batch cannot carry it (``scorer``: the scoring method's display name, for that message);
+    ``check(batches)``: raises the same way when one of the scoring batches does not suit it; ``requires``: batch
+    keys every scoring batch must carry; ``first``: True when it goes before the generic losses (even on batches
+    with ``labels``), False when it only replaces the label-free fallback.
+    """
+
+    kind: str
+    description: str
+    value: Callable[[nn.Module, dict], torch.Tensor]
+    select: Callable[[nn.Module, dict, str], bool]
+    check: Callable[[list[dict]], None] = lambda batches: None
+    requires: tuple[str, ...] = ()
+    first: bool = False
+
+
 @dataclass
 class Family:
-    """How to find and drive the blocks of one model family."""
+    """How to find and drive the blocks of one model family.
+
+    ``causal_lm``: a decoder-only language-model family (next-token calibration text, packed windows);
+    ``loss``: the family's own scoring loss, if the generic ones do not fit it; ``pipeline_tags``: Hub pipeline
+    tags of the family's classes that the generic class-name suffixes (``...ForCausalLM``, ``...Model``) would get
+    wrong, by class-name suffix.
+    """
 
     name: str
     model_types: tuple[str, ...]
     causal_lm: bool = False
     resolve: Callable[[nn.Module], list[Stage]] = field(default=lambda model: [])
     normalization: str = "layer"  # inside the blocks: "layer" (LayerNorm/RMSNorm + residual) or "batch" (BatchNorm)
+    loss: FamilyLoss | None = None
+    pipeline_tags: Mapping[str, str] = field(default_factory=dict)
 
     def stages(self, model: nn.Module) -> list[Stage]:
         stages = self.resolve(model)
@@ -161,8 +215,6 @@ def get_family(model: nn.Module) -> Family:
         f"Supported families (model_type values): {known}.")
 
 
-
-
 def registered_families() -> list[Family]:
     """Every registered family, once each."""
     return list({id(f): f for f in _FAMILIES.values()}.values())
@@ -174,6 +226,18 @@ def causal_lm_families() -> list[Family]:
 
 def family_for_type(model_type: str | None) -> Family | None:
     return _FAMILIES.get(model_type)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal LM by its class or config: a ``...CausalLM`` class or architecture, or a
+    config marked ``is_decoder`` (an encoder-decoder never is). It reads the instance, not the family, because
+    one family holds both kinds (a BERT configured as a decoder; a LLaMA backbone without its LM head); for the
+    stock model classes it agrees with ``Family.causal_lm`` (tests/test_models.py)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    names = [type(model).__name__, *(getattr(config, "architectures", None) or [])]
+    return any("CausalLM" in n for n in names) or bool(getattr(config, "is_decoder", False))
 
 
 # shared by several families: the fc1/fc2 MLP of ViT, CLIP and BLIP-2's vision tower

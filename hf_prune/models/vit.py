@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import bert
-from .spec import FC_MLP, AttentionSpec, Family, Stage, first_existing, register_family
+from .spec import FC_MLP, AttentionSpec, Family, Stage, first_existing, patch_tokens, register_family
 
 ATTENTION = AttentionSpec("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
                           module="attention", heads_attr="num_attention_heads", head_dim_key="head_dim")
@@ -17,7 +17,7 @@ def _stages(model: nn.Module) -> list[Stage]:
         return []
     old = path.endswith("encoder.layer")  # older ViT layout used BERT's names (attention slicing: new layout only)
     return [Stage("encoder", path, requires=("pixel_values",), mask_key=None, mlp=bert.MLP if old else FC_MLP,
-                  attention=None if old else ATTENTION)]
+                  attention=None if old else ATTENTION, tokens=patch_tokens)]
 
 
 FAMILY = register_family(Family("vit", ("vit",), resolve=_stages))

@@ -2,10 +2,11 @@
 
 - ``causal_lm``: a causal LM's own next-token cross-entropy (padding ignored): per-token values in
   float32 from float32 logits, averaged in float64.
-- ``caption_lm``: BLIP-2's captioning loss: the same next-token loss on the text tokens, with the image
-  placeholder positions (where the Q-Former outputs go) and the padding ignored.
+- the family's own loss (``Family.loss``, defined in its ``hf_prune.models`` file), where it declares one:
+  ``caption_lm``, BLIP-2's captioning loss: the same next-token loss on the text tokens, with the image
+  placeholder positions (where the Q-Former outputs go) and the padding ignored; ``clip_contrastive``, CLIP
+  with images and texts: its symmetric contrastive loss over the batch.
 - ``model_loss``: the batches carry ``labels``: the model's own loss (e.g. an image classifier).
-- ``clip_contrastive``: CLIP with images and texts: its symmetric contrastive loss over the batch.
 - ``output_sensitivity``: no labels (BERT encoders, CLIP's single towers, ViT without labels). The
   obvious choice, the distance of perturbed outputs to the dense outputs, is useless as written: it is
   minimal at the dense weights, so its gradient is zero there and its two-sided difference is
@@ -30,44 +31,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models import Family
 from ...errors import CalibrationDataError
+from ...models import Family, FamilyLoss
+from ...models.losses import language_model_loss, without_labels
+from ...registry import display_name
+from .config import ECoFLaPConfig
 
 DESCRIPTIONS = {
     "causal_lm": "the model's next-token cross-entropy on the calibration text (padding ignored)",
-    "caption_lm": "BLIP-2's caption loss: next-token cross-entropy on the text tokens (image placeholders and "
-                  "padding ignored)",
     "model_loss": "the model's own loss on the labels carried by the calibration batches",
-    "clip_contrastive": "CLIP's symmetric image-text contrastive loss over each batch",
     "output_sensitivity": "label-free output sensitivity: zeroth order ||f(W+eps z)-f(W)||/eps (one-sided), first "
                           "order a random projection <u, f> of the outputs f on the real tokens",
 }
 
 
-def _inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over the labelled tokens: per-token values in float32, their mean in float64, so
-    that the tiny loss differences of zeroth-order scoring are not lost to a float32 accumulation."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:].to(logits.device).reshape(-1)
-    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=-100,
-                                      reduction="none")
-    count = int((target != -100).sum())
-    if count == 0:
-        raise CalibrationDataError("a scoring batch has no token to predict (all padding or image placeholders); "
-                                   "give longer calibration texts.")
-    return nll.double().sum() / count
-
-
 @dataclass
 class ScoringLoss:
-    """What stage 1 differentiates (or differences): ``value`` for real losses, ``outputs`` if label-free."""
+    """What stage 1 differentiates (or differences): ``value`` for real losses, ``outputs`` if label-free.
+    ``own``: the family's own loss (``Family.loss``) when the model is scored with it."""
 
     kind: str
-    image_token_id: int | None = None
+    own: FamilyLoss | None = None
 
     @property
     def label_free(self) -> bool:
@@ -75,16 +59,21 @@ class ScoringLoss:
 
     @property
     def description(self) -> str:
-        return DESCRIPTIONS[self.kind]
+        return self.own.description if self.own is not None else DESCRIPTIONS[self.kind]
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """Batch keys every scoring batch must carry."""
+        if self.own is not None:
+            return self.own.requires
+        return ("input_ids",) if self.kind == "causal_lm" else ()
 
     def value(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The scalar loss of one batch (float64)."""
-        if self.kind in ("causal_lm", "caption_lm"):
-            logits = model(**_inputs(batch)).logits
-            labels = batch["labels"] if "labels" in batch else self.labels(batch)
-            return _next_token_loss(logits, labels)
-        if self.kind == "clip_contrastive":
-            return model(**_inputs(batch), return_loss=True).loss.double()
+        if self.own is not None:
+            return self.own.value(model, batch)
+        if self.kind == "causal_lm":
+            return language_model_loss(model, batch)
         if self.kind == "model_loss":
             loss = getattr(model(**batch), "loss", None)
             if loss is None:
@@ -93,17 +82,9 @@ class ScoringLoss:
             return loss.double()
         raise RuntimeError(f"the {self.kind} loss has no scalar value; use outputs()")
 
-    def labels(self, batch: dict) -> torch.Tensor:
-        labels = batch["input_ids"].clone()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"].to(labels.device) == 0] = -100
-        if self.image_token_id is not None:
-            labels[batch["input_ids"] == self.image_token_id] = -100
-        return labels
-
     def outputs(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The label-free outputs ``f``: ``[real tokens (or samples), features]`` in float32."""
-        inputs = _inputs(batch)
+        inputs = without_labels(batch)
         has_text, has_image = "input_ids" in inputs, "pixel_values" in inputs
         if hasattr(model, "get_image_features") and hasattr(model, "get_text_features") and has_text != has_image:
             out = model.get_image_features(pixel_values=inputs["pixel_values"]) if has_image else \
@@ -125,48 +106,31 @@ class ScoringLoss:
         return tensor.float().reshape(-1, tensor.shape[-1])
 
 
-def _is_clip_pair(model: nn.Module, family: Family, batch: dict) -> bool:
-    return (family.name == "clip" and hasattr(model, "logit_scale") and "input_ids" in batch
-            and "pixel_values" in batch)
-
-
 def choose_loss(model: nn.Module, family: Family, batch: dict) -> ScoringLoss:
-    """The scoring loss for this model and these batches (see the module docstring)."""
-    if family.name == "blip-2":
-        if model.get_output_embeddings() is None or "input_ids" not in batch:
-            raise CalibrationDataError("ECoFLaP scores BLIP-2 with its caption loss, which needs "
-                                       "Blip2ForConditionalGeneration and batches with pixel_values and input_ids.")
-        config = model.config
-        token = getattr(config, "image_token_id", None)
-        if token is None:
-            token = getattr(config, "image_token_index", None)
-        return ScoringLoss("caption_lm", image_token_id=token)
+    """The scoring loss for this model and these batches (see the module docstring): the family's own loss where
+    it declares one (before the generic losses, or only instead of the label-free one), else the generic ones."""
+    own = family.loss
+    scorer = display_name(ECoFLaPConfig.method)
+    if own is not None and own.first and own.select(model, batch, scorer):
+        return ScoringLoss(own.kind, own)
     if family.causal_lm and model.get_output_embeddings() is not None and "input_ids" in batch:
         return ScoringLoss("causal_lm")
     if "labels" in batch:
         return ScoringLoss("model_loss")
-    if _is_clip_pair(model, family, batch):
-        sizes = [batch["input_ids"].shape[0], batch["pixel_values"].shape[0]]
-        if min(sizes) < 2:
-            raise CalibrationDataError(
-                "CLIP is scored with its contrastive loss, which needs at least 2 image-text pairs per batch "
-                f"(a batch has {min(sizes)}); raise CalibrationConfig.batch_size.")
-        return ScoringLoss("clip_contrastive")
+    if own is not None and not own.first and own.select(model, batch, scorer):
+        return ScoringLoss(own.kind, own)
     return ScoringLoss("output_sensitivity")
 
 
 def check_batches(loss: ScoringLoss, batches: list[dict]) -> None:
-    """Every batch must suit the chosen loss (CLIP's contrastive loss needs >= 2 pairs in each)."""
-    if loss.kind == "clip_contrastive":
-        small = [b["input_ids"].shape[0] for b in batches if b["input_ids"].shape[0] < 2]
-        if small:
-            raise CalibrationDataError(
-                "CLIP is scored with its contrastive loss, which needs at least 2 image-text pairs per batch, but "
-                f"a batch has {small[0]}; raise CalibrationConfig.batch_size or num_score_samples.")
+    """Every batch must suit the chosen loss (e.g. CLIP's contrastive loss needs >= 2 pairs in each)."""
+    if loss.own is not None:
+        loss.own.check(batches)
     for b in batches:
-        if loss.kind in ("causal_lm", "caption_lm") and "input_ids" not in b:
-            raise CalibrationDataError(f"the {loss.kind} loss needs input_ids in every scoring batch; a batch has "
-                                       f"only {sorted(b)}.")
+        for key in loss.requires:
+            if key not in b:
+                raise CalibrationDataError(f"the {loss.kind} loss needs {key} in every scoring batch; a batch has "
+                                           f"only {sorted(b)}.")
 
 
 def describe(loss: ScoringLoss) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...models import pixel_input
+from ...models import is_causal_lm, pixel_input
 from ...config import PrunerConfig
 from ...errors import HFPruneError, did_you_mean
 from ...artifacts.files import check_output_dir
@@ -69,14 +69,6 @@ class InputCompensator(nn.Module):
     def extra_repr(self) -> str:
         m, dq = self.keys.shape
         return f"pool_size={m}, query_dim={dq}, value_dim={self.values.shape[1]}, temperature={self.temperature:g}"
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        return False
-    names = [type(model).__name__, *(getattr(config, "architectures", None) or [])]
-    return any("CausalLM" in n for n in names) or bool(getattr(config, "is_decoder", False))
 
 
 def _output_tensor(output: Any) -> torch.Tensor:
@@ -207,7 +199,7 @@ class InputCompensatedModel(nn.Module):
                 raise HFPruneError(f"for inject='inputs_embeds' the query is the token's input embedding: use "
                                    f"encoder='embedding' (= {embed_name!r}); {encoder!r} is another module.")
             query_pool = "none" if config.query_pool == "auto" else config.query_pool
-            if query_pool == "mean" and _is_causal_lm(model):
+            if query_pool == "mean" and is_causal_lm(model):
                 raise HFPruneError("query_pool='mean' pools the whole sequence into the query, which lets every token "
                                    "see future tokens and breaks generation with a KV cache; decoder LMs need "
                                    "query_pool='none' (per-token queries, foldable into the embedding table).")
