@@ -1,4 +1,4 @@
-"""The wheel carries every hf_prune package and the card templates (pyproject finds the packages itself; a package
+"""The wheel carries every hf_prune package and the card templates (setup.py finds the packages itself; a package
 left out would only fail for users who pip install without -e)."""
 
 from __future__ import annotations
@@ -24,6 +24,6 @@ def test_wheel_contains_every_package_and_template(tmp_path):
         for f in files:
             if f.endswith(".py"):
                 rel = os.path.relpath(os.path.join(folder, f), ROOT)
-                assert rel in names, f"{rel} is missing from the wheel: does pyproject.toml still find every package?"
+                assert rel in names, f"{rel} is missing from the wheel: does setup.py still find every package?"
     templates = [f for f in os.listdir(os.path.join(ROOT, "model_cards")) if f.endswith(".j2")]
     assert templates and all(f"hf_prune/model_cards/{t}" in names for t in templates)

@@ -177,8 +177,10 @@ def test_adding_a_builtin_method_is_one_import_line():
     for spec in method_specs():
         package = spec.config_class.__module__.split(".")[2]
         assert f"from .{package} import" in text, f"{spec.name} is not imported by hf_prune/methods/__init__.py"
-    pyproject = open(os.path.join(os.path.dirname(PACKAGE), "pyproject.toml"), encoding="utf-8").read()
-    assert "hf_prune.methods." not in pyproject, "pyproject.toml should find packages, not list them"
+    root = os.path.dirname(PACKAGE)
+    for name in ("pyproject.toml", "setup.py"):
+        text = open(os.path.join(root, name), encoding="utf-8").read()
+        assert "hf_prune.methods" not in text and "hf_prune.engine" not in text, f"{name} lists packages by hand"
 
 
 # --------------------------------------------------------------------------------------------- contracts
