@@ -10,10 +10,11 @@ import torch
 import transformers as T
 
 from conftest import FAMILIES, make_batches, make_model
-from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, RIAConfig, SparseGPTConfig, WandaConfig
+from hf_prune import CalibrationConfig, Pruner, SparseGPTConfig
 from hf_prune.patterns import nm_violations, prune_count
+from hf_prune.registry import method_specs
 
-METHODS = (MagnitudeConfig, WandaConfig, SparseGPTConfig, RIAConfig)
+METHODS = tuple(spec.config_class for spec in method_specs() if spec.layerwise)  # every registered layer-wise pruner
 PATTERNS = ("unstructured", "2:4", "4:8")
 
 
@@ -26,6 +27,10 @@ def _outputs(model, batch):
     if isinstance(model, T.CLIPModel):
         return torch.cat([out.logits_per_image.flatten(), out.text_embeds.flatten(), out.image_embeds.flatten()])
     return out.last_hidden_state
+
+
+def test_the_matrix_covers_every_layerwise_method():
+    assert {c.method for c in METHODS} >= {"magnitude", "wanda", "sparsegpt", "ria"}
 
 
 @pytest.mark.parametrize("family,config_cls,pattern", list(itertools.product(FAMILIES, METHODS, PATTERNS)))
