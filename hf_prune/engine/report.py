@@ -7,12 +7,14 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..patterns import Pattern, nm_violations
 from ..version import __version__
+from .offload import iter_tensors
 
 
 def _vm_hwm_bytes() -> int | None:
@@ -141,9 +143,8 @@ def module_kind(name: str) -> str:
 
 
 def model_totals(model: nn.Module) -> dict:
-    from .offload import iter_tensors  # offloaded weights are read from their maps, one at a time
-
     params = zeros = 0
+    # offloaded weights are read from their maps, one at a time
     for _, p in iter_tensors(model):
         params += p.numel()
         zeros += int((p == 0).sum())
@@ -170,6 +171,31 @@ def sparsity_section(entries: dict[str, dict], block_of: dict[str, str]) -> dict
         "per_module_kind": group_by(entries, module_kind),
         "per_module": entries,
     }
+
+
+def run_report(model: nn.Module, family: str, stages: list, config: Any, *, pattern: str, entries: dict[str, dict],
+               block_of: dict[str, str], calibration: dict, meter: RunMeter, device: torch.device | str | None,
+               mode: str | None = None, record: dict | None = None, sections: dict | None = None) -> dict:
+    """The report of one run, JSON-ready, with the sections every method writes in one order: method, ``mode``
+    (when the method has modes), config, pattern, model, calibration, sparsity (of ``entries``, grouped by
+    ``block_of``), model_totals, the method's own ``sections``, run, environment.
+
+    ``record``: the model record when the method describes the model its own way (default ``model_record``)."""
+    report: dict[str, Any] = {"method": config.method}
+    if mode is not None:
+        report["mode"] = mode
+    report.update({
+        "config": config.to_dict(),
+        "pattern": pattern,
+        "model": record if record is not None else model_record(model, family, stages),
+        "calibration": calibration,
+        "sparsity": sparsity_section(entries, block_of),
+        "model_totals": model_totals(model),
+        **(sections or {}),
+        "run": meter.to_dict(),
+        "environment": environment(device),
+    })
+    return report
 
 
 def format_table(rows: list[list], headers: list[str]) -> str:

@@ -15,17 +15,15 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..models import Stage, get_family
-from ..calibration.data import CalibrationSet, build_calibration
+from ..calibration.data import CalibrationSet
 from ..engine.offload import describe_offload, module_weight
 from ..engine.stats import LinearStats
-from ..engine.walker import resolve_device, walk
+from ..engine.run import RunContext, changed_in_place, prepare
 from ..config import PrunerConfig
-from ..engine.targets import Target, calibration_needs, check_model_ready, plan_targets, stages_with_targets
+from ..engine.targets import Target, plan_targets
 from ..checks import check_choice, check_number, regex_list
-from ..errors import HFPruneError
 from ..patterns import Pattern
-from ..engine.report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
+from ..engine.report import RunMeter, model_record, module_entry
 from ..registry import MethodCost, register_method
 from ..result import PruningResult
 
@@ -151,68 +149,50 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
     data up front passes them); by default they are built here. ``checkpoint``: an
     ``hf_prune.checkpoint.RunCheckpoint`` to save after every block and to resume from."""
     model = pruner.model
-    check_model_ready(model, offload=True)
-    family = get_family(model)
-    stages = family.stages(model)
-    targets = plan_targets(model, stages, config)
-    active = stages_with_targets(stages, targets)
-    exec_device = resolve_device(model, device)
+    run = prepare(model, device, offload=True)
+    targets = plan_targets(model, run.stages, config)
+    run = run.for_targets(targets)
     processor = LayerwiseProcessor(config, targets)
     with RunMeter() as meter:
         batches, provenance = None, {"source": None, "note": "data-free: the method reads no activations"}
         if config.statistics:
             with meter.phase("calibration_data"):
                 if calibration is None:
-                    calibration = build_calibration(config.calibration, tokenizer=pruner.tokenizer,
-                                                    processor=pruner.processor, needs=calibration_needs(active),
-                                                    causal_lm=family.causal_lm)
+                    calibration = run.calibration(config.calibration, tokenizer=pruner.tokenizer,
+                                                  processor=pruner.processor)
             batches, provenance = calibration.batches, calibration.provenance
         resumed_from = None
         if checkpoint is not None:
             with meter.phase("checkpoint_fingerprints"):
-                checkpoint.begin(model, config, batches, active)  # refuses another model/config/data
+                checkpoint.begin(model, config, batches, run.stages)  # refuses another model/config/data
             resumed_from = checkpoint.state.get("position")
-        with meter.phase("walk_and_prune"):
-            try:
-                walk(model, active, batches, processor, device=exec_device, progress=progress, desc=config.method,
-                     checkpoint=checkpoint)
-            except HFPruneError as exc:
-                if processor.info:
-                    raise type(exc)(f"{exc} Note: {len(processor.info)} of {len(targets)} modules were already "
-                                    "pruned in place before this failure; reload the model before retrying.") from exc
-                raise
-    report = layerwise_report(model, family.name, active, targets, config, processor.info, provenance, meter,
-                              exec_device)
+        with meter.phase("walk_and_prune"), changed_in_place(lambda: len(processor.info),
+                                                             "{n} of {total} modules were already pruned",
+                                                             total=len(targets)):
+            run.walk(batches, processor, progress=progress, desc=config.method, checkpoint=checkpoint)
+    report = layerwise_report(run, targets, config, processor.info, provenance, meter)
     if checkpoint is not None:
         checkpoint.finish()
         report["run"]["checkpoint"] = {"folder": checkpoint.folder, "resumed_after": resumed_from}
     return PruningResult(config=config, report=report, model=model)
 
 
-def layerwise_report(model: nn.Module, family: str, stages: list[Stage], targets: list[Target],
-                     config: PrunerConfig, info: dict[str, dict], provenance: dict, meter: RunMeter,
-                     device: torch.device) -> dict:
+def layerwise_report(run: RunContext, targets: list[Target], config: PrunerConfig, info: dict[str, dict],
+                     provenance: dict, meter: RunMeter) -> dict:
+    """The report of a layer-wise run: per targeted module its achieved sparsity and what ``info`` says of it
+    (the method's per-module numbers); the model record says how the model was offloaded, if it was."""
     pattern = Pattern.parse(getattr(config, "pattern", "unstructured"))
     entries = {}
     for t in targets:
         entry = module_entry(module_weight(t.module).detach(), t.sparsity, pattern)
         entry.update({k: v for k, v in info.get(t.name, {}).items()})
         entries[t.name] = entry
-    record = model_record(model, family, stages)
-    offload = describe_offload(model)
+    record = model_record(run.model, run.family.name, run.stages)
+    offload = describe_offload(run.model)
     if offload:
         record["offload"] = offload
-    return {
-        "method": config.method,
-        "config": config.to_dict(),
-        "pattern": str(pattern),
-        "model": record,
-        "calibration": provenance,
-        "sparsity": sparsity_section(entries, {t.name: t.block for t in targets}),
-        "model_totals": model_totals(model),
-        "run": meter.to_dict(),
-        "environment": environment(device),
-    }
+    return run.report(config, pattern=str(pattern), entries=entries, block_of={t.name: t.block for t in targets},
+                      calibration=provenance, meter=meter, record=record)
 
 
 def layerwise_cost(config: LayerwiseConfig) -> MethodCost:

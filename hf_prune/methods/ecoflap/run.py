@@ -16,14 +16,15 @@ from typing import Any
 import torch
 
 from ...allocation import Allocation
-from ...models import Family, Stage, get_family
-from ...calibration.data import CalibrationSet, build_calibration
+from ...models import Family, Stage
+from ...calibration.data import CalibrationSet
 from ...engine.walker import model_device, resolve_device
 from ...engine.report import RunMeter
 from ...result import PruningResult
 from ...version import __version__
 from ..layerwise import LayerwiseConfig, run_layerwise
-from ...engine.targets import Target, calibration_needs, check_model_ready, plan_targets, stages_with_targets
+from ...engine.run import prepare
+from ...engine.targets import Target, plan_targets, stages_with_targets
 from .config import ECoFLaPConfig
 from .losses import ScoringLoss, check_batches, choose_loss, describe
 from .ops import min_keep, solve_budget, split_keep
@@ -52,20 +53,17 @@ def make_plan(pruner: Any, config: ECoFLaPConfig, *, with_prune_data: bool) -> P
     if not isinstance(config, ECoFLaPConfig):
         raise TypeError(f"ECoFLaP needs an ECoFLaPConfig, got {type(config).__name__}.")
     model = pruner.model
-    check_model_ready(model)
-    family = get_family(model)
-    stages = family.stages(model)
+    run = prepare(model)  # stage 1 scores where the weights are (Plan.score_device); stage 2 picks its device
+    family, stages = run.family, run.stages
     layer_config = config.layer_pruner_config()
     targets = plan_targets(model, stages, layer_config)
-    needs = {key for s in stages for key in s.requires}  # stage 1 runs the whole model
     score_cal = dataclasses.replace(config.calibration, num_samples=config.num_score_samples)
-    score_data = build_calibration(score_cal, tokenizer=pruner.tokenizer, processor=pruner.processor, needs=needs,
-                                   causal_lm=family.causal_lm)
+    # stage 1 runs the whole model: its data feeds every stage
+    score_data = run.calibration(score_cal, tokenizer=pruner.tokenizer, processor=pruner.processor)
     prune_data = None
     if with_prune_data and layer_config.statistics:
-        prune_data = build_calibration(config.calibration, tokenizer=pruner.tokenizer, processor=pruner.processor,
-                                       needs=calibration_needs(stages_with_targets(stages, targets)),
-                                       causal_lm=family.causal_lm)
+        prune_data = run.for_targets(targets).calibration(config.calibration, tokenizer=pruner.tokenizer,
+                                                          processor=pruner.processor)
     loss = choose_loss(model, family, score_data.batches[0])
     check_batches(loss, score_data.batches)
     if config.granularity == "submodel" and (config.per_submodel_budget or len(stages) == 1):
@@ -196,10 +194,7 @@ def run_ecoflap(pruner: Any, config: ECoFLaPConfig, *, device: str | torch.devic
     (a resume reuses it and skips the scoring), then stage 2 checkpoints after every block."""
     start = time.perf_counter()
     plan = make_plan(pruner, config, with_prune_data=True)
-    try:
-        resolve_device(pruner.model, device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+    resolve_device(pruner.model, device)  # a bad device fails before stage 1 scores
     planned = time.perf_counter() - start  # targets, both calibration sets and the loss, validated
     saved = None
     if checkpoint is not None:

@@ -21,16 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models import Family, Stage, get_family
-from ...calibration.data import build_calibration
+from ...engine.run import RunContext, changed_in_place, prepare
 from ...engine.stats import LinearStats
 from ...calibration.synthetic import sample_sequences
-from ...engine.walker import resolve_device, walk
-from ...errors import CalibrationDataError, HFPruneError, UnsupportedModelError
+from ...errors import CalibrationDataError, UnsupportedModelError
 from ...patterns import prune_count
 from ...engine.report import RunMeter
 from ...structured import MLPGroup, mlp_groups, set_mlp_width, shrink_mlp
-from ...engine.targets import calibration_needs, check_model_ready
 from . import ops
 from .config import ModHiFiConfig
 from .report import ModHiFiResult, prune_report, size_summary
@@ -146,15 +143,14 @@ def _relative(error: float, energy: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def calibration_batches(pruner: Any, config: ModHiFiConfig, family: Family, stages: list[Stage]) -> tuple[list, dict]:
+def calibration_batches(pruner: Any, config: ModHiFiConfig, run: RunContext) -> tuple[list, dict]:
     """The calibration set, or, with no data given, sequences sampled from the causal LM itself."""
     model = pruner.model
     if config.calibration.dataset is not None:
-        cal = build_calibration(config.calibration, tokenizer=pruner.tokenizer, processor=pruner.processor,
-                                needs=calibration_needs(stages), causal_lm=family.causal_lm)
+        cal = run.calibration(config.calibration, tokenizer=pruner.tokenizer, processor=pruner.processor)
         return cal.batches, cal.provenance
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not family.causal_lm or head is None:
+    if not run.family.causal_lm or head is None:
         raise CalibrationDataError(
             f"ModHiFi reads activations but no calibration data was given, and the data-free path (sequences "
             f"sampled from the model itself) needs a causal language model with an LM head; "
@@ -199,15 +195,13 @@ def _stage_keep_counts(plans: dict[str, BlockPlan], scores: dict[str, torch.Tens
 def run_prune(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device | None = None,
               progress: bool = True) -> ModHiFiResult:
     model = pruner.model
-    check_model_ready(model)
-    family = get_family(model)
-    stages = [s for s in family.stages(model) if s.mlp is not None]
-    if not stages:
+    run = prepare(model, device)
+    run = run.with_stages([s for s in run.stages if s.mlp is not None])
+    if not run.stages:
         raise UnsupportedModelError(f"{type(model).__name__} has no transformer MLP blocks that ModHiFi can prune "
                                     "(it prunes MLP hidden neurons); mode='unlearn' works on it.")
-    groups = mlp_groups(model, stages)
+    groups = mlp_groups(model, run.stages)
     _validate(model, config, groups)
-    exec_device = resolve_device(model, device)
     plans = {g.block: BlockPlan(g, g.width) for g in groups}
     before = size_summary(model, groups)
     stats_dtype = _DTYPES[config.accum_dtype]
@@ -217,8 +211,8 @@ def run_prune(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device 
                                                              "reads no activations"}
         if config.needs_statistics:
             with meter.phase("calibration_data"):
-                batches, provenance = calibration_batches(pruner, config, family, stages)
-        try:
+                batches, provenance = calibration_batches(pruner, config, run)
+        with changed_in_place(lambda: len(changed), "the MLPs of {n} blocks were already pruned"):
             for iteration in range(1, config.num_iterations + 1):
                 fraction = config.sparsity * iteration / config.num_iterations
                 counts = None
@@ -227,26 +221,18 @@ def run_prune(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device 
                 elif config.selection == "global_ratio":
                     scorer = ModHiFiProcessor(model, config, plans, phase="score", iteration=iteration)
                     with meter.phase("scoring_pass"):
-                        walk(model, stages, batches, scorer, device=exec_device, progress=progress,
-                             desc="modhifi scores", stats_dtype=stats_dtype)
+                        run.walk(batches, scorer, progress=progress, desc="modhifi scores", stats_dtype=stats_dtype)
                     counts = _stage_keep_counts(plans, scorer.scores, config, fraction)
                 processor = ModHiFiProcessor(model, config, plans, phase="prune", keep_counts=counts,
                                              iteration=iteration)
                 with meter.phase("walk_and_prune"):
                     try:
-                        walk(model, stages, batches, processor, device=exec_device, progress=progress,
-                             desc="modhifi", stats_dtype=stats_dtype)
+                        run.walk(batches, processor, progress=progress, desc="modhifi", stats_dtype=stats_dtype)
                     finally:
                         changed.extend(b for b in processor.changed if b not in changed)
-        except HFPruneError as exc:
-            if changed:
-                raise type(exc)(f"{exc} Note: the MLPs of {len(changed)} blocks were already pruned in place before "
-                                "this failure; reload the model before retrying.") from exc
-            raise
         config_widths = {}
-        for stage in stages:
+        for stage in run.stages:
             widths = {p.group.width for p in plans.values() if p.group.stage is stage}
             config_widths[stage.name] = set_mlp_width(model, stage) if len(widths) == 1 else None
-    report = prune_report(model, family.name, stages, config, plans, provenance, meter, exec_device, before,
-                          size_summary(model, groups), config_widths)
+    report = prune_report(run, config, plans, provenance, meter, before, size_summary(model, groups), config_widths)
     return ModHiFiResult(config=config, report=report, model=model)

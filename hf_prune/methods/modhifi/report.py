@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
-from ...engine.report import environment, format_table, model_record, model_totals, module_entry, sparsity_section
+from ...engine.report import RunMeter, format_table, module_entry
+from ...engine.run import RunContext
 from ...result import PruningResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,8 +47,11 @@ def _load_line(model: nn.Module, uniform: bool) -> str:
             "loads it (stock transformers, no hf_prune needed).")
 
 
-def prune_report(model: nn.Module, family: str, stages: list, config: Any, plans: dict, provenance: dict, meter: Any,
-                 device: torch.device, before: dict, after: dict, config_widths: dict) -> dict:
+def prune_report(run: RunContext, config: Any, plans: dict, provenance: dict, meter: RunMeter, before: dict,
+                 after: dict, config_widths: dict) -> dict:
+    """The report of a ModHiFi-P run: neurons, parameters and Linear FLOPs before/after, and per block its widths,
+    reconstruction errors and steps."""
+    model = run.model
     layers, entries, block_of = {}, {}, {}
     for block, plan in plans.items():
         group = plan.group
@@ -90,20 +93,8 @@ def prune_report(model: nn.Module, family: str, stages: list, config: Any, plans
             f"{100 * change['linear_flops_per_token']['removed_fraction']:.1f}% fewer Linear FLOPs per token, so the "
             f"file is smaller and the model runs faster on stock kernels. {_load_line(model, uniform)} "
             "Per-layer widths and reconstruction errors (1 - fidelity) are in `pruning_report.json`.")
-    return {
-        "method": config.method,
-        "mode": "prune",
-        "config": config.to_dict(),
-        "pattern": config.unit,
-        "model": model_record(model, family, stages),
-        "calibration": provenance,
-        "sparsity": sparsity_section(entries, block_of),
-        "model_totals": model_totals(model),
-        "structured": structured,
-        "structured_note": note,
-        "run": meter.to_dict(),
-        "environment": environment(device),
-    }
+    return run.report(config, mode="prune", pattern=config.unit, entries=entries, block_of=block_of,
+                      calibration=provenance, meter=meter, sections={"structured": structured, "structured_note": note})
 
 
 @dataclass

@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models import Family, Stage, get_family
+from ...models import Family, Stage
 from ...calibration.data import _is_prepared, _pad_batch, _text_tokenizer, column, load_rows
 from ...engine.stats import LinearStats
-from ...engine.walker import model_device, resolve_device, to_device, walk
-from ...errors import CalibrationDataError, HFPruneError
-from ...engine.report import RunMeter, environment, model_record, model_totals, module_entry, sparsity_section
-from ...engine.targets import calibration_needs, check_model_ready
+from ...engine.run import changed_in_place, prepare
+from ...engine.walker import model_device, to_device
+from ...errors import CalibrationDataError
+from ...engine.report import RunMeter, module_entry
 from . import ops
 from .config import ModHiFiConfig
 from .report import ModHiFiResult
@@ -195,10 +195,8 @@ def _choose_edit(config: ModHiFiConfig, family: Family) -> str:
 def run_unlearn(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device | None = None,
                 progress: bool = True) -> ModHiFiResult:
     model = pruner.model
-    check_model_ready(model)
-    family = get_family(model)
-    stages = family.stages(model)
-    targets = unlearn_targets(model, stages)
+    run = prepare(model, device)
+    targets = unlearn_targets(model, run.stages)
     if not targets:
         raise ValueError(f"{type(model).__name__} has no layer ModHiFi can edit (MLP output Linears or Conv2d "
                          "layers inside its blocks).")
@@ -208,19 +206,17 @@ def run_unlearn(pruner: Any, config: ModHiFiConfig, *, device: str | torch.devic
                              f"editable layers of {type(model).__name__}; use at most {len(targets)} "
                              "(or None for all).")
         targets = targets[-config.unlearn_layers:]
-    exec_device = resolve_device(model, device)
-    needs = calibration_needs(stages)
-    edit = _choose_edit(config, family)
+    edit = _choose_edit(config, run.family)
     with RunMeter() as meter:
         with meter.phase("data"):
             forget, forget_labels, forget_prov = labelled_batches(
-                config.forget_data, config, tokenizer=pruner.tokenizer, processor=pruner.processor, needs=needs,
+                config.forget_data, config, tokenizer=pruner.tokenizer, processor=pruner.processor, needs=run.needs,
                 purpose="forget")
             remain, remain_labels, remain_prov = (None, None, None)
             if config.remain_data is not None:
                 remain, remain_labels, remain_prov = labelled_batches(
                     config.remain_data, config, tokenizer=pruner.tokenizer, processor=pruner.processor,
-                    needs=needs, purpose="remain")
+                    needs=run.needs, purpose="remain")
         with meter.phase("evaluate_before"):
             forget_pred = predict(model, forget)
             remain_pred = predict(model, remain) if remain is not None else None
@@ -234,16 +230,11 @@ def run_unlearn(pruner: Any, config: ModHiFiConfig, *, device: str | torch.devic
             remain_grams = None
             if remain is not None:
                 recorder = UnlearnProcessor(config, targets, edit=None)
-                walk(model, stages, remain, recorder, device=exec_device, progress=progress, desc="modhifi remain")
+                run.walk(remain, recorder, progress=progress, desc="modhifi remain")
                 remain_grams = recorder.grams
             processor = UnlearnProcessor(config, targets, edit=edit, remain_grams=remain_grams)
-            try:
-                walk(model, stages, forget, processor, device=exec_device, progress=progress, desc="modhifi unlearn")
-            except HFPruneError as exc:
-                if processor.layers:
-                    raise type(exc)(f"{exc} Note: {len(processor.layers)} layers were already edited in place before "
-                                    "this failure; reload the model before retrying.") from exc
-                raise
+            with changed_in_place(lambda: len(processor.layers), "{n} layers were already edited"):
+                run.walk(forget, processor, progress=progress, desc="modhifi unlearn")
         with meter.phase("evaluate_after"):
             after = {"forget_accuracy": _accuracy(predict(model, forget), forget_truth),
                      "remain_accuracy": _accuracy(predict(model, remain), remain_truth) if remain is not None else None}
@@ -265,20 +256,9 @@ def run_unlearn(pruner: Any, config: ModHiFiConfig, *, device: str | torch.devic
             f"accuracy {_pct(before['forget_accuracy'])} -> {_pct(after['forget_accuracy'])}"
             + (f", remaining classes {_pct(before['remain_accuracy'])} -> {_pct(after['remain_accuracy'])}"
                if before["remain_accuracy"] is not None else "") + " on the samples given.")
-    report = {
-        "method": config.method,
-        "mode": "unlearn",
-        "config": config.to_dict(),
-        "pattern": f"unlearn-{edit}",
-        "model": model_record(model, family.name, stages),
-        "calibration": {"forget": forget_prov, "remain": remain_prov},
-        "sparsity": sparsity_section(entries, block_of),
-        "model_totals": model_totals(model),
-        "unlearning": unlearning,
-        "structured_note": note,
-        "run": meter.to_dict(),
-        "environment": environment(exec_device),
-    }
+    report = run.report(config, mode="unlearn", pattern=f"unlearn-{edit}", entries=entries, block_of=block_of,
+                        calibration={"forget": forget_prov, "remain": remain_prov}, meter=meter,
+                        sections={"unlearning": unlearning, "structured_note": note})
     return ModHiFiResult(config=config, report=report, model=model)
 
 

@@ -9,34 +9,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models import get_family
-from ...engine.walker import resolve_device
-from ...engine.report import RunMeter, environment, model_totals, module_entry, sparsity_section
+from ...models import Stage
+from ...engine.report import RunMeter, model_record, module_entry
+from ...engine.run import RunContext, prepare
 from ...result import PruningResult
-from ...engine.targets import check_model_ready
+from ...engine.targets import linear_candidates
 from ..layerwise import layerwise_report
 from .config import SPPConfig
 from .path import SolutionPath
 from .training_free import plan_path_targets, training_free_path
 
 
-def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+def _linear_shapes(model: nn.Module, stages: list[Stage]) -> dict[str, tuple[int, int, int]]:
     """(out, in, numel) of every Linear inside the transformer blocks."""
-    from ...engine.targets import linear_candidates
-
-    stages = get_family(model).stages(model)
     return {name: (m.out_features, m.in_features, m.weight.numel())
             for name, m, _, _ in linear_candidates(model, stages)}
 
 
-def structured_report(model: nn.Module, before: dict[str, tuple[int, int, int]], path: SolutionPath,
-                      config: SPPConfig, meter: RunMeter, device: torch.device, params_before: int) -> dict:
+def structured_report(run: RunContext, before: dict[str, tuple[int, int, int]], config: SPPConfig, meter: RunMeter,
+                      params_before: int) -> dict:
     """Report of a structured read-off: per Linear, the share of its original weights removed (sliced out or
     zeroed); ``stored_*`` fields describe the tensor actually saved."""
-    family = get_family(model)
-    stages = family.stages(model)
+    model = run.model
     entries, block_of = {}, {}
-    for stage in stages:
+    for stage in run.stages:
         for block_name, block in zip(stage.block_names(model), stage.blocks(model)):
             for name, module in block.named_modules(prefix=block_name):
                 if not isinstance(module, nn.Linear) or name not in before:
@@ -51,40 +47,25 @@ def structured_report(model: nn.Module, before: dict[str, tuple[int, int, int]],
                                  "stored_numel": stored["numel"], "stored_zeros": stored["zeros"]}
                 block_of[name] = block_name
     params_after = sum(p.numel() for p in model.parameters())
-    first = next(model.parameters())
     note = (f"Structured: {params_before - params_after:,} of {params_before:,} parameters were physically removed "
             f"({100 * (params_before - params_after) / max(1, params_before):.2f}%); the model stores "
             f"{params_after:,}. Removed heads, head dimensions and MLP neurons are gone from the tensors, so the model "
             "is smaller and faster on stock kernels. With rotary embeddings removed q-k/v-o dimensions stay as "
             "zeros (the rotary frequencies fix the head width). If the blocks kept different widths the folder holds "
             "hf_prune_layout.py: load it with trust_remote_code=True.")
-    return {
-        "method": config.method,
-        "config": config.to_dict(),
-        "pattern": "structured",
-        "model": {"class": type(model).__name__, "model_type": getattr(model.config, "model_type", None),
-                  "name_or_path": getattr(model.config, "_name_or_path", None) or None, "family": family.name,
-                  "stages": [{"name": s.name, "path": s.path, "blocks": len(s.blocks(model))} for s in stages],
-                  "dtype": str(first.dtype).replace("torch.", "")},
-        "calibration": {"source": None, "note": "read off a saved solution path: no data"},
-        "sparsity": sparsity_section(entries, block_of),
-        "parameters": {"before": params_before, "after": params_after,
-                       "removed_fraction": (params_before - params_after) / max(1, params_before)},
-        "model_totals": model_totals(model),
-        "run": meter.to_dict(),
-        "environment": environment(device),
-        "structured_note": note,
-    }
+    record = model_record(model, run.family.name, run.stages)
+    record["name_or_path"] = getattr(model.config, "_name_or_path", None) or None  # the config's origin only
+    parameters = {"before": params_before, "after": params_after,
+                  "removed_fraction": (params_before - params_after) / max(1, params_before)}
+    return run.report(config, pattern="structured", entries=entries, block_of=block_of, record=record,
+                      calibration={"source": None, "note": "read off a saved solution path: no data"}, meter=meter,
+                      sections={"parameters": parameters, "structured_note": note})
 
 
 def run_spp(pruner: Any, config: SPPConfig, *, device: str | torch.device | None = None,
             progress: bool = True) -> PruningResult:
     model = pruner.model
-    check_model_ready(model)
-    try:
-        exec_device = resolve_device(model, device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+    run = prepare(model, device)
     with RunMeter() as meter:
         if config.path is not None:
             with meter.phase("load_path"):
@@ -92,7 +73,7 @@ def run_spp(pruner: Any, config: SPPConfig, *, device: str | torch.device | None
             path._check_model(model)  # before any change
             with meter.phase("read_off"):
                 params_before = sum(p.numel() for p in model.parameters())
-                before = _linear_shapes(model)
+                before = _linear_shapes(model, run.stages)
                 if path.kind == "structured":
                     path.materialize(model, config.sparsity, budget=config.budget, scope=config.scope, inplace=True)
                 else:
@@ -100,16 +81,15 @@ def run_spp(pruner: Any, config: SPPConfig, *, device: str | torch.device | None
             provenance = {"source": None, "note": f"read off the solution path {config.path}"}
         else:
             path, provenance = training_free_path(model, config, tokenizer=pruner.tokenizer,
-                                                  processor=pruner.processor, device=exec_device, progress=progress,
+                                                  processor=pruner.processor, device=run.device, progress=progress,
                                                   meter=meter)
             with meter.phase("read_off"):
                 path.apply(model, config.sparsity, inplace=True)
     if path.kind == "structured":
-        report = structured_report(model, before, path, config, meter, exec_device, params_before)
+        report = structured_report(run, before, config, meter, params_before)
     else:
-        stages, targets = plan_path_targets(model, config)
-        report = layerwise_report(model, get_family(model).name, stages, targets, config, {}, provenance, meter,
-                                  exec_device)
+        targets = plan_path_targets(model, run.stages, config)
+        report = layerwise_report(run.for_targets(targets), targets, config, {}, provenance, meter)
         report["pattern"] = "unstructured"
         if config.path is None:
             report["method_note"] = ("training-free SPP path (hf_prune's own variant, not the paper's unpublished LLM "

@@ -14,12 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models import get_family
-from ...calibration.data import build_calibration
+from ...models import Stage
+from ...engine.run import prepare
 from ...engine.stats import LinearStats
-from ...engine.walker import resolve_device, walk
 from ...engine.report import RunMeter, module_kind
-from ...engine.targets import Target, calibration_needs, check_model_ready, select_modules, stages_with_targets
+from ...engine.targets import Target, select_modules
 from . import ops
 from .config import SPPConfig
 from .units import model_info
@@ -50,15 +49,15 @@ class PathProcessor:
             self.curves[t.name] = curve
 
 
-def plan_path_targets(model: nn.Module, config: SPPConfig) -> tuple[list, list[Target]]:
-    stages = get_family(model).stages(model)
+def plan_path_targets(model: nn.Module, stages: list[Stage], config: SPPConfig) -> list[Target]:
+    """The Linears ``config`` selects inside ``stages``, validated (finite weights) before any change."""
     selected = select_modules(model, stages, config.target_modules, config.exclude_modules)
     targets = [Target(name, module, block, stage, config.sparsity) for name, module, block, stage in selected]
     for t in targets:
         if not bool(torch.isfinite(t.module.weight).all()):
             raise ValueError(f"{t.name} holds NaN/inf weights; the checkpoint is corrupt or overflowed when loaded "
                              "(try dtype=torch.float32). Nothing was changed.")
-    return stages_with_targets(stages, targets), targets
+    return targets
 
 
 def training_free_path(model: nn.Module, config: SPPConfig, calibration_dataset: Any = None, *, tokenizer: Any = None,
@@ -68,22 +67,16 @@ def training_free_path(model: nn.Module, config: SPPConfig, calibration_dataset:
 
     Returns the path and the calibration provenance. ``calibration_dataset`` overrides ``config.calibration.dataset``.
     """
-    check_model_ready(model)
-    family = get_family(model)
-    stages, targets = plan_path_targets(model, config)
-    try:
-        exec_device = resolve_device(model, device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+    run = prepare(model, device)
+    targets = plan_path_targets(model, run.stages, config)
+    run = run.for_targets(targets)
     meter = meter or RunMeter()
     path_processor = PathProcessor(config, targets)
     with meter.phase("calibration_data"):
-        calibration = build_calibration(config.calibration, calibration_dataset, tokenizer=tokenizer,
-                                        processor=processor, needs=calibration_needs(stages),
-                                        causal_lm=family.causal_lm)
+        calibration = run.calibration(config.calibration, calibration_dataset, tokenizer=tokenizer,
+                                      processor=processor)
     with meter.phase("solution_path"):
-        walk(model, stages, calibration.batches, path_processor, device=exec_device, progress=progress,
-             desc="spp path")
+        run.walk(calibration.batches, path_processor, progress=progress, desc="spp path")
     units, tensors = [], {}
     for i, t in enumerate(targets):
         units.append({"name": t.name, "kind": module_kind(t.name), "block": t.block, "stage": t.stage,
