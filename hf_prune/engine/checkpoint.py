@@ -259,4 +259,4 @@ class RunCheckpoint:
 
 def resumable_methods() -> list[str]:
     """The registered methods that checkpoint and resume (their spec says ``resumable``)."""
-    return [spec.name for spec in method_specs() if spec.resumable]
+    return sorted(spec.name for spec in method_specs() if spec.resumable)
