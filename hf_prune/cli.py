@@ -15,6 +15,7 @@ import sys
 import typing
 from typing import Any, Sequence
 
+from .atomic import check_output_dir
 from .calibration.config import CalibrationConfig
 from .registry import available_methods, get_method
 from .errors import HFPruneError
@@ -108,7 +109,6 @@ def _dtype(text: str) -> Any:
 
 
 def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .artifacts.files import check_output_dir
     from .pruner import Pruner
 
     spec = get_method(args.method)

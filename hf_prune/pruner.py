@@ -19,7 +19,7 @@ from .config import PrunerConfig
 from .registry import get_method
 from .artifacts.cards import CARD_NAME, build_model_card, check_evaluations, check_sections
 from .artifacts.hub import push_pretrained
-from .artifacts.files import atomic_output_dir, check_output_dir
+from .atomic import atomic_output_dir, check_output_dir
 from .artifacts.plots import SPARSITY_PICTURE, plot_layer_sparsity
 from .result import PruningResult
 from .structured.layout import needs_variable_layout, save_variable_layout

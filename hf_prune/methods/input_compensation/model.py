@@ -22,7 +22,6 @@ import functools
 import inspect
 import json
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -35,7 +34,7 @@ from torch import nn
 from ...models import pixel_input
 from ...config import PrunerConfig
 from ...errors import HFPruneError, did_you_mean
-from ...artifacts.files import check_output_dir
+from ...atomic import atomic_file, check_output_dir
 from ...training.weight_masks import WeightMasks
 from ...engine.report import model_totals
 from ...version import __version__
@@ -628,23 +627,13 @@ class InputCompensatedModel(nn.Module):
         payload = {**self.ic_config.to_dict(), METADATA_KEY: self._metadata()}
         tensors = {"keys": self.pool.keys.detach().to("cpu", torch.float32).contiguous(),
                    "values": self.pool.values.detach().to("cpu", torch.float32).contiguous()}
-        staged = []
-        try:
-            fd, tmp_pool = tempfile.mkstemp(prefix=".ic_pool.", dir=path)
-            os.close(fd)
-            staged.append(tmp_pool)
+        # both files are staged before either is renamed; the pool is renamed first, the config last
+        with atomic_file(os.path.join(path, CONFIG_FILE)) as tmp_cfg, \
+                atomic_file(os.path.join(path, POOL_FILE)) as tmp_pool:
             save_file(tensors, tmp_pool, metadata={"format": "pt", "hf_prune": __version__})
-            fd, tmp_cfg = tempfile.mkstemp(prefix=".ic_config.", dir=path)
-            staged.append(tmp_cfg)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            with open(tmp_cfg, "w", encoding="utf-8") as fh:
                 json.dump(payload, fh, indent=2, sort_keys=True, default=str)
                 fh.write("\n")
-            os.replace(tmp_pool, os.path.join(path, POOL_FILE))
-            os.replace(tmp_cfg, os.path.join(path, CONFIG_FILE))
-        finally:
-            for tmp in staged:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
         return path
 
     @classmethod

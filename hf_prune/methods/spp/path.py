@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ...artifacts.cards import CARD_NAME
-from ...artifacts.files import atomic_output_dir, check_output_dir
+from ...atomic import atomic_output_dir, check_output_dir
 from ...patterns import prune_count
 from ...artifacts.plots import have_matplotlib
 from ...version import __version__
