@@ -27,13 +27,13 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...models import pixel_input
 from ...config import PrunerConfig
 from ...errors import HFPruneError, did_you_mean
+from ...artifacts.hub import load_files
 from ...atomic import atomic_file, check_output_dir
 from ...training.weight_masks import WeightMasks
 from ...engine.report import model_totals
@@ -643,19 +643,9 @@ class InputCompensatedModel(nn.Module):
         """Re-attach a saved pool (a folder or a Hub repo holding ``ic_config.json`` + ``ic_pool.safetensors``)
         to ``model``, the pruned base it was trained on."""
         path = os.fspath(pretrained_path)
-        folder = os.path.join(path, subfolder or "")
-        files = {}
-        for name in (CONFIG_FILE, POOL_FILE):
-            local = os.path.join(folder, name)
-            if not os.path.isfile(local):
-                if os.path.isdir(path):
-                    raise FileNotFoundError(f"no {name} in {folder!r}; was it written by "
-                                            "InputCompensatedModel.save_pretrained?")
-                from ...artifacts.hub import hub_errors
-
-                with hub_errors("download the input compensation pool from", path):
-                    local = hf_hub_download(path, name, subfolder=subfolder, revision=revision, token=token)
-            files[name] = local
+        files = load_files(path, [CONFIG_FILE, POOL_FILE], what="the input compensation pool",
+                           writer="InputCompensatedModel.save_pretrained", subfolder=subfolder, revision=revision,
+                           token=token)
         with open(files[CONFIG_FILE], encoding="utf-8") as fh:
             payload = json.load(fh)
         meta = payload.pop(METADATA_KEY, {}) or {}

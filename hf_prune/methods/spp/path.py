@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ...artifacts.cards import CARD_NAME
+from ...artifacts.hub import load_files
 from ...atomic import atomic_output_dir, check_output_dir
 from ...patterns import prune_count
 from ...artifacts.plots import have_matplotlib
@@ -345,29 +346,15 @@ class SolutionPath:
         """Load a path from a folder written by ``save_pretrained`` or from a Hub repo."""
         from safetensors.torch import load_file
 
-        path = os.fspath(path_or_repo)
-        folder = os.path.join(path, subfolder or "")
-        if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, JSON_NAME)):
-            json_path, tensor_path = os.path.join(folder, JSON_NAME), os.path.join(folder, TENSORS_NAME)
-        elif os.path.isdir(path):
-            raise FileNotFoundError(f"no {JSON_NAME} in {folder!r}; was it written by SolutionPath.save_pretrained?")
-        else:
-            from huggingface_hub import hf_hub_download
-
-            from ...artifacts.hub import hub_errors
-
-            kw = dict(revision=revision, token=token, subfolder=subfolder)
-            with hub_errors("download the solution path from", path):
-                json_path = hf_hub_download(path, JSON_NAME, **kw)
-                tensor_path = hf_hub_download(path, TENSORS_NAME, **kw)
+        files = load_files(path_or_repo, [JSON_NAME, TENSORS_NAME], what="the solution path",
+                           writer="SolutionPath.save_pretrained", subfolder=subfolder, revision=revision, token=token)
+        json_path, tensor_path = files[JSON_NAME], files[TENSORS_NAME]
         with open(json_path, encoding="utf-8") as fh:
             data = json.load(fh)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"{json_path} has solution-path format {version!r}; this hf_prune ({__version__}) reads "
                              f"format {FORMAT_VERSION}.")
-        if not os.path.isfile(tensor_path):
-            raise FileNotFoundError(f"{tensor_path} is missing next to {json_path}.")
         return cls(data["kind"], data["units"], load_file(tensor_path), data["config"], data.get("model"),
                    data.get("search"))
 
