@@ -33,7 +33,8 @@ from torch import nn
 from ...models import pixel_input
 from ...config import PrunerConfig
 from ...errors import HFPruneError, did_you_mean
-from ...artifacts.hub import load_files
+from ...artifacts.cards import CARD_NAME, card_data, hub_base_model, render_card
+from ...artifacts.hub import load_files, push_pretrained
 from ...atomic import atomic_file, check_output_dir
 from ...training.weight_masks import WeightMasks
 from ...engine.report import model_totals
@@ -677,9 +678,6 @@ class InputCompensatedModel(nn.Module):
         ``model_cards/input_compensation.md.j2``) in one commit, through the same path as every hf_prune artifact
         (the repo is created first; no network or a refused token raises ``hf_prune.errors.HubError``).
         Returns ``huggingface_hub.CommitInfo``."""
-        from ...artifacts.cards import CARD_NAME
-        from ...artifacts.hub import push_pretrained
-
         def save(folder: str) -> None:
             self.save_pretrained(folder)
             self.model_card(repo_id=repo_id).save(os.path.join(folder, CARD_NAME))
@@ -690,21 +688,16 @@ class InputCompensatedModel(nn.Module):
 
     def model_card(self, *, repo_id: str | None = None):
         """The ``huggingface_hub.ModelCard`` of this pool."""
-        from huggingface_hub import ModelCardData
-
-        from ...artifacts.cards import hub_base_model, render_card
-
         rep = self.report()
         meta = self._metadata()
         base = hub_base_model(meta.get("base_model_name_or_path"))
         label = meta.get("base_model_name_or_path") or meta["base_model_class"]
         title = f"Input compensation pool for {base.split('/')[-1] if base else meta['base_model_class']}"
         foldable, _ = self.foldable()
-        card_data = ModelCardData(base_model=base, library_name="hf_prune", model_name=title,
-                                  tags=["hf_prune", "pruned", "input-compensation"])
         return render_card(
-            card_data, "input_compensation.md.j2", title=title, version=__version__, base_model=base,
-            base_label=label, base_pruning=meta.get("base_pruning"), base_trained=meta["base_weights_trained"],
+            card_data(base, title, ["input-compensation"]), "input_compensation.md.j2", title=title,
+            version=__version__, base_model=base, base_label=label, base_pruning=meta.get("base_pruning"),
+            base_trained=meta["base_weights_trained"],
             encoder_module=meta["encoder_module"] or self.ic_config.encoder, inject=self.ic_config.inject,
             load_path=repo_id or "path/to/this/folder", foldable=foldable, pool=rep["pool"],
             flops_per_query=rep["flops"]["per_query"], effective_sparsity=rep["effective_sparsity"],

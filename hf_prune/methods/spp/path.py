@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...artifacts.cards import CARD_NAME
+from ...artifacts.cards import CARD_NAME, card_data, framework_versions, hub_base_model, render_card
 from ...artifacts.hub import load_files
 from ...atomic import atomic_output_dir, check_output_dir
 from ...patterns import prune_count
-from ...artifacts.plots import have_matplotlib
+from ...artifacts.plots import PLOT_EXTRA_HINT, have_matplotlib
+from ...engine.report import environment
 from ...version import __version__
 from . import ops
 from .config import BUDGETS, SCOPES, SPPConfig
@@ -314,12 +315,6 @@ class SolutionPath:
 
     def model_card(self, *, repo_id: str | None = None, picture: str | None = None):
         """The ``huggingface_hub.ModelCard`` of this path (``model_cards/solution_path.md.j2``)."""
-        from huggingface_hub import ModelCardData
-
-        from ...artifacts.cards import hub_base_model, render_card
-        from ...artifacts.plots import PLOT_EXTRA_HINT
-        from ...engine.report import environment
-
         base = hub_base_model(self.model.get("name_or_path"))
         model_class = self.model.get("class") or "model"
         title = f"SPP solution path for {base.split('/')[-1] if base else model_class}"
@@ -327,18 +322,16 @@ class SolutionPath:
         read_offs = [{"sparsity": s, "achieved": self.read_off(s, budget, scope)["achieved"]}
                      for s in (0.2, 0.4, 0.6, 0.8)]
         kinds = sorted({u["kind"] for u in self.units})
-        env = environment()
-        card_data = ModelCardData(base_model=base, library_name="hf_prune", model_name=title,
-                                  tags=["hf_prune", "pruned", "spp", "solution-path",
-                                        "structured-pruning" if self.kind == "structured" else "unstructured-sparsity"])
+        shape_tag = "structured-pruning" if self.kind == "structured" else "unstructured-sparsity"
+        metadata = card_data(base, title, ["spp", "solution-path", shape_tag])
         return render_card(
-            card_data, "solution_path.md.j2", title=title, kind=self.kind, base_model=base, model_class=model_class,
+            metadata, "solution_path.md.j2", title=title, kind=self.kind, base_model=base, model_class=model_class,
             load_path=repo_id or "path/to/this/folder", budget=budget, scope=scope, read_offs=read_offs,
             units=len(self.units), groups=", ".join(kinds), entries=sum(math.prod(u["shape"]) for u in self.units),
             picture=picture, plot_hint=PLOT_EXTRA_HINT,
             search_items=sorted((k, v) for k, v in self.search.items() if not isinstance(v, (dict, list))),
             config_json=json.dumps(self.config, indent=2, sort_keys=True),
-            versions=[(k, env[k]) for k in ("hf_prune", "torch", "transformers", "huggingface_hub") if env.get(k)])
+            versions=framework_versions(environment()))
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, revision: str | None = None,
