@@ -31,6 +31,7 @@ from ...artifacts.hub import load_files
 from ...atomic import atomic_output_dir, check_output_dir
 from ...patterns import prune_count
 from ...artifacts.plots import PLOT_EXTRA_HINT, have_matplotlib
+from ...artifacts.save import save_model_folder
 from ...engine.report import environment
 from ...version import __version__
 from . import ops
@@ -429,10 +430,4 @@ def save_model(model: nn.Module, save_directory: str | os.PathLike) -> str:
     """Save a materialized model atomically so that stock transformers reloads it: uniform widths live in its
     config (the plain class loads it); per-block widths add ``hf_prune_layout.py`` + ``auto_map``
     (``AutoModel...from_pretrained(folder, trust_remote_code=True)``). Returns the folder."""
-    from ...structured.layout import needs_variable_layout, save_variable_layout
-
-    with atomic_output_dir(save_directory) as tmp:
-        model.save_pretrained(tmp)
-        if needs_variable_layout(model):
-            save_variable_layout(model, tmp)
-    return os.path.abspath(os.fspath(save_directory))
+    return save_model_folder(model, save_directory)
