@@ -186,7 +186,7 @@ def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .engine.report import format_table
+    from .engine.report import format_table, sparsity_table
 
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
@@ -208,9 +208,7 @@ def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
           f"seed={cal.get('seed')} packing={cal.get('packing')}")
     print(f"time: {report['run']['time_s']:.2f}s  peak RSS: "
           f"{(report['run'].get('peak_rss_bytes') or 0) / 2**20:.0f} MiB")
-    rows = [[k, v["modules"], f"{v['achieved']:.4f}"] for k, v in sorted(sp["per_module_kind"].items())]
-    rows.append(["overall", sp["overall"]["modules"], f"{sp['overall']['achieved']:.4f}"])
-    print(format_table(rows, ["module kind", "modules", "achieved sparsity"]))
+    print(sparsity_table(sp))
     if args.per_module:
         rows = [[n, "x".join(map(str, e["shape"])), e.get("target", ""), f"{e['achieved']:.4f}"]
                 for n, e in sp["per_module"].items()]
