@@ -70,7 +70,7 @@ def accuracy(model, x, y) -> float:
 def trained_vit(x, y, steps: int, cache: str):
     import transformers as T
 
-    from hf_prune.artifacts.files import atomic_output_dir
+    from hf_prune.atomic import atomic_output_dir
 
     folder = os.path.join(cache, f"vit-digits-{steps}")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):

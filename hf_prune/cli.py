@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from .artifacts.cards import card_files_for_folder
 from .artifacts.hub import folder_files, push_folder
+from .atomic import check_output_dir
 from .calibration.config import CalibrationConfig
 from .demo import run_demo
 from .engine.checkpoint import RunCheckpoint, resumable_methods
@@ -120,7 +121,6 @@ def _dtype(text: str) -> Any:
 
 
 def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .artifacts.files import check_output_dir
     spec = get_method(args.method)
     parser = argparse.ArgumentParser(prog=f"hf-prune prune --method {args.method}", add_help=False)
     _add_config_options(parser, spec.config_class)
@@ -189,7 +189,7 @@ def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .engine.report import format_table
+    from .engine.report import format_table, sparsity_table
 
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
@@ -211,9 +211,7 @@ def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
           f"seed={cal.get('seed')} packing={cal.get('packing')}")
     print(f"time: {report['run']['time_s']:.2f}s  peak RSS: "
           f"{(report['run'].get('peak_rss_bytes') or 0) / 2**20:.0f} MiB")
-    rows = [[k, v["modules"], f"{v['achieved']:.4f}"] for k, v in sorted(sp["per_module_kind"].items())]
-    rows.append(["overall", sp["overall"]["modules"], f"{sp['overall']['achieved']:.4f}"])
-    print(format_table(rows, ["module kind", "modules", "achieved sparsity"]))
+    print(sparsity_table(sp))
     if args.per_module:
         rows = [[n, "x".join(map(str, e["shape"])), e.get("target", ""), f"{e['achieved']:.4f}"]
                 for n, e in sp["per_module"].items()]

@@ -12,17 +12,17 @@ import torch
 from torch import nn
 
 from .allocation import Allocation
-from .engine.offload import module_weight, offloaded_state_dict
+from .engine.offload import module_weight
 from .engine.checkpoint import RunCheckpoint, resumable_methods
 from .errors import CheckpointError, HFPruneError
 from .config import PrunerConfig
 from .registry import get_method
 from .artifacts.cards import CARD_NAME, build_model_card, check_evaluations, check_sections
 from .artifacts.hub import push_pretrained
-from .artifacts.files import atomic_output_dir, check_output_dir
+from .atomic import check_output_dir
 from .artifacts.plots import SPARSITY_PICTURE, plot_layer_sparsity
+from .artifacts.save import save_model_folder
 from .result import PruningResult
-from .structured.layout import needs_variable_layout, save_variable_layout
 
 REPORT_NAME = "pruning_report.json"
 
@@ -204,28 +204,24 @@ class Pruner:
                           "left (was the model trained without hf_prune.callbacks.SparsityPreservingCallback?); the "
                           "card and report describe the pruning run and say that the weights changed since.",
                           stacklevel=2)
-        with atomic_output_dir(save_directory) as tmp:
-            # offloaded weights: transformers reads them from the weights maps for device_map models; a model
-            # offloaded by accelerate directly (cpu_offload) gets its state dict read from the maps here
-            self.model.save_pretrained(tmp, max_shard_size=max_shard_size,
-                                       state_dict=offloaded_state_dict(self.model))
-            if needs_variable_layout(self.model):  # per-layer widths a stock config cannot hold
-                report["variable_layout"] = save_variable_layout(self.model, tmp)
-            for component in (self.processor, self.tokenizer):
-                if component is not None:
-                    component.save_pretrained(tmp)
-            result.config.save_pretrained(tmp)
-            with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as fh:
+
+        def write_extras(folder: str, layout: dict | None) -> None:
+            if layout is not None:  # per-layer widths a stock config cannot hold
+                report["variable_layout"] = layout
+            result.config.save_pretrained(folder)
+            with open(os.path.join(folder, REPORT_NAME), "w", encoding="utf-8") as fh:
                 json.dump(report, fh, indent=2, sort_keys=True, default=str)
                 fh.write("\n")
-            allocation_files = result.allocation.save_pretrained(tmp) if isinstance(result.allocation, Allocation) \
-                else {}
-            picture = plot_layer_sparsity(report, os.path.join(tmp, SPARSITY_PICTURE))
+            allocation_files = (result.allocation.save_pretrained(folder)
+                                if isinstance(result.allocation, Allocation) else {})
+            picture = plot_layer_sparsity(report, os.path.join(folder, SPARSITY_PICTURE))
             card = build_model_card(report, repo_id=repo_id, evaluations=evaluations, finetuning=finetuning,
                                     sections=sections, picture=SPARSITY_PICTURE if picture else None,
                                     allocation_plot=allocation_files.get("plot"))
-            card.save(os.path.join(tmp, CARD_NAME))
-        return os.path.abspath(os.fspath(save_directory))
+            card.save(os.path.join(folder, CARD_NAME))
+
+        return save_model_folder(self.model, save_directory, max_shard_size=max_shard_size,
+                                 processing=(self.processor, self.tokenizer), extras=write_extras)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,

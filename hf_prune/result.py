@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .engine.report import format_table
+from .engine.report import sparsity_table
 
 
 @dataclass
@@ -33,15 +33,12 @@ class PruningResult:
 
     def summary(self) -> str:
         rep = self.report
-        sp = rep["sparsity"]
-        rows = [[kind, agg["modules"], f"{agg['achieved']:.4f}"] for kind, agg in sorted(sp["per_module_kind"].items())]
-        rows.append(["overall", sp["overall"]["modules"], f"{sp['overall']['achieved']:.4f}"])
         run = rep["run"]
         peak = run.get("peak_rss_bytes")
         lines = [
             f"method={rep['method']} pattern={rep.get('pattern')} model={rep['model']['class']} "
             f"time={run['time_s']:.2f}s" + (f" peak_rss={peak / 2**20:.0f}MiB" if peak else ""),
-            format_table(rows, ["module kind", "modules", "achieved sparsity"]),
+            sparsity_table(rep["sparsity"]),
         ]
         if self.allocation is not None and hasattr(self.allocation, "summary"):
             lines += ["allocation (allocated sparsity per budget, and its least and most sparse group):",

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .atomic import atomic_output_dir
 from .calibration.corpus import builtin_texts
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>", "<image>"]
@@ -120,8 +121,6 @@ def toy_folder(size: str = "small", cache_dir: str | None = None) -> str:
     torch.manual_seed(spec.seed)
     train_causal_lm(model, tokenizer, texts, steps=spec.steps, batch_size=spec.batch_size, seq_len=spec.seq_len,
                     lr=spec.lr, seed=spec.seed)
-    from .artifacts.files import atomic_output_dir
-
     with atomic_output_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 from ..models import family_for_type
 from ..registry import display_name
+from ..structured.layout import auto_classes
 
 TEMPLATE = "pruned_model.md.j2"
 CARD_NAME = "README.md"
@@ -29,8 +30,10 @@ _PIPELINES = (
     ("Model", "feature-extraction"),
 )
 
-# the framework versions a card lists, in this order, when the report recorded them
+# the framework versions every card lists, in this order, when they are known
 _VERSION_KEYS = ("hf_prune", "torch", "transformers", "accelerate", "peft", "datasets", "huggingface_hub", "python")
+# the tags every card starts with
+_LEAD_TAGS = ("hf_prune", "pruned")
 
 
 def template_path(name: str = TEMPLATE) -> str:
@@ -56,6 +59,25 @@ def pipeline_tag(model_class: str, model_type: str | None = None) -> str | None:
 
 def pattern_tag(pattern: str) -> str:
     return "unstructured-sparsity" if pattern == "unstructured" else f"sparsity-{pattern.replace(':', 'of')}"
+
+
+def framework_versions(environment: dict) -> list[tuple[str, str]]:
+    """The ``(framework, version)`` pairs a card lists under "Framework versions", in one order for every card:
+    those of ``_VERSION_KEYS`` that ``environment`` (a report's, or ``engine.report.environment()``) knows."""
+    return [(k, environment[k]) for k in _VERSION_KEYS if environment.get(k)]
+
+
+def card_data(base_model: str | None, model_name: str, tags: Iterable[str], *, pipeline: str | None = None,
+              eval_results: list | None = None):
+    """The ``huggingface_hub.ModelCardData`` every hf_prune card starts from, so that they stay alike on the Hub:
+    ``base_model`` (a Hub id from ``hub_base_model``, or None), ``library_name`` "hf_prune", ``tags`` after the
+    ones every card has ("hf_prune", "pruned"), the ``pipeline`` tag where the artifact has one, the title as
+    ``model_name`` and the ``model-index`` entries (``eval_results``) when there are any."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(base_model=base_model, library_name="hf_prune",
+                         tags=[*_LEAD_TAGS, *(t for t in tags if t not in _LEAD_TAGS)], pipeline_tag=pipeline,
+                         model_name=model_name, eval_results=eval_results or None)
 
 
 # ------------------------------------------------------------------------------------------------- card parts
@@ -145,8 +167,6 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
     ``picture``: the file name (in the same folder) of the per-layer sparsity PNG, or None when it was not drawn;
     ``allocation_plot``: the file name of an allocating method's (ECoFLaP's) per-module allocation PNG.
     """
-    from huggingface_hub import ModelCardData
-
     from .plots import PLOT_EXTRA_HINT
 
     evaluations = check_evaluations(evaluations)
@@ -159,30 +179,20 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
     pattern = report.get("pattern") or config.get("pattern") or "unstructured"
     title = f"{base.split('/')[-1] if base else model['class']} pruned with {method_name} ({pattern})"
     task = pipeline_tag(model["class"], model.get("model_type"))
-    tags = ["hf_prune", "pruned", method, pattern_tag(pattern)]
+    tags = [method, pattern_tag(pattern)]
     if finetuning:
         tags.append("recovery-finetuned")
     tags += [t for t in extra_tags if t not in tags]
-    eval_results = _eval_results(evaluations, task)
-    card_data = ModelCardData(
-        base_model=base,
-        library_name="hf_prune",
-        tags=tags,
-        pipeline_tag=task,
-        model_name=title,
-        eval_results=eval_results or None,
-    )
+    metadata = card_data(base, title, tags, pipeline=task, eval_results=_eval_results(evaluations, task))
     sp = report["sparsity"]
     environment = report.get("environment") or {}
     calibration = report.get("calibration") or {}
     resized = report.get("structured") is not None or report.get("pattern") == "structured"  # tensors physically smaller
     load_class = model["class"]
     if report.get("variable_layout"):  # per-layer widths: transformers' remote-code path of an Auto class
-        from ..structured.layout import _auto_classes
-
-        load_class = _auto_classes(model.get("model_type") or "", model["class"])[0]
+        load_class = auto_classes(model.get("model_type") or "", model["class"])[0]
     return render_card(
-        card_data,
+        metadata,
         title=title,
         base_model=base,
         model_class=model["class"],
@@ -199,7 +209,7 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
         totals=report["model_totals"],
         run=report["run"],
         environment=environment,
-        versions=[(k, environment[k]) for k in _VERSION_KEYS if environment.get(k)],
+        versions=framework_versions(environment),
         load_path=repo_id or "path/to/this/folder",
         evaluations=evaluations,
         finetuning=finetuning,

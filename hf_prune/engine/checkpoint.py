@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .offload import iter_tensors, write_tensors
+from ..atomic import atomic_file
 from ..errors import CheckpointError
 from ..registry import method_specs
 
@@ -38,23 +39,12 @@ KILL_AFTER_ENV = "HF_PRUNE_CHECKPOINT_KILL_AFTER"  # test hook: SIGKILL the proc
 _SAMPLE = 256
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(data, tmp))
+    with atomic_file(path) as tmp:
+        save_file(data, tmp)
 
 
 def _load_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -250,11 +240,8 @@ class RunCheckpoint:
         self._commit()
 
     def _commit(self) -> None:
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(self.state, fh, indent=1, sort_keys=True, default=str)
-
-        _atomic_write(os.path.join(self.folder, STATE), write)
+        with atomic_file(os.path.join(self.folder, STATE)) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.state, fh, indent=1, sort_keys=True, default=str)
 
 
 def resumable_methods() -> list[str]:

@@ -205,3 +205,12 @@ def format_table(rows: list[list], headers: list[str]) -> str:
     sep = "  ".join("-" * w for w in widths)
     body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     return "\n".join([line, sep, *body])
+
+
+def sparsity_table(sparsity: dict) -> str:
+    """The per-module-kind table of a report's ``sparsity`` section (modules and achieved sparsity per kind, then
+    overall), as ``PruningResult.summary()`` and ``hf-prune report`` print it."""
+    rows = [[kind, agg["modules"], f"{agg['achieved']:.4f}"]
+            for kind, agg in sorted(sparsity["per_module_kind"].items())]
+    rows.append(["overall", sparsity["overall"]["modules"], f"{sparsity['overall']['achieved']:.4f}"])
+    return format_table(rows, ["module kind", "modules", "achieved sparsity"])

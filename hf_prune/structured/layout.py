@@ -111,7 +111,10 @@ def needs_variable_layout(model: nn.Module) -> bool:
     return bool(layout["linears"] or layout["attributes"])
 
 
-def _auto_classes(model_type: str, class_name: str) -> list[str]:
+def auto_classes(model_type: str, class_name: str) -> list[str]:
+    """The transformers Auto classes (``AutoModelForCausalLM``, ...) whose mapping takes ``model_type`` to
+    ``class_name``, or ``["AutoModel"]`` when none does: a variable-layout folder's ``auto_map`` names them all,
+    and its model card loads it through the first."""
     from transformers.models.auto import modeling_auto
 
     found = []
@@ -145,7 +148,7 @@ def save_variable_layout(model: nn.Module, folder: str) -> dict:
     config["hf_prune_original_model_type"] = original_type
     config["architectures"] = [f"HFPrune{model_class}"]
     auto_map = {"AutoConfig": f"hf_prune_layout.HFPrune{config_class}"}
-    for auto in _auto_classes(original_type, model_class):
+    for auto in auto_classes(original_type, model_class):
         auto_map[auto] = f"hf_prune_layout.HFPrune{model_class}"
     config["auto_map"] = auto_map
     with open(path, "w", encoding="utf-8") as fh:

@@ -22,20 +22,20 @@ import functools
 import inspect
 import json
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from typing import Any
 
 import torch
-from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...models import is_causal_lm, pixel_input
 from ...config import PrunerConfig
 from ...errors import HFPruneError, did_you_mean
-from ...artifacts.files import check_output_dir
+from ...artifacts.cards import CARD_NAME, card_data, hub_base_model, render_card
+from ...artifacts.hub import load_files, push_pretrained
+from ...atomic import atomic_file, check_output_dir
 from ...training.weight_masks import WeightMasks
 from ...engine.report import model_totals
 from ...version import __version__
@@ -620,23 +620,13 @@ class InputCompensatedModel(nn.Module):
         payload = {**self.ic_config.to_dict(), METADATA_KEY: self._metadata()}
         tensors = {"keys": self.pool.keys.detach().to("cpu", torch.float32).contiguous(),
                    "values": self.pool.values.detach().to("cpu", torch.float32).contiguous()}
-        staged = []
-        try:
-            fd, tmp_pool = tempfile.mkstemp(prefix=".ic_pool.", dir=path)
-            os.close(fd)
-            staged.append(tmp_pool)
+        # both files are staged before either is renamed; the pool is renamed first, the config last
+        with atomic_file(os.path.join(path, CONFIG_FILE)) as tmp_cfg, \
+                atomic_file(os.path.join(path, POOL_FILE)) as tmp_pool:
             save_file(tensors, tmp_pool, metadata={"format": "pt", "hf_prune": __version__})
-            fd, tmp_cfg = tempfile.mkstemp(prefix=".ic_config.", dir=path)
-            staged.append(tmp_cfg)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            with open(tmp_cfg, "w", encoding="utf-8") as fh:
                 json.dump(payload, fh, indent=2, sort_keys=True, default=str)
                 fh.write("\n")
-            os.replace(tmp_pool, os.path.join(path, POOL_FILE))
-            os.replace(tmp_cfg, os.path.join(path, CONFIG_FILE))
-        finally:
-            for tmp in staged:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
         return path
 
     @classmethod
@@ -646,19 +636,9 @@ class InputCompensatedModel(nn.Module):
         """Re-attach a saved pool (a folder or a Hub repo holding ``ic_config.json`` + ``ic_pool.safetensors``)
         to ``model``, the pruned base it was trained on."""
         path = os.fspath(pretrained_path)
-        folder = os.path.join(path, subfolder or "")
-        files = {}
-        for name in (CONFIG_FILE, POOL_FILE):
-            local = os.path.join(folder, name)
-            if not os.path.isfile(local):
-                if os.path.isdir(path):
-                    raise FileNotFoundError(f"no {name} in {folder!r}; was it written by "
-                                            "InputCompensatedModel.save_pretrained?")
-                from ...artifacts.hub import hub_errors
-
-                with hub_errors("download the input compensation pool from", path):
-                    local = hf_hub_download(path, name, subfolder=subfolder, revision=revision, token=token)
-            files[name] = local
+        files = load_files(path, [CONFIG_FILE, POOL_FILE], what="the input compensation pool",
+                           writer="InputCompensatedModel.save_pretrained", subfolder=subfolder, revision=revision,
+                           token=token)
         with open(files[CONFIG_FILE], encoding="utf-8") as fh:
             payload = json.load(fh)
         meta = payload.pop(METADATA_KEY, {}) or {}
@@ -690,9 +670,6 @@ class InputCompensatedModel(nn.Module):
         ``model_cards/input_compensation.md.j2``) in one commit, through the same path as every hf_prune artifact
         (the repo is created first; no network or a refused token raises ``hf_prune.errors.HubError``).
         Returns ``huggingface_hub.CommitInfo``."""
-        from ...artifacts.cards import CARD_NAME
-        from ...artifacts.hub import push_pretrained
-
         def save(folder: str) -> None:
             self.save_pretrained(folder)
             self.model_card(repo_id=repo_id).save(os.path.join(folder, CARD_NAME))
@@ -703,21 +680,16 @@ class InputCompensatedModel(nn.Module):
 
     def model_card(self, *, repo_id: str | None = None):
         """The ``huggingface_hub.ModelCard`` of this pool."""
-        from huggingface_hub import ModelCardData
-
-        from ...artifacts.cards import hub_base_model, render_card
-
         rep = self.report()
         meta = self._metadata()
         base = hub_base_model(meta.get("base_model_name_or_path"))
         label = meta.get("base_model_name_or_path") or meta["base_model_class"]
         title = f"Input compensation pool for {base.split('/')[-1] if base else meta['base_model_class']}"
         foldable, _ = self.foldable()
-        card_data = ModelCardData(base_model=base, library_name="hf_prune", model_name=title,
-                                  tags=["hf_prune", "pruned", "input-compensation"])
         return render_card(
-            card_data, "input_compensation.md.j2", title=title, version=__version__, base_model=base,
-            base_label=label, base_pruning=meta.get("base_pruning"), base_trained=meta["base_weights_trained"],
+            card_data(base, title, ["input-compensation"]), "input_compensation.md.j2", title=title,
+            version=__version__, base_model=base, base_label=label, base_pruning=meta.get("base_pruning"),
+            base_trained=meta["base_weights_trained"],
             encoder_module=meta["encoder_module"] or self.ic_config.encoder, inject=self.ic_config.inject,
             load_path=repo_id or "path/to/this/folder", foldable=foldable, pool=rep["pool"],
             flops_per_query=rep["flops"]["per_query"], effective_sparsity=rep["effective_sparsity"],

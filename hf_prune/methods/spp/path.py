@@ -26,10 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...artifacts.cards import CARD_NAME
-from ...artifacts.files import atomic_output_dir, check_output_dir
+from ...artifacts.cards import CARD_NAME, card_data, framework_versions, hub_base_model, render_card
+from ...artifacts.hub import load_files
+from ...atomic import atomic_output_dir, check_output_dir
 from ...patterns import prune_count
-from ...artifacts.plots import have_matplotlib
+from ...artifacts.plots import PLOT_EXTRA_HINT, have_matplotlib
+from ...artifacts.save import save_model_folder
+from ...engine.report import environment
 from ...version import __version__
 from . import ops
 from .config import BUDGETS, SCOPES, SPPConfig
@@ -313,12 +316,6 @@ class SolutionPath:
 
     def model_card(self, *, repo_id: str | None = None, picture: str | None = None):
         """The ``huggingface_hub.ModelCard`` of this path (``model_cards/solution_path.md.j2``)."""
-        from huggingface_hub import ModelCardData
-
-        from ...artifacts.cards import hub_base_model, render_card
-        from ...artifacts.plots import PLOT_EXTRA_HINT
-        from ...engine.report import environment
-
         base = hub_base_model(self.model.get("name_or_path"))
         model_class = self.model.get("class") or "model"
         title = f"SPP solution path for {base.split('/')[-1] if base else model_class}"
@@ -326,18 +323,16 @@ class SolutionPath:
         read_offs = [{"sparsity": s, "achieved": self.read_off(s, budget, scope)["achieved"]}
                      for s in (0.2, 0.4, 0.6, 0.8)]
         kinds = sorted({u["kind"] for u in self.units})
-        env = environment()
-        card_data = ModelCardData(base_model=base, library_name="hf_prune", model_name=title,
-                                  tags=["hf_prune", "pruned", "spp", "solution-path",
-                                        "structured-pruning" if self.kind == "structured" else "unstructured-sparsity"])
+        shape_tag = "structured-pruning" if self.kind == "structured" else "unstructured-sparsity"
+        metadata = card_data(base, title, ["spp", "solution-path", shape_tag])
         return render_card(
-            card_data, "solution_path.md.j2", title=title, kind=self.kind, base_model=base, model_class=model_class,
+            metadata, "solution_path.md.j2", title=title, kind=self.kind, base_model=base, model_class=model_class,
             load_path=repo_id or "path/to/this/folder", budget=budget, scope=scope, read_offs=read_offs,
             units=len(self.units), groups=", ".join(kinds), entries=sum(math.prod(u["shape"]) for u in self.units),
             picture=picture, plot_hint=PLOT_EXTRA_HINT,
             search_items=sorted((k, v) for k, v in self.search.items() if not isinstance(v, (dict, list))),
             config_json=json.dumps(self.config, indent=2, sort_keys=True),
-            versions=[(k, env[k]) for k in ("hf_prune", "torch", "transformers", "huggingface_hub") if env.get(k)])
+            versions=framework_versions(environment()))
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, revision: str | None = None,
@@ -345,29 +340,15 @@ class SolutionPath:
         """Load a path from a folder written by ``save_pretrained`` or from a Hub repo."""
         from safetensors.torch import load_file
 
-        path = os.fspath(path_or_repo)
-        folder = os.path.join(path, subfolder or "")
-        if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, JSON_NAME)):
-            json_path, tensor_path = os.path.join(folder, JSON_NAME), os.path.join(folder, TENSORS_NAME)
-        elif os.path.isdir(path):
-            raise FileNotFoundError(f"no {JSON_NAME} in {folder!r}; was it written by SolutionPath.save_pretrained?")
-        else:
-            from huggingface_hub import hf_hub_download
-
-            from ...artifacts.hub import hub_errors
-
-            kw = dict(revision=revision, token=token, subfolder=subfolder)
-            with hub_errors("download the solution path from", path):
-                json_path = hf_hub_download(path, JSON_NAME, **kw)
-                tensor_path = hf_hub_download(path, TENSORS_NAME, **kw)
+        files = load_files(path_or_repo, [JSON_NAME, TENSORS_NAME], what="the solution path",
+                           writer="SolutionPath.save_pretrained", subfolder=subfolder, revision=revision, token=token)
+        json_path, tensor_path = files[JSON_NAME], files[TENSORS_NAME]
         with open(json_path, encoding="utf-8") as fh:
             data = json.load(fh)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"{json_path} has solution-path format {version!r}; this hf_prune ({__version__}) reads "
                              f"format {FORMAT_VERSION}.")
-        if not os.path.isfile(tensor_path):
-            raise FileNotFoundError(f"{tensor_path} is missing next to {json_path}.")
         return cls(data["kind"], data["units"], load_file(tensor_path), data["config"], data.get("model"),
                    data.get("search"))
 
@@ -449,10 +430,4 @@ def save_model(model: nn.Module, save_directory: str | os.PathLike) -> str:
     """Save a materialized model atomically so that stock transformers reloads it: uniform widths live in its
     config (the plain class loads it); per-block widths add ``hf_prune_layout.py`` + ``auto_map``
     (``AutoModel...from_pretrained(folder, trust_remote_code=True)``). Returns the folder."""
-    from ...structured.layout import needs_variable_layout, save_variable_layout
-
-    with atomic_output_dir(save_directory) as tmp:
-        model.save_pretrained(tmp)
-        if needs_variable_layout(model):
-            save_variable_layout(model, tmp)
-    return os.path.abspath(os.fspath(save_directory))
+    return save_model_folder(model, save_directory)

@@ -1,13 +1,21 @@
-"""Output folders that are either complete or absent: checked before work starts, written atomically."""
+"""Writes that are either complete or absent: ``atomic_output_dir`` for a folder, ``atomic_file`` for one file.
+
+Both stage under a hidden temporary name next to the target and swap it in with ``os.replace`` only once the
+write succeeded, so a reader (or a resumed run) never sees a half-written folder or file; a failure removes the
+staged copy and leaves what was there before. A leaf: it imports only ``hf_prune.errors``, so the engine's
+checkpoint and every artifact share it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 
-from ..errors import OutputDirError
+from .errors import OutputDirError
 
 
 def check_output_dir(path: str | os.PathLike) -> str:
@@ -30,7 +38,7 @@ def check_output_dir(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike):
+def atomic_output_dir(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary sibling folder; on success it replaces ``path``, on failure it is removed.
 
     Readers never see a half-written ``path``: it is swapped in by ``os.replace`` only once complete.
@@ -60,3 +68,25 @@ def atomic_output_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary name next to ``path`` for the caller to write; on success the file is flushed to disk
+    (fsync) and renamed to ``path``, on failure it is removed and ``path`` keeps its old content.
+
+    The staged name is hidden (``.NAME.partial-...``) and not created here, so the writer creates it with the
+    usual permissions. Nest two of these to commit two files together: the inner one is renamed first, and a
+    failure in either renames neither.
+    """
+    final = os.fspath(path)
+    folder, name = os.path.split(final)
+    tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
