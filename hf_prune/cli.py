@@ -21,6 +21,7 @@ from .atomic import check_output_dir
 from .calibration.config import CalibrationConfig
 from .demo import run_demo
 from .engine.checkpoint import RunCheckpoint, resumable_methods
+from .engine.report import format_table, sparsity_table
 from .errors import HFPruneError
 from .evaluation import perplexity, perplexity_record, perplexity_windows
 from .planner import plan
@@ -189,7 +190,6 @@ def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .engine.report import format_table, sparsity_table
 
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")

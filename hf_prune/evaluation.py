@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .calibration.data import _text_tokenizer, load_texts
-from .engine.walker import model_device
 from .engine.report import aggregate, model_totals, module_entry
+from .engine.walker import model_device
 
 PERPLEXITY_PROTOCOL = {
     "joiner": "\\n\\n",

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .models import get_family
-from .registry import MethodCost, default_method, get_method
 from .engine.report import format_table
 from .engine.targets import linear_candidates
 from .engine.walker import _first_tensor
+from .models import get_family
+from .registry import MethodCost, default_method, get_method
 
 GIB = 2 ** 30
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -12,16 +12,16 @@ import torch
 from torch import nn
 
 from .allocation import Allocation
-from .engine.offload import module_weight
-from .engine.checkpoint import RunCheckpoint, resumable_methods
-from .errors import CheckpointError, HFPruneError
-from .config import PrunerConfig
-from .registry import get_method
 from .artifacts.cards import CARD_NAME, build_model_card, check_evaluations, check_sections
 from .artifacts.hub import push_pretrained
-from .atomic import check_output_dir
 from .artifacts.plots import SPARSITY_PICTURE, plot_layer_sparsity
 from .artifacts.save import save_model_folder
+from .atomic import check_output_dir
+from .config import PrunerConfig
+from .engine.checkpoint import RunCheckpoint, resumable_methods
+from .engine.offload import module_weight
+from .errors import CheckpointError, HFPruneError
+from .registry import get_method
 from .result import PruningResult
 
 REPORT_NAME = "pruning_report.json"
@@ -42,8 +42,7 @@ def _split_processing(tokenizer: Any, processor: Any) -> tuple[Any, Any]:
 
 def load_processing(name_or_path: str, **hub_kwargs: Any) -> tuple[Any, Any]:
     """(tokenizer, processor) for a checkpoint; either may be None when the checkpoint has none."""
-    from transformers import (AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase,
-                              ProcessorMixin)
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
     for loader in (AutoProcessor, AutoTokenizer, AutoImageProcessor):
         try:

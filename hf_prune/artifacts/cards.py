@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable
 
+from ..allocation import PLOT_NAME as ALLOCATION_PLOT
 from ..models import family_for_type
 from ..registry import display_name
 from ..structured.layout import auto_classes
+from .plots import PLOT_EXTRA_HINT, SPARSITY_PICTURE, plot_layer_sparsity
 
 TEMPLATE = "pruned_model.md.j2"
 CARD_NAME = "README.md"
@@ -86,7 +88,6 @@ def card_data(base_model: str | None, model_name: str, tags: Iterable[str], *, p
 @dataclass(frozen=True)
 class CardSection:
     """A section an artifact adds to a card: a ``## title`` followed by ``body`` (Markdown)."""
-
     title: str
     body: str
 
@@ -167,7 +168,6 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
     ``picture``: the file name (in the same folder) of the per-layer sparsity PNG, or None when it was not drawn;
     ``allocation_plot``: the file name of an allocating method's (ECoFLaP's) per-module allocation PNG.
     """
-    from .plots import PLOT_EXTRA_HINT
 
     evaluations = check_evaluations(evaluations)
     sections = check_sections(sections)
@@ -243,7 +243,6 @@ def card_files_for_folder(folder: str | os.PathLike, repo_id: str | None = None)
     """The card of a folder written by ``Pruner.save_pretrained``, re-rendered from its ``pruning_report.json``
     for ``repo_id`` (``{"README.md": ...}``, plus the per-layer picture when the folder lacks it and matplotlib
     is now installed); empty for a folder without a report."""
-    from .plots import SPARSITY_PICTURE, plot_layer_sparsity
 
     path = os.path.join(folder, "pruning_report.json")
     if not os.path.isfile(path):
@@ -259,7 +258,6 @@ def card_files_for_folder(folder: str | os.PathLike, repo_id: str | None = None)
                 with open(drawn, "rb") as fh:
                     files[SPARSITY_PICTURE] = fh.read()
                 has_picture = True
-    from ..allocation import PLOT_NAME as ALLOCATION_PLOT
 
     card = report.get("card") or {}
     allocation_plot = ALLOCATION_PLOT if os.path.isfile(os.path.join(folder, ALLOCATION_PLOT)) else None

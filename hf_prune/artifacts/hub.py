@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable
 from ..errors import HubError
 
 
-
 def check_repo_id(repo_id: Any) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from ..engine.report import module_kind
+
 SPARSITY_PICTURE = "sparsity_per_layer.png"
 PLOT_EXTRA_HINT = "pip install 'hf-prune[plot]' (matplotlib)"
 
@@ -24,7 +26,6 @@ def _natural(text: str) -> list:
 def layer_sparsity_table(report: dict) -> tuple[list[str], dict[str, list[float | None]], list[float]]:
     """(block names in walk order, {module kind: achieved sparsity per block (None where absent)},
     overall achieved sparsity per block) from a pruning report."""
-    from ..engine.report import module_kind
 
     sp = report["sparsity"]
     stage_paths = [s["path"] for s in report.get("model", {}).get("stages", [])]

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .config import CalibrationConfig
 from ..checks import describe_object
 from ..errors import CalibrationDataError
+from .config import CalibrationConfig
 from .corpus import BUILTIN_PREFIX, builtin_provenance, builtin_texts
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.walker import calibration_mode, model_device
 from ..errors import CalibrationDataError
 from .data import CalibrationSet
-from ..engine.walker import calibration_mode, model_device
 
 
 def _start_token(model: nn.Module, tokenizer: Any) -> int:

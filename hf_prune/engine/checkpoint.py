@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .offload import iter_tensors, write_tensors
 from ..atomic import atomic_file
 from ..errors import CheckpointError
 from ..registry import method_specs
+from .offload import iter_tensors, write_tensors
 
 STATE = "state.json"
 FORMAT = 1

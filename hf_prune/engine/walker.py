@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..models import Stage
 from ..errors import CalibrationDataError, NonFiniteStatisticsError
+from ..models import Stage
 from .offload import hook_execution_device, is_dispatched, onloaded
 from .stats import LinearStats, StatsCollector
 

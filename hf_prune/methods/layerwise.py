@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from ..calibration.data import CalibrationSet
-from ..engine.offload import describe_offload, module_weight
-from ..engine.stats import LinearStats
-from ..engine.run import RunContext, changed_in_place, prepare
-from ..config import PrunerConfig
-from ..engine.targets import Target, plan_targets
 from ..checks import check_choice, check_number, regex_list
-from ..patterns import Pattern
+from ..config import PrunerConfig
+from ..engine.offload import describe_offload, module_weight
 from ..engine.report import RunMeter, model_record, module_entry
+from ..engine.run import RunContext, changed_in_place, prepare
+from ..engine.stats import LinearStats
+from ..engine.targets import Target, plan_targets
+from ..patterns import Pattern
 from ..registry import MethodCost, register_method
 from ..result import PruningResult
 

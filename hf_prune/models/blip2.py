@@ -9,8 +9,21 @@ from torch import nn
 
 from ..errors import CalibrationDataError, UnsupportedModelError
 from .losses import language_model_loss
-from .spec import (FC_MLP, AttentionSpec, Family, FamilyLoss, MLPSpec, Stage, call_model, causal_lm_families,
-                   family_for_type, first_existing, model_type_of, patch_tokens, register_family)
+from .spec import (
+    FC_MLP,
+    AttentionSpec,
+    Family,
+    FamilyLoss,
+    MLPSpec,
+    Stage,
+    call_model,
+    causal_lm_families,
+    family_for_type,
+    first_existing,
+    model_type_of,
+    patch_tokens,
+    register_family,
+)
 
 QFORMER_MLP = MLPSpec(("intermediate_query.dense",), "output_query.dense", "intermediate_size")
 QFORMER_ATTENTION = AttentionSpec("attention.attention.query", "attention.attention.key", "attention.attention.value",

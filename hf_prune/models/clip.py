@@ -9,8 +9,17 @@ from torch import nn
 
 from ..errors import CalibrationDataError
 from .losses import without_labels
-from .spec import (FC_MLP, AttentionSpec, Family, FamilyLoss, Stage, first_existing, model_type_of, patch_tokens,
-                   register_family)
+from .spec import (
+    FC_MLP,
+    AttentionSpec,
+    Family,
+    FamilyLoss,
+    Stage,
+    first_existing,
+    model_type_of,
+    patch_tokens,
+    register_family,
+)
 
 ATTENTION = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                           module="self_attn", heads_attr="num_heads", scaling_attr="scale")

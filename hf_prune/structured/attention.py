@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from ..models import AttentionSpec, Stage, get_family
+from .layout import layout_of
 
 
 @dataclass
 class AttentionGroup:
     """The self-attention of one block: full module names and its current geometry."""
-
     stage: Stage
     block: str
     q: str
@@ -231,7 +231,6 @@ def set_attention_geometry(model: nn.Module, stage: Stage) -> bool:
     config cannot hold the geometry (BERT/OPT/CLIP derive the width from hidden_size / heads, or the blocks
     differ), nothing changes and ``save_variable_layout`` records the per-block shapes instead.
     """
-    from .layout import layout_of
 
     spec = stage.attention
     geometry = _stage_geometry(model, stage)

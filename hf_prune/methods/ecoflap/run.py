@@ -16,15 +16,15 @@ from typing import Any
 import torch
 
 from ...allocation import Allocation
-from ...models import Family, Stage
 from ...calibration.data import CalibrationSet
-from ...engine.walker import model_device, resolve_device
 from ...engine.report import RunMeter
+from ...engine.run import prepare
+from ...engine.targets import Target, plan_targets, stages_with_targets
+from ...engine.walker import model_device, resolve_device
+from ...models import Family, Stage
 from ...result import PruningResult
 from ...version import __version__
 from ..layerwise import LayerwiseConfig, run_layerwise
-from ...engine.run import prepare
-from ...engine.targets import Target, plan_targets, stages_with_targets
 from .config import ECoFLaPConfig
 from .losses import ScoringLoss, check_batches, choose_loss, describe
 from .ops import min_keep, solve_budget, split_keep

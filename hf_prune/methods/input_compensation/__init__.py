@@ -1,5 +1,5 @@
 from ...registry import register_method
-from .config import InputCompensationConfig, HOW_TO_RUN
+from .config import HOW_TO_RUN, InputCompensationConfig
 from .model import InputCompensatedModel, InputCompensator
 
 register_method(InputCompensationConfig, None, display_name="Input Compensation", kind="trained",

@@ -20,12 +20,12 @@ import os
 
 from transformers import TrainerCallback
 
+from .model import InputCompensatedModel
+
 logger = logging.getLogger(__name__)
 
 
 def _compensated(model):
-    from .model import InputCompensatedModel
-
     inner = model
     for _ in range(4):  # DDP / accelerate wrappers keep the model in .module
         if isinstance(inner, InputCompensatedModel):

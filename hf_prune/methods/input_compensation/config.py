@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...config import PrunerConfig
 from ...checks import check_choice, check_int, check_number
+from ...config import PrunerConfig
 
 ENCODERS = ("embedding", "identity")  # or a dotted module path of the pruned model
 INJECTS = ("auto", "inputs_embeds", "pixel_values")

@@ -30,18 +30,27 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...models import is_causal_lm, pixel_input
-from ...config import PrunerConfig
-from ...errors import HFPruneError, did_you_mean
 from ...artifacts.cards import CARD_NAME, card_data, hub_base_model, render_card
 from ...artifacts.hub import load_files, push_pretrained
 from ...atomic import atomic_file, check_output_dir
-from ...training.weight_masks import WeightMasks
+from ...config import PrunerConfig
 from ...engine.report import model_totals
+from ...errors import HFPruneError, did_you_mean
+from ...models import get_family, is_causal_lm, pixel_input
+from ...training.weight_masks import WeightMasks
 from ...version import __version__
 from .config import InputCompensationConfig
-from .ops import (attention_entropy, compensation, conv2d_flops, default_temperature, fold_into_table, kd_kl_loss,
-                  masked_mse, pool_flops, pool_parameters)
+from .ops import (
+    attention_entropy,
+    compensation,
+    conv2d_flops,
+    default_temperature,
+    fold_into_table,
+    kd_kl_loss,
+    masked_mse,
+    pool_flops,
+    pool_parameters,
+)
 
 CONFIG_FILE = "ic_config.json"
 POOL_FILE = "ic_pool.safetensors"
@@ -53,7 +62,6 @@ FEATURE_FIELDS = ("logits", "logits_per_image", "image_embeds", "pooler_output",
 
 class InputCompensator(nn.Module):
     """The pool: keys ``K`` [m, d_q] ~ N(0, 1) (seeded) and values ``V`` [m, d_x] = 0, float32."""
-
     def __init__(self, pool_size: int, query_dim: int, value_dim: int, temperature: float,
                  normalize_query: bool, seed: int = 0):
         super().__init__()
@@ -586,7 +594,6 @@ class InputCompensatedModel(nn.Module):
         }
 
     def _has_blocks(self) -> bool:
-        from ...models import get_family
 
         try:
             get_family(self.base_model).stages(self.base_model)

@@ -7,17 +7,14 @@ from typing import Any
 
 from ...registry import register_method
 from .config import ModHiFiConfig
+from .prune import run_prune
 from .report import ModHiFiResult
+from .unlearn import run_unlearn
 
 
 def run_modhifi(pruner: Any, config: ModHiFiConfig, *, device: Any = None, progress: bool = True) -> ModHiFiResult:
-    if config.mode == "unlearn":
-        from .unlearn import run_unlearn
-
-        return run_unlearn(pruner, config, device=device, progress=progress)
-    from .prune import run_prune
-
-    return run_prune(pruner, config, device=device, progress=progress)
+    run = run_unlearn if config.mode == "unlearn" else run_prune
+    return run(pruner, config, device=device, progress=progress)
 
 
 register_method(ModHiFiConfig, run_modhifi, display_name="ModHiFi",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...config import PrunerConfig
 from ...checks import check_choice, check_int, check_number, describe_object
+from ...config import PrunerConfig
 from .ops import PER_OUTPUT_SCORES, SCORES
 
 MODES = ("prune", "unlearn")

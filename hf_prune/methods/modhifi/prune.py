@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...calibration.synthetic import sample_sequences
+from ...engine.report import RunMeter
 from ...engine.run import RunContext, changed_in_place, prepare
 from ...engine.stats import LinearStats
-from ...calibration.synthetic import sample_sequences
 from ...errors import CalibrationDataError, UnsupportedModelError
 from ...patterns import prune_count
-from ...engine.report import RunMeter
 from ...structured import MLPGroup, mlp_groups, set_mlp_width, shrink_mlp
 from . import ops
 from .config import ModHiFiConfig

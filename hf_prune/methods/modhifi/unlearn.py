@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models import Family, Stage
 from ...calibration.data import _is_prepared, _pad_batch, _text_tokenizer, column, load_rows
-from ...engine.stats import LinearStats
+from ...engine.report import RunMeter, module_entry
 from ...engine.run import changed_in_place, prepare
+from ...engine.stats import LinearStats
 from ...engine.walker import model_device, to_device
 from ...errors import CalibrationDataError
-from ...engine.report import RunMeter, module_entry
+from ...models import Family, Stage
 from . import ops
 from .config import ModHiFiConfig
 from .report import ModHiFiResult

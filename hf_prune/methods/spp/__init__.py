@@ -4,9 +4,9 @@ from ...registry import register_method
 from .config import SPPConfig
 from .masks import SPPMasks, attach_masks
 from .path import SolutionPath, save_model
-from .units import MaskUnit, build_units
 from .run import run_spp
 from .training_free import training_free_path
+from .units import MaskUnit, build_units
 
 register_method(SPPConfig, run_spp, display_name="SPP", needs_data=lambda config: config.path is None)
 

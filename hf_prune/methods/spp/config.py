@@ -6,9 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ...checks import check_choice, check_int, check_number, regex_list
 from ...config import PrunerConfig
-from ...checks import check_choice, check_int, check_number
-from ...checks import regex_list
 
 GROUPS = ("qk", "vo", "mlp")
 COUPLINGS = ("released", "split_lbi")

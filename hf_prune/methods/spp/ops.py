@@ -14,7 +14,6 @@ import torch
 
 from ..ria.ops import ria_scores
 
-
 # --------------------------------------------------------------------------------------------------
 # the search dynamics
 

@@ -27,12 +27,21 @@ import torch
 from torch import nn
 
 from ...artifacts.cards import CARD_NAME, card_data, framework_versions, hub_base_model, render_card
-from ...artifacts.hub import load_files
-from ...atomic import atomic_output_dir, check_output_dir
-from ...patterns import prune_count
+from ...artifacts.hub import load_files, push_pretrained
 from ...artifacts.plots import PLOT_EXTRA_HINT, have_matplotlib
 from ...artifacts.save import save_model_folder
+from ...atomic import atomic_output_dir, check_output_dir
 from ...engine.report import environment
+from ...models import get_family
+from ...patterns import prune_count
+from ...structured import (
+    attention_groups,
+    mlp_groups,
+    set_attention_geometry,
+    set_mlp_width,
+    shrink_attention,
+    shrink_mlp,
+)
 from ...version import __version__
 from . import ops
 from .config import BUDGETS, SCOPES, SPPConfig
@@ -260,9 +269,6 @@ class SolutionPath:
         ``save_model`` / ``Pruner.save_pretrained`` with a layout that stock transformers reloads through
         ``trust_remote_code=True``. Returns a copy unless ``inplace``.
         """
-        from ...models import get_family
-        from ...structured import attention_groups, mlp_groups, set_attention_geometry, set_mlp_width
-        from ...structured import shrink_attention, shrink_mlp
 
         if self.kind == "unstructured":
             raise ValueError("an unstructured (training-free) path zeroes single weights and cannot make a smaller "
@@ -359,7 +365,6 @@ class SolutionPath:
         """Create ``repo_id`` if needed and upload the path (safetensors + JSON + picture + card) in one commit,
         through ``hf_prune.hub.push_pretrained``; returns ``huggingface_hub.CommitInfo``. Without network it raises
         ``hf_prune.errors.HubError`` naming the endpoint."""
-        from ...artifacts.hub import push_pretrained
 
         return push_pretrained(lambda folder: self.save_pretrained(folder, repo_id=repo_id), repo_id,
                                private=private, token=token, revision=revision, create_pr=create_pr,

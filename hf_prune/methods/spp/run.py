@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models import Stage
 from ...engine.report import RunMeter, model_record, module_entry
 from ...engine.run import RunContext, prepare
-from ...result import PruningResult
 from ...engine.targets import linear_candidates
+from ...models import Stage
+from ...result import PruningResult
 from ..layerwise import layerwise_report
 from .config import SPPConfig
 from .path import SolutionPath

@@ -14,15 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models import Stage
+from ...engine.report import RunMeter, module_kind
 from ...engine.run import prepare
 from ...engine.stats import LinearStats
-from ...engine.report import RunMeter, module_kind
 from ...engine.targets import Target, select_modules
+from ...models import Stage
 from . import ops
 from .config import SPPConfig
-from .units import model_info
 from .path import SolutionPath
+from .units import model_info
 
 GRAM = frozenset({"gram"})
 
