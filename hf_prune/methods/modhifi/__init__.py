@@ -8,7 +8,7 @@ from typing import Any
 from ...registry import register_method
 from .config import ModHiFiConfig
 from .prune import run_prune
-from .report import ModHiFiResult
+from .result import ModHiFiResult
 from .unlearn import run_unlearn
 
 

@@ -30,7 +30,7 @@ from ...patterns import prune_count
 from ...structured import MLPGroup, mlp_groups, set_mlp_width, shrink_mlp
 from . import ops
 from .config import ModHiFiConfig
-from .report import ModHiFiResult, prune_report, size_summary
+from .result import ModHiFiResult, prune_report, size_summary
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

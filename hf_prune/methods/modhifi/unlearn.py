@@ -37,7 +37,7 @@ from ...errors import CalibrationDataError
 from ...models import Family, Stage
 from . import ops
 from .config import ModHiFiConfig
-from .report import ModHiFiResult
+from .result import ModHiFiResult
 
 _LABEL_KEYS = ("labels", "label")
 
