@@ -122,6 +122,12 @@ def default_method() -> str:
     raise ValueError("no pruning method is registered as the default; import hf_prune to register the built-ins.")
 
 
+def card_template(method: str | None) -> str:
+    """The card template of a method's pruned models (the default one for a method that is not registered)."""
+    spec = _METHODS.get(method) if method else None
+    return spec.card_template if spec is not None else DEFAULT_CARD
+
+
 def display_name(method: str | None) -> str | None:
     """A method's display name, or the name itself for a method that is not registered (an old report)."""
     spec = _METHODS.get(method) if method else None

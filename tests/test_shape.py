@@ -211,9 +211,20 @@ def test_every_registered_method_keeps_its_contract(name, tmp_path):
 # --------------------------------------------------------------------------------------------- a method from outside
 
 
+CARD = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+Pruned by a plugin method with its own card ({{ method_name }}, {{ overall.achieved | round(4) }} sparsity).
+"""
+
+
 @pytest.fixture()
-def outside_method():
-    """A layer-wise method defined in this test file, registered like a third-party plugin would."""
+def outside_method(tmp_path):
+    """A layer-wise method defined in this test file, registered like a third-party plugin would, with its own
+    card template."""
     from hf_prune.methods.layerwise import LayerwiseConfig, run_layerwise
     from hf_prune.patterns import Pattern, mask_from_scores
     from hf_prune.registry import MethodCost, register_method, unregister_method
@@ -232,9 +243,11 @@ def outside_method():
                                     pattern, scope="row")
             return weight.masked_fill(mask, 0.0), mask, {}
 
+    template = tmp_path / "columnnorm.md.j2"
+    template.write_text(CARD, encoding="utf-8")
     spec = register_method(ColumnNormConfig, run_layerwise, display_name="ColumnNorm", resumable=True,
                            layerwise=True, needs_data=lambda config: True,
-                           cost=lambda config: MethodCost(statistics=config.statistics))
+                           cost=lambda config: MethodCost(statistics=config.statistics), card_template=str(template))
     try:
         yield spec
     finally:
@@ -272,6 +285,7 @@ def test_a_method_registered_from_outside_is_picked_up_everywhere(outside_method
     out = pruner.save_pretrained(tmp_path / "pruned")
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
     assert "pruned with ColumnNorm (unstructured)" in card and "- columnnorm" in card
+    assert "Pruned by a plugin method with its own card (ColumnNorm, 0.5 sparsity)." in card
     assert type(PrunerConfig.from_pretrained(out)) is cls
     assert main(["report", out]) == 0
     assert "method: columnnorm" in capsys.readouterr().out

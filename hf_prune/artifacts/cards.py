@@ -15,11 +15,11 @@ from typing import Any, Iterable
 
 from ..allocation import PLOT_NAME as ALLOCATION_PLOT
 from ..models import family_for_type
-from ..registry import display_name
+from ..registry import DEFAULT_CARD, card_template, display_name
 from ..structured.layout import auto_classes
 from .plots import PLOT_EXTRA_HINT, SPARSITY_PICTURE, plot_layer_sparsity
 
-TEMPLATE = "pruned_model.md.j2"
+TEMPLATE = DEFAULT_CARD
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -39,6 +39,10 @@ _LEAD_TAGS = ("hf_prune", "pruned")
 
 
 def template_path(name: str = TEMPLATE) -> str:
+    """A template of ``model_cards/`` by file name, or a template file of its own given by absolute path (a method
+    registered from outside hf_prune brings its card that way)."""
+    if os.path.isabs(name):
+        return name
     return str(resources.files("hf_prune.model_cards").joinpath(name))
 
 
@@ -193,6 +197,7 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
         load_class = auto_classes(model.get("model_type") or "", model["class"])[0]
     return render_card(
         metadata,
+        card_template(method),
         title=title,
         base_model=base,
         model_class=model["class"],

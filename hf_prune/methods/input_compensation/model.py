@@ -37,6 +37,7 @@ from ...config import PrunerConfig
 from ...engine.report import model_totals
 from ...errors import HFPruneError, did_you_mean
 from ...models import get_family, is_causal_lm, pixel_input
+from ...registry import card_template
 from ...training.weight_masks import WeightMasks
 from ...version import __version__
 from .config import InputCompensationConfig
@@ -694,7 +695,7 @@ class InputCompensatedModel(nn.Module):
         title = f"Input compensation pool for {base.split('/')[-1] if base else meta['base_model_class']}"
         foldable, _ = self.foldable()
         return render_card(
-            card_data(base, title, ["input-compensation"]), "input_compensation.md.j2", title=title,
+            card_data(base, title, ["input-compensation"]), card_template(self.ic_config.method), title=title,
             version=__version__, base_model=base, base_label=label, base_pruning=meta.get("base_pruning"),
             base_trained=meta["base_weights_trained"],
             encoder_module=meta["encoder_module"] or self.ic_config.encoder, inject=self.ic_config.inject,
