@@ -3,11 +3,11 @@
 from .allocation import Allocation
 from .calibration.config import CalibrationConfig
 from .config import PrunerConfig
-from .registry import available_methods, register_method
 from .methods import ECoFLaPConfig, MagnitudeConfig, ModHiFiConfig, RIAConfig, SparseGPTConfig, WandaConfig
-from .methods.spp import SolutionPath, SPPConfig
 from .methods.input_compensation import InputCompensatedModel, InputCompensationConfig
+from .methods.spp import SolutionPath, SPPConfig
 from .pruner import Pruner
+from .registry import available_methods, register_method
 from .result import PruningResult
 from .version import __version__
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration.data import _text_tokenizer, load_texts
+from .calibration.data import load_texts, text_tokenizer
 from .engine.report import aggregate, model_totals, module_entry
 from .engine.walker import model_device
 
@@ -34,7 +34,7 @@ def perplexity_windows(tokenizer: Any, texts_or_dataset: Any, *, seq_len: int, t
     texts, provenance = load_texts(texts_or_dataset, text_column=text_column, split=split, purpose="evaluation")
     if not texts:
         raise ValueError("the evaluation data holds no text.")
-    ids = _text_tokenizer(tokenizer)("\n\n".join(texts), verbose=False)["input_ids"]
+    ids = text_tokenizer(tokenizer)("\n\n".join(texts), verbose=False)["input_ids"]
     windows = len(ids) // seq_len
     if windows == 0:
         raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than seq_len={seq_len}; give more "

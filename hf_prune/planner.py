@@ -32,7 +32,7 @@ from torch import nn
 
 from .engine.report import format_table
 from .engine.targets import linear_candidates
-from .engine.walker import _first_tensor
+from .engine.walker import first_tensor
 from .models import get_family
 from .registry import MethodCost, default_method, get_method
 
@@ -247,10 +247,10 @@ def _measure_block(model: nn.Module, stage, device: torch.device, dtype: torch.d
                                          torch.zeros(1, tokens, head_dim, device=device, dtype=dtype))
     params = sum(p.numel() for p in block.parameters())
     with torch.no_grad():
-        _first_tensor(block(x, **kwargs))  # warm-up
+        first_tensor(block(x, **kwargs))  # warm-up
         start = time.perf_counter()
         for _ in range(2):
-            _first_tensor(block(x, **kwargs))
+            first_tensor(block(x, **kwargs))
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / 2

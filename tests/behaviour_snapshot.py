@@ -68,8 +68,16 @@ def _folder(path: str) -> dict:
 
 
 def cases():
-    from hf_prune import (CalibrationConfig, ECoFLaPConfig, MagnitudeConfig, ModHiFiConfig, RIAConfig,
-                          SparseGPTConfig, SPPConfig, WandaConfig)
+    from hf_prune import (
+        CalibrationConfig,
+        ECoFLaPConfig,
+        MagnitudeConfig,
+        ModHiFiConfig,
+        RIAConfig,
+        SparseGPTConfig,
+        SPPConfig,
+        WandaConfig,
+    )
 
     cal = CalibrationConfig(num_samples=8)
     families = ("llama", "opt", "bert", "vit", "clip", "blip2")
@@ -92,8 +100,8 @@ def cases():
 
 def record(out_path: str) -> None:
     import torch
-
     from conftest import make_batches, make_model
+
     from hf_prune import Pruner
     from hf_prune.calibration import builtin_texts
     from hf_prune.toy import train_tokenizer

@@ -131,9 +131,8 @@ def minilm_path() -> str:
 def fake_hub(monkeypatch, tmp_path):
     """A Hub-compatible HTTP server on 127.0.0.1; huggingface_hub (in this process, and in subprocesses through
     HF_ENDPOINT) talks to it instead of huggingface.co. ``fake_hub.repos`` holds what arrived."""
-    from huggingface_hub import constants
-
     from fakehub import FakeHub
+    from huggingface_hub import constants
 
     hub = FakeHub().start()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

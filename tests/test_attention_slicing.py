@@ -9,12 +9,18 @@ import json
 import pytest
 import torch
 import transformers as T
-
 from conftest import FAMILIES, make_batches, make_model
 from test_structured import _out
+
 from hf_prune.models import get_family
-from hf_prune.structured import (attention_groups, needs_variable_layout, save_variable_layout,
-                                 set_attention_geometry, shrink_attention, zero_attention)
+from hf_prune.structured import (
+    attention_groups,
+    needs_variable_layout,
+    save_variable_layout,
+    set_attention_geometry,
+    shrink_attention,
+    zero_attention,
+)
 
 
 def _random_keeps(group, g: torch.Generator, uniform: bool):

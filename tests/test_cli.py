@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 import transformers as T
-
 from conftest import make_model
+
 from hf_prune.cli import main
 
 

@@ -7,8 +7,16 @@ import warnings
 
 import pytest
 
-from hf_prune import (CalibrationConfig, MagnitudeConfig, ModHiFiConfig, PrunerConfig, RIAConfig, SparseGPTConfig,
-                      WandaConfig, available_methods)
+from hf_prune import (
+    CalibrationConfig,
+    MagnitudeConfig,
+    ModHiFiConfig,
+    PrunerConfig,
+    RIAConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    available_methods,
+)
 from hf_prune.methods.layerwise import LayerwiseConfig
 
 
@@ -104,6 +112,7 @@ def test_in_memory_calibration_is_described_not_serialised():
 
 def test_result_config_records_the_calibration_source(tokenizer, corpus):
     from conftest import make_model
+
     from hf_prune import Pruner
 
     config = WandaConfig(calibration=CalibrationConfig(num_samples=2, seq_len=16))

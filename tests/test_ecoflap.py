@@ -10,13 +10,12 @@ import math
 import pytest
 import torch
 import transformers as T
-
 from conftest import make_batches, make_model
-from hf_prune import (Allocation, CalibrationConfig, ECoFLaPConfig, Pruner, PrunerConfig, SparseGPTConfig,
-                      WandaConfig)
-from hf_prune.models import get_family
+
+from hf_prune import Allocation, CalibrationConfig, ECoFLaPConfig, Pruner, PrunerConfig, SparseGPTConfig, WandaConfig
 from hf_prune.cli import main
 from hf_prune.methods.ecoflap import allocate
+from hf_prune.models import get_family
 
 CPU = torch.device("cpu")
 

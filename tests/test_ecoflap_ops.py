@@ -9,9 +9,15 @@ import random
 
 import pytest
 
+from hf_prune.methods.ecoflap.ops import (
+    closed_form_density,
+    min_keep,
+    round_to_budget,
+    solve_budget,
+    split_keep,
+    water_fill,
+)
 from hf_prune.patterns import prune_count
-from hf_prune.methods.ecoflap.ops import (closed_form_density, min_keep, round_to_budget, solve_budget, split_keep,
-                                          water_fill)
 
 
 def _reference_continuous(scores, sizes, sparsity, max_sparsity):

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FAMILIES, make_batches, make_model
+
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, WandaConfig
-from hf_prune.models import get_family
 from hf_prune.engine.stats import StatsCollector
+from hf_prune.engine.targets import plan_targets
 from hf_prune.engine.walker import _run_block, calibration_mode, capture_stage_inputs, walk
 from hf_prune.methods.layerwise import LayerwiseProcessor
-from hf_prune.engine.targets import plan_targets
+from hf_prune.models import get_family
 
 
 def _last_block_outputs(model, stage, batches):

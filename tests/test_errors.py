@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 import transformers as T
-
 from conftest import make_batches, make_model
+
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, SparseGPTConfig, WandaConfig
-from hf_prune.errors import (CalibrationDataError, NonFiniteStatisticsError, OutputDirError, UnsupportedModelError)
+from hf_prune.errors import CalibrationDataError, NonFiniteStatisticsError, OutputDirError, UnsupportedModelError
 
 
 def _snapshot(model):

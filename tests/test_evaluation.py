@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_model
+
 from hf_prune import MagnitudeConfig, Pruner
 from hf_prune.evaluation import perplexity, perplexity_windows, sparsity_report
 

@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 import transformers as T
-
 from conftest import FAMILIES, make_batches, make_model
+
 from hf_prune import CalibrationConfig, Pruner, SparseGPTConfig
 from hf_prune.patterns import nm_violations, prune_count
 from hf_prune.registry import method_specs

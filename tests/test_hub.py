@@ -11,14 +11,14 @@ import pytest
 import torch
 import transformers as T
 import yaml
-
 from conftest import make_model
+
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, PrunerConfig, WandaConfig
+from hf_prune.artifacts.cards import CardSection
+from hf_prune.artifacts.hub import push_folder
 from hf_prune.cli import main
 from hf_prune.errors import HubError
 from hf_prune.evaluation import perplexity, perplexity_record
-from hf_prune.artifacts.cards import CardSection
-from hf_prune.artifacts.hub import push_folder
 
 CAL = CalibrationConfig(num_samples=4, seq_len=32)
 PNG = b"\x89PNG\r\n\x1a\n"

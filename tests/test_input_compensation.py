@@ -10,17 +10,31 @@ import os
 
 import pytest
 import torch
+from conftest import make_batches, make_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from conftest import make_batches, make_model
-from hf_prune import (InputCompensatedModel, InputCompensationConfig, MagnitudeConfig, Pruner, PrunerConfig,
-                      SparseGPTConfig, WandaConfig)
+from hf_prune import (
+    InputCompensatedModel,
+    InputCompensationConfig,
+    MagnitudeConfig,
+    Pruner,
+    PrunerConfig,
+    SparseGPTConfig,
+    WandaConfig,
+)
 from hf_prune.callbacks import InputCompensationCallback
 from hf_prune.errors import HFPruneError
 from hf_prune.evaluation import perplexity, perplexity_windows
+from hf_prune.methods.input_compensation.ops import (
+    attention_entropy,
+    compensation,
+    fold_into_table,
+    kd_kl_loss,
+    masked_mse,
+    pool_flops,
+    pool_parameters,
+)
 from hf_prune.patterns import nm_violations
-from hf_prune.methods.input_compensation.ops import (attention_entropy, compensation, fold_into_table, kd_kl_loss,
-                                                     masked_mse, pool_flops, pool_parameters)
 
 
 def _args(tmp_path, steps, lr, batch=8, **extra):

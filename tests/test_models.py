@@ -10,8 +10,8 @@ import pathlib
 import pytest
 import torch
 import transformers as T
-
 from conftest import NOT_LAYERWISE, TINY_MODELS, make_batches, make_model
+
 from hf_prune.artifacts.cards import pipeline_tag
 from hf_prune.engine.targets import linear_candidates
 from hf_prune.models import get_family, is_causal_lm, registered_families

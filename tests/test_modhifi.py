@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import transformers as T
-
 from conftest import FAMILIES, make_batches, make_model
+
 from hf_prune import CalibrationConfig, ModHiFiConfig, Pruner, PrunerConfig
 from hf_prune.cli import main
 from hf_prune.demo import sentence_embeddings

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 import transformers as T
-
 from conftest import make_model
+
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, SparseGPTConfig, WandaConfig
 from hf_prune.engine.offload import iter_tensors, offloaded_tensors
 from hf_prune.errors import OffloadError

@@ -8,11 +8,19 @@ import pytest
 import torch
 
 from hf_prune.errors import NonFiniteStatisticsError
-from hf_prune.patterns import (Pattern, mask_from_scores, nm_prune_mask, nm_violations, prune_count, smallest_k_mask, smallest_k_per_row)
 from hf_prune.methods.magnitude.ops import magnitude_prune_mask
 from hf_prune.methods.ria.ops import ria_scores
 from hf_prune.methods.sparsegpt.ops import inverse_hessian_factor, sparsegpt_prune
 from hf_prune.methods.wanda.ops import wanda_prune_mask, wanda_scores
+from hf_prune.patterns import (
+    Pattern,
+    mask_from_scores,
+    nm_prune_mask,
+    nm_violations,
+    prune_count,
+    smallest_k_mask,
+    smallest_k_per_row,
+)
 
 # ---------------------------------------------------------------------------------------------- masks
 

@@ -12,10 +12,10 @@ import transformers as T
 from hf_prune import MagnitudeConfig, Pruner
 from hf_prune.callbacks import SparsityPreservingCallback
 from hf_prune.evaluation import perplexity
-from hf_prune.training.weight_masks import WeightMasks
 from hf_prune.patterns import nm_violations
-from hf_prune.training.lora import merge_lora_keep_sparsity
 from hf_prune.toy import toy_causal_lm
+from hf_prune.training.lora import merge_lora_keep_sparsity
+from hf_prune.training.weight_masks import WeightMasks
 
 SEQ = 32
 

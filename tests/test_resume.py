@@ -15,8 +15,8 @@ import transformers as T
 from safetensors.torch import load_file
 
 from hf_prune import Pruner, WandaConfig
-from hf_prune.engine.checkpoint import KILL_AFTER_ENV, RunCheckpoint
 from hf_prune.cli import main
+from hf_prune.engine.checkpoint import KILL_AFTER_ENV, RunCheckpoint
 from hf_prune.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

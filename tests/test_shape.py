@@ -258,6 +258,7 @@ def outside_method(tmp_path):
 def test_a_method_registered_from_outside_is_picked_up_everywhere(outside_method, tokenizer, corpus, tmp_path,
                                                                   capsys):
     from conftest import make_batches, make_model
+
     from hf_prune import CalibrationConfig, Pruner, PrunerConfig
     from hf_prune.cli import main
     from hf_prune.planner import plan

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 import transformers as T
-
 from conftest import make_batches, make_model
+
 from hf_prune import Pruner, SolutionPath, SPPConfig
-from hf_prune.patterns import Pattern
 from hf_prune.methods.ria.ops import ria_prune_mask
 from hf_prune.methods.spp import SPPMasks, attach_masks, save_model
 from hf_prune.methods.spp.ops import iss_weight_path
+from hf_prune.patterns import Pattern
 from hf_prune.structured import needs_variable_layout
 
 

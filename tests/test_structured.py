@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import transformers as T
-
 from conftest import FAMILIES, make_batches, make_model
+
 from hf_prune.models import get_family
 from hf_prune.structured import keep_columns, keep_rows, mlp_groups, set_mlp_width, shrink_mlp
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_model
+
 from hf_prune import MagnitudeConfig, Pruner
-from hf_prune.training.weight_masks import WeightMasks
 from hf_prune.patterns import nm_violations
+from hf_prune.training.weight_masks import WeightMasks
 
 
 def _train(model, masks, steps=5, use_masks=True):

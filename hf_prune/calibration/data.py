@@ -33,7 +33,7 @@ class CalibrationSet:
 # reading sources
 
 
-def _is_prepared(source: Any) -> bool:
+def is_prepared(source: Any) -> bool:
     if isinstance(source, torch.utils.data.DataLoader):
         return True
     return isinstance(source, (list, tuple)) and len(source) > 0 and isinstance(source[0], Mapping)
@@ -154,11 +154,11 @@ def load_texts(source: Any, *, text_column: str = "text", split: str = "train",
 # tokenisation
 
 
-def _text_tokenizer(tokenizer: Any) -> Any:
+def text_tokenizer(tokenizer: Any) -> Any:
     return getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor wraps one
 
 
-def _pad_batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -183,7 +183,7 @@ def concat_windows(texts: list[str], tokenizer: Any, cfg: CalibrationConfig) -> 
         size += len(texts[i]) + 2
         if size >= budget:
             break
-    ids = _text_tokenizer(tokenizer)("\n\n".join(chosen), verbose=False)["input_ids"]
+    ids = text_tokenizer(tokenizer)("\n\n".join(chosen), verbose=False)["input_ids"]
     windows = len(ids) // cfg.seq_len
     if windows < cfg.num_samples:
         raise CalibrationDataError(
@@ -203,12 +203,12 @@ def padded_texts(texts: list[str], tokenizer: Any, cfg: CalibrationConfig) -> tu
         raise CalibrationDataError(
             f"the calibration data has {len(texts)} non-empty texts, fewer than num_samples={cfg.num_samples}; "
             "give more texts or lower num_samples.")
-    tok = _text_tokenizer(tokenizer)
+    tok = text_tokenizer(tokenizer)
     generator = torch.Generator().manual_seed(cfg.seed)
     picks = torch.randperm(len(texts), generator=generator)[: cfg.num_samples].tolist()
     encoded = tok([texts[i] for i in picks], truncation=True, max_length=cfg.seq_len, verbose=False)["input_ids"]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    batches = [_pad_batch(chunk, pad_id) for chunk in _chunks(encoded, cfg.batch_size)]
+    batches = [pad_batch(chunk, pad_id) for chunk in _chunks(encoded, cfg.batch_size)]
     return batches, {"texts_used": cfg.num_samples, "real_tokens": sum(len(e) for e in encoded)}
 
 
@@ -240,7 +240,7 @@ def build_calibration(cfg: CalibrationConfig, source: Any = None, *, tokenizer: 
     source = cfg.dataset if source is None else source
     record = {"packing": None, "num_samples": cfg.num_samples, "seq_len": cfg.seq_len, "seed": cfg.seed,
               "batch_size": cfg.batch_size}
-    if _is_prepared(source):
+    if is_prepared(source):
         batches, info = _prepared(source, cfg)
         record.update(info, packing="prepared")
         return CalibrationSet(batches, record)

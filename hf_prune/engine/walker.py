@@ -57,13 +57,13 @@ def _is_cache(obj: Any) -> bool:
     return type(obj).__name__.endswith("Cache") and hasattr(obj, "get_seq_length")
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
+def first_tensor(output: Any) -> torch.Tensor:
     if torch.is_tensor(output):
         return output
     if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
         return output[0]
     if hasattr(output, "to_tuple"):
-        return _first_tensor(output.to_tuple())
+        return first_tensor(output.to_tuple())
     raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}.")
 
 
@@ -226,7 +226,7 @@ def _run_block(block: nn.Module, inputs: StageInputs, i: int, device: torch.devi
     hidden = inputs.hidden[i].to(device)
     args = to_device(inputs.args[i], device)
     kwargs = to_device(inputs.kwargs[i], device)
-    return _first_tensor(block(hidden, *args, **kwargs))
+    return first_tensor(block(hidden, *args, **kwargs))
 
 
 def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, processor: BlockProcessor, *,

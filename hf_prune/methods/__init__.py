@@ -1,6 +1,9 @@
 """Built-in pruning methods; importing this package registers each of them (in this order: the order of
 tables such as the demo's and of capability lists in messages)."""
 
+# the order of these imports is the registration order
+# isort: skip_file
+
 from .magnitude import MagnitudeConfig
 from .wanda import WandaConfig
 from .sparsegpt import SparseGPTConfig

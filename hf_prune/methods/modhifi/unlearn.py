@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...calibration.data import _is_prepared, _pad_batch, _text_tokenizer, column, load_rows
+from ...calibration.data import column, is_prepared, load_rows, pad_batch, text_tokenizer
 from ...engine.report import RunMeter, module_entry
 from ...engine.run import changed_in_place, prepare
 from ...engine.stats import LinearStats
@@ -52,7 +52,7 @@ def labelled_batches(source: Any, config: ModHiFiConfig, *, tokenizer: Any, proc
     records (a ``datasets.Dataset``, a list of dicts, a file) with a text or image column and a label column."""
     cal = config.calibration
     label_keys = (*_LABEL_KEYS, config.label_column)
-    if _is_prepared(source):
+    if is_prepared(source):
         batches, labels = [], []
         for batch in source:
             if not isinstance(batch, Mapping):
@@ -86,10 +86,10 @@ def labelled_batches(source: Any, config: ModHiFiConfig, *, tokenizer: Any, proc
         if tok is None:
             raise CalibrationDataError(f"text {purpose} data needs a tokenizer: create the Pruner with tokenizer=...")
         texts = column(rows, cal.text_column)
-        tok = _text_tokenizer(tok)
+        tok = text_tokenizer(tok)
         encoded = tok(list(texts), truncation=True, max_length=cal.seq_len, verbose=False)["input_ids"]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        batches = [_pad_batch([encoded[j] for j in chunk], pad_id) for chunk in chunks]
+        batches = [pad_batch([encoded[j] for j in chunk], pad_id) for chunk in chunks]
     labels = [None if values is None else torch.tensor([int(values[j]) for j in chunk], dtype=torch.long)
               for chunk in chunks]
     return batches, labels, {**provenance, "samples": len(rows)}

@@ -27,7 +27,7 @@ from ...engine.targets import check_model_ready
 from . import ops
 from .config import SPPConfig
 from .path import SolutionPath
-from .units import ATTRIBUTE, MaskUnit, _unwrap, build_units, model_info
+from .units import ATTRIBUTE, MaskUnit, build_units, model_info, unwrap
 
 # --------------------------------------------------------------------------------------------------
 # the carrier
@@ -62,7 +62,7 @@ class SPPMasks(nn.Module):
     # ---- attach / remove ------------------------------------------------------------------------
     @staticmethod
     def find(model: nn.Module) -> "SPPMasks | None":
-        masks = getattr(_unwrap(model), ATTRIBUTE, None)
+        masks = getattr(unwrap(model), ATTRIBUTE, None)
         return masks if isinstance(masks, SPPMasks) else None
 
     def _hook(self, index: int, unit: MaskUnit):
@@ -87,7 +87,7 @@ class SPPMasks(nn.Module):
 
     def remove(self, model: nn.Module) -> None:
         """Detach from ``model``: hooks off, the backbone's ``requires_grad`` flags restored, the module deleted."""
-        model = _unwrap(model)
+        model = unwrap(model)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -159,7 +159,7 @@ def attach_masks(model: nn.Module, config: SPPConfig) -> SPPMasks:
     if not isinstance(config, SPPConfig):
         raise TypeError(f"attach_masks needs an SPPConfig, got {type(config).__name__}.")
     check_model_ready(model)
-    model = _unwrap(model)
+    model = unwrap(model)
     if SPPMasks.find(model) is not None:
         raise ValueError(f"{type(model).__name__} already carries SPP masks; call SPPMasks.find(model).remove(model) "
                          "first.")

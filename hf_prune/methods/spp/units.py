@@ -139,14 +139,14 @@ def build_units(model: nn.Module, config: SPPConfig) -> list[MaskUnit]:
     return units
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, ATTRIBUTE):
         model = model.module  # DDP / accelerate wrappers
     return model
 
 
 def model_info(model: nn.Module) -> dict:
-    model = _unwrap(model)
+    model = unwrap(model)
     config = getattr(model, "config", None)
     return {"class": type(model).__name__, "model_type": getattr(config, "model_type", None),
             "name_or_path": getattr(config, "_name_or_path", None) or None}
@@ -154,4 +154,4 @@ def model_info(model: nn.Module) -> dict:
 
 def carries_masks(model: nn.Module) -> bool:
     """Whether ``model`` (or the model a wrapper holds) carries SPP masks."""
-    return getattr(_unwrap(model), ATTRIBUTE, None) is not None
+    return getattr(unwrap(model), ATTRIBUTE, None) is not None
