@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .artifacts.hub import load_files, push_pretrained
+from .atomic import atomic_file
 from .calibration.config import CalibrationConfig
 from .checks import check_choice, check_int, check_number  # noqa: F401  (re-exported for method configs)
 from .registry import available_methods, get_method, register_method  # noqa: F401  (re-exported)
@@ -58,7 +59,7 @@ class PrunerConfig:
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as fh:
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.write(self.to_json_string())
         return path
 
