@@ -139,7 +139,7 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     evaluations = []
     dense_ppl = None
     if args.eval_texts:
-            dense_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
+        dense_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
                                max_windows=args.eval_max_windows)
     result = pruner.prune(config, device=args.device, progress=not args.no_progress, checkpoint_dir=checkpoint_dir,
                           resume=args.resume)
