@@ -15,8 +15,7 @@ from .allocation import Allocation
 from .artifacts.cards import CARD_NAME, build_model_card, check_evaluations, check_sections
 from .artifacts.hub import push_pretrained
 from .artifacts.plots import SPARSITY_PICTURE, plot_layer_sparsity
-from .artifacts.save import save_model_folder
-from .atomic import check_output_dir
+from .artifacts.save import check_model_output, save_model_folder
 from .config import PrunerConfig
 from .engine.checkpoint import RunCheckpoint, resumable_methods
 from .engine.offload import module_weight
@@ -166,7 +165,7 @@ class Pruner:
     # ------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: str | int = "5GB",
                         evaluations: list[dict] | None = None, finetuning: dict | None = None,
-                        sections: list | None = None, repo_id: str | None = None) -> str:
+                        sections: list | None = None, repo_id: str | None = None, overwrite: bool = False) -> str:
         """Write the pruned model (safetensors), tokenizer/processor, ``pruning_config.json``,
         ``pruning_report.json``, the per-layer sparsity picture ``sparsity_per_layer.png`` (when matplotlib is
         installed), a ``README.md`` model card and, after an allocating method (ECoFLaP),
@@ -181,7 +180,11 @@ class Pruner:
 
         A structurally pruned model whose per-layer shapes a stock config cannot hold is saved with
         ``hf_prune_layout.py`` and an ``auto_map`` (see ``hf_prune.structured.layout``): it reloads with
-        ``AutoModel...from_pretrained(folder, trust_remote_code=True)``."""
+        ``AutoModel...from_pretrained(folder, trust_remote_code=True)``.
+
+        hf_prune never deletes a file it did not write: a folder holding a previous hf_prune output is replaced
+        only with ``overwrite=True``; any other non-empty folder, the folder the model was loaded from, the working
+        directory and the folders holding them are refused (``OutputDirError``) before anything is written."""
         if not self.results:
             raise ValueError("nothing was pruned yet: call pruner.prune(config, ...) before save_pretrained.")
         evaluations = check_evaluations(evaluations)
@@ -189,7 +192,7 @@ class Pruner:
         if finetuning is not None and not isinstance(finetuning, dict):
             raise TypeError(f"finetuning must be a dict (e.g. SparsityPreservingCallback.summary()), "
                             f"got {type(finetuning).__name__}.")
-        check_output_dir(save_directory)
+        check_model_output(self.model, save_directory, overwrite=overwrite)
         result = self.results[-1]
         report = dict(result.report)
         if len(self.results) > 1:
@@ -219,7 +222,7 @@ class Pruner:
                                     allocation_plot=allocation_files.get("plot"))
             card.save(os.path.join(folder, CARD_NAME))
 
-        return save_model_folder(self.model, save_directory, max_shard_size=max_shard_size,
+        return save_model_folder(self.model, save_directory, overwrite=overwrite, max_shard_size=max_shard_size,
                                  processing=(self.processor, self.tokenizer), extras=write_extras)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,

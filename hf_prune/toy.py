@@ -121,7 +121,7 @@ def toy_folder(size: str = "small", cache_dir: str | None = None) -> str:
     torch.manual_seed(spec.seed)
     train_causal_lm(model, tokenizer, texts, steps=spec.steps, batch_size=spec.batch_size, seq_len=spec.seq_len,
                     lr=spec.lr, seed=spec.seed)
-    with atomic_output_dir(folder) as tmp:
+    with atomic_output_dir(folder, overwrite=True) as tmp:  # the cache's own folder
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return folder

@@ -129,8 +129,9 @@ def test_output_dir_errors_and_no_partial_folder(tokenizer, corpus, tmp_path, mo
     monkeypatch.undo()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("old")
-    pruner.save_pretrained(tmp_path / "out")  # an existing folder is replaced whole
-    assert "stale.txt" not in os.listdir(tmp_path / "out")
+    with pytest.raises(OutputDirError, match=r"did not write \(stale.txt\)"):  # never deleted, overwrite or not
+        pruner.save_pretrained(tmp_path / "out", overwrite=True)
+    assert os.listdir(tmp_path / "out") == ["stale.txt"]
     assert sorted(os.listdir(tmp_path)) == ["afile", "out"]
 
 

@@ -22,6 +22,7 @@ from hf_prune import (
     SparseGPTConfig,
     WandaConfig,
 )
+from hf_prune.atomic import OUTPUT_MANIFEST
 from hf_prune.callbacks import InputCompensationCallback
 from hf_prune.errors import HFPruneError
 from hf_prune.evaluation import perplexity, perplexity_windows
@@ -237,7 +238,7 @@ def test_fold_generate_save_reload_and_report(trained_lm, tmp_path):
     assert not torch.equal(wrapped, pruned(**ids).logits)  # the pool does something
     # save -> reload onto a fresh copy of the pruned base: identical outputs
     ic.save_pretrained(tmp_path / "ic")
-    assert sorted(os.listdir(tmp_path / "ic")) == ["ic_config.json", "ic_pool.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ic")) == [OUTPUT_MANIFEST, "ic_config.json", "ic_pool.safetensors"]
     saved = json.loads((tmp_path / "ic" / "ic_config.json").read_text())
     assert saved["method"] == "input_compensation" and saved["pool_size"] == 32 and saved["inject"] == "inputs_embeds"
     assert saved["ic_metadata"]["query_dim"] == 64

@@ -78,5 +78,5 @@ class InputCompensationCallback(TrainerCallback):
         if not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
-            _compensated(model).save_pretrained(folder)
+        if os.path.isdir(folder):  # the Trainer's folder: the pool's two files join its own
+            _compensated(model).write_files(folder)

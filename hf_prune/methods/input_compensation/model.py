@@ -32,7 +32,8 @@ from torch import nn
 
 from ...artifacts.cards import CARD_NAME, card_data, hub_base_model, render_card
 from ...artifacts.hub import load_files, push_pretrained
-from ...atomic import atomic_file, check_output_dir
+from ...artifacts.save import model_source
+from ...atomic import atomic_file, atomic_output_dir
 from ...config import PrunerConfig
 from ...engine.report import model_totals
 from ...errors import HFPruneError, did_you_mean
@@ -618,24 +619,35 @@ class InputCompensatedModel(nn.Module):
             meta["base_pruning"] = {k: record.get(k) for k in ("method", "sparsity", "pattern")}
         return meta
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write ``ic_config.json`` and ``ic_pool.safetensors`` into ``save_directory`` (its own folder, next to
-        the pruned base, which is saved separately with its ``save_pretrained``; with ``train_base="retained"``
-        save the base too, its kept weights changed). Each file is written to a temporary name and renamed, so
-        a failure leaves no half-written file; other files in the folder are left alone."""
-        path = check_output_dir(save_directory)
-        os.makedirs(path, exist_ok=True)
+    def write_files(self, folder: str | os.PathLike) -> None:
+        """Write ``ic_config.json`` and ``ic_pool.safetensors`` into the existing ``folder``, leaving its other files
+        alone: for a folder the pool shares, a ``Trainer`` checkpoint (``InputCompensationCallback.on_save``). Both
+        files are staged before either is renamed (the pool first, the config last), so a failure leaves no
+        half-written file. A folder of the pool's own is written by ``save_pretrained``."""
         payload = {**self.ic_config.to_dict(), METADATA_KEY: self._metadata()}
         tensors = {"keys": self.pool.keys.detach().to("cpu", torch.float32).contiguous(),
                    "values": self.pool.values.detach().to("cpu", torch.float32).contiguous()}
-        # both files are staged before either is renamed; the pool is renamed first, the config last
-        with atomic_file(os.path.join(path, CONFIG_FILE)) as tmp_cfg, \
-                atomic_file(os.path.join(path, POOL_FILE)) as tmp_pool:
+        with atomic_file(os.path.join(folder, CONFIG_FILE)) as tmp_cfg, \
+                atomic_file(os.path.join(folder, POOL_FILE)) as tmp_pool:
             save_file(tensors, tmp_pool, metadata={"format": "pt", "hf_prune": __version__})
             with open(tmp_cfg, "w", encoding="utf-8") as fh:
                 json.dump(payload, fh, indent=2, sort_keys=True, default=str)
                 fh.write("\n")
-        return path
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> str:
+        """Write ``ic_config.json`` and ``ic_pool.safetensors`` into ``save_directory``: the pool's own folder,
+        next to the pruned base, which is saved separately with its ``save_pretrained`` (with
+        ``train_base="retained"`` save the base too, its kept weights changed). Returns the folder.
+
+        The folder is written like every hf_prune output (``hf_prune.atomic.atomic_output_dir``): it appears
+        complete or not at all; a folder holding a previous hf_prune output (a pool saved before) is replaced only
+        with ``overwrite=True``; any other non-empty folder, and the base model's own folder, are refused before
+        anything is written. (Earlier versions renamed the two files into any folder and left its other files
+        there; a pool saved into the pruned base's folder now needs a folder of its own. Writing into a folder
+        the pool shares, as the Trainer callback does with checkpoints, is ``write_files``.)"""
+        with atomic_output_dir(save_directory, overwrite=overwrite, sources=(model_source(self.base_model),)) as tmp:
+            self.write_files(tmp)
+        return os.path.abspath(os.fspath(save_directory))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, pretrained_path: str | os.PathLike, *, teacher: nn.Module | None = None,

@@ -28,6 +28,7 @@ import os
 
 from transformers import TrainerCallback
 
+from ...atomic import check_output_dir
 from .masks import SPPMasks
 
 PATH_FOLDER = "solution_path"
@@ -48,6 +49,8 @@ class SolutionPathCallback(TrainerCallback):
         if masks is None:
             raise ValueError("SolutionPathCallback: the model carries no SPP masks. Call "
                              "hf_prune.methods.spp.attach_masks(model, SPPConfig(...)) before creating the Trainer.")
+        # the path's folder must be one the save at the end may replace: found now, not after training
+        check_output_dir(os.path.join(args.output_dir, PATH_FOLDER), overwrite=True)
         config = masks.config
         if not math.isclose(args.learning_rate, config.lr, rel_tol=1e-9, abs_tol=0.0):
             raise ValueError(f"SolutionPathCallback: TrainingArguments.learning_rate={args.learning_rate!r} differs "
@@ -96,4 +99,6 @@ class SolutionPathCallback(TrainerCallback):
             return
         self.path = self.masks.solution_path(model)
         if state.is_world_process_zero:
-            self.path.save_pretrained(os.path.join(args.output_dir, PATH_FOLDER))
+            # the callback's own folder under the Trainer's output_dir: a later run into that output_dir (a
+            # resumed one) replaces the path an earlier run saved there, as the Trainer replaces its own files
+            self.path.save_pretrained(os.path.join(args.output_dir, PATH_FOLDER), overwrite=True)

@@ -30,7 +30,7 @@ from ...artifacts.cards import CARD_NAME, card_data, framework_versions, hub_bas
 from ...artifacts.hub import load_files, push_pretrained
 from ...artifacts.plots import PLOT_EXTRA_HINT, have_matplotlib
 from ...artifacts.save import save_model_folder
-from ...atomic import atomic_output_dir, check_output_dir
+from ...atomic import atomic_output_dir, check_folder_writable
 from ...engine.report import environment
 from ...models import get_family
 from ...patterns import prune_count
@@ -303,13 +303,16 @@ class SolutionPath:
         return {"format_version": FORMAT_VERSION, "hf_prune_version": __version__, "kind": self.kind,
                 "units": self.units, "config": self.config, "model": self.model, "search": self.search}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None) -> str:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None,
+                        overwrite: bool = False) -> str:
         """Write ``solution_path.safetensors`` + ``solution_path.json``, the path picture ``solution_path.png``
         (when matplotlib is installed) and a ``README.md`` card, atomically; returns the folder. ``repo_id`` is
-        the Hub id the card's usage snippet loads from."""
+        the Hub id the card's usage snippet loads from. A folder holding a previous hf_prune output is replaced
+        only with ``overwrite=True``; any other non-empty folder, and the searched model's own folder, are
+        refused before anything is written."""
         from safetensors.torch import save_file
 
-        with atomic_output_dir(save_directory) as tmp:
+        with atomic_output_dir(save_directory, overwrite=overwrite, sources=(self.model.get("name_or_path"),)) as tmp:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, os.path.join(tmp, TENSORS_NAME),
                       metadata={"format": "pt", "hf_prune_solution_path": str(FORMAT_VERSION)})
             with open(os.path.join(tmp, JSON_NAME), "w", encoding="utf-8") as fh:
@@ -405,7 +408,7 @@ class SolutionPath:
         import matplotlib.pyplot as plt
 
         path = os.fspath(path)
-        check_output_dir(os.path.dirname(os.path.abspath(path)))
+        check_folder_writable(os.path.dirname(os.path.abspath(path)))
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
         try:
             curves = {k: v for k, v in self.density_curves().items() if v[0].numel()}
@@ -431,8 +434,9 @@ class SolutionPath:
         return path
 
 
-def save_model(model: nn.Module, save_directory: str | os.PathLike) -> str:
+def save_model(model: nn.Module, save_directory: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Save a materialized model atomically so that stock transformers reloads it: uniform widths live in its
     config (the plain class loads it); per-block widths add ``hf_prune_layout.py`` + ``auto_map``
-    (``AutoModel...from_pretrained(folder, trust_remote_code=True)``). Returns the folder."""
-    return save_model_folder(model, save_directory)
+    (``AutoModel...from_pretrained(folder, trust_remote_code=True)``). Returns the folder. A folder holding a
+    previous hf_prune output is replaced only with ``overwrite=True``; any other non-empty folder is refused."""
+    return save_model_folder(model, save_directory, overwrite=overwrite)
