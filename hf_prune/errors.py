@@ -37,6 +37,11 @@ class HubError(HFPruneError):
     """The Hugging Face Hub could not be reached, refused the request, or offline mode is on."""
 
 
+class PushFolderError(HFPruneError):
+    """A folder to push holds what must not be uploaded: a link to something outside it, or an entry that is not
+    a regular file."""
+
+
 class OffloadError(HFPruneError):
     """The model's placement (accelerate offload, meta weights) is one the engine cannot prune."""
 

@@ -19,7 +19,7 @@ import os
 import tempfile
 from typing import Any, Callable, Iterable
 
-from ..errors import HubError
+from ..errors import HubError, PushFolderError
 
 
 def check_repo_id(repo_id: Any) -> str:
@@ -101,26 +101,57 @@ def _open_repo(repo_id: str, *, private: bool | None, token: str | bool | None, 
     return api
 
 
+def _link_target_inside(link: str, folder: str, top: str) -> None:
+    """Raise ``PushFolderError`` unless the symbolic link ``link`` resolves to a path inside ``top`` (the real
+    path of the pushed ``folder``)."""
+    target = os.path.realpath(link)
+    if target != top and not target.startswith(top.rstrip(os.sep) + os.sep):
+        rel = os.path.relpath(link, folder).replace(os.sep, "/")
+        raise PushFolderError(f"cannot push {folder!r}: {rel} is a symbolic link to {target!r}, outside the folder; "
+                              "only files inside the folder are uploaded: replace the link by a copy of what it "
+                              "points to, or remove it.")
+
+
 def folder_files(folder: str | os.PathLike) -> dict[str, str]:
     """``{path in repo: local path}`` of every file under ``folder``, skipping hidden files and folders
-    (``.git``, ``.cache``, partial writes)."""
+    (``.git``, ``.cache``, partial writes, hf_prune's output manifest).
+
+    Only regular files inside the folder are listed: a symbolic link counts when what it points to lies inside
+    the folder (a linked folder is not walked twice: its files are listed where they are); a link pointing out of
+    the folder, or an entry that is not a regular file (a fifo, a broken link), raises ``PushFolderError`` naming
+    it, so nothing from outside the folder is ever uploaded."""
     folder = os.fspath(folder)
+    top = os.path.realpath(folder)
     out = {}
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        walked = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            if os.path.islink(os.path.join(root, name)):
+                _link_target_inside(os.path.join(root, name), folder, top)
+            else:
+                walked.append(name)
+        dirs[:] = walked
         for name in sorted(files):
             if name.startswith("."):
                 continue
             local = os.path.join(root, name)
-            out[os.path.relpath(local, folder).replace(os.sep, "/")] = local
+            rel = os.path.relpath(local, folder).replace(os.sep, "/")
+            if os.path.islink(local):
+                _link_target_inside(local, folder, top)
+            if not os.path.isfile(local):
+                raise PushFolderError(f"cannot push {folder!r}: {rel} is not a regular file (a broken link, a fifo "
+                                      "or a device); remove it from the folder.")
+            out[rel] = local
     return out
 
 
-def _commit(api, repo_id: str, folder: str, *, files: dict[str, bytes | str] | None, revision: str | None,
-            create_pr: bool, commit_message: str, commit_description: str | None, path_in_repo: str | None):
+def _commit(api, repo_id: str, folder: str, local: dict[str, str], *, files: dict[str, bytes | str] | None,
+            revision: str | None, create_pr: bool, commit_message: str, commit_description: str | None,
+            path_in_repo: str | None):
+    """Commit ``local`` (``folder_files(folder)``) plus ``files`` to ``repo_id`` in one commit."""
     from huggingface_hub import CommitOperationAdd
 
-    sources: dict[str, Any] = dict(folder_files(folder))
+    sources: dict[str, Any] = dict(local)
     for path, content in (files or {}).items():
         sources[path] = content.encode("utf-8") if isinstance(content, str) else content
     if not sources:
@@ -161,8 +192,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot push {folder!r}: it is not a folder.")
+    local = folder_files(folder)  # a link out of the folder is refused before the Hub is asked anything
     api = _open_repo(repo_id, private=private, token=token, revision=revision, create_pr=create_pr)
-    return _commit(api, repo_id, folder, files=files, revision=revision, create_pr=create_pr,
+    return _commit(api, repo_id, folder, local, files=files, revision=revision, create_pr=create_pr,
                    commit_message=commit_message or f"Upload {os.path.basename(os.path.abspath(folder))} with hf_prune",
                    commit_description=commit_description, path_in_repo=path_in_repo)
 
@@ -179,7 +211,7 @@ def push_pretrained(save: Callable[[str], Any], repo_id: str, *, private: bool |
     with tempfile.TemporaryDirectory(prefix="hf_prune-push-") as tmp:
         folder = os.path.join(tmp, repo_id.split("/")[-1])
         save(folder)
-        return _commit(api, repo_id, folder, files=None, revision=revision, create_pr=create_pr,
+        return _commit(api, repo_id, folder, folder_files(folder), files=None, revision=revision, create_pr=create_pr,
                        commit_message=commit_message or "Upload with hf_prune", commit_description=commit_description,
                        path_in_repo=path_in_repo)
 
