@@ -128,7 +128,8 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     ns = parser.parse_args(extra)
     method_kwargs, cal_kwargs = _split_config_args(ns)
     config = spec.config_class(**method_kwargs, calibration=CalibrationConfig(**cal_kwargs))
-    output = check_output_dir(args.output)  # before any download or pruning
+    # before any download or pruning: a folder we may replace, not the model's own folder nor the working one
+    output = check_output_dir(args.output, overwrite=args.overwrite, sources=(args.model,))
     checkpoint_dir = _checkpoint_dir(args, output, spec)
     load_kwargs = {}
     if args.offload_folder:  # bigger than memory: accelerate keeps what exceeds --max-memory on disk
@@ -147,7 +148,7 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
         evaluations.append(perplexity_record(pruner.model, pruner.tokenizer, args.eval_texts,
                                              seq_len=args.eval_seq_len, dense=dense_ppl,
                                              max_windows=args.eval_max_windows))
-    path = pruner.save_pretrained(args.output, evaluations=evaluations or None)
+    path = pruner.save_pretrained(args.output, overwrite=args.overwrite, evaluations=evaluations or None)
     if checkpoint_dir is not None:  # the output folder is complete: the checkpoint has served its purpose
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     print(result.summary())
@@ -276,10 +277,11 @@ def cmd_push(args: argparse.Namespace, extra: Sequence[str]) -> int:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
     if not os.path.isdir(args.dir):
         raise CLIError(f"{args.dir!r} is not a folder; give a folder written by hf-prune prune / save_pretrained.")
+    local = folder_files(args.dir)  # a link out of the folder is refused before anything is read or sent
     files = card_files_for_folder(args.dir, args.repo)  # the card, re-rendered to load from REPO
     info = push_folder(args.dir, args.repo, private=args.private, token=args.token, revision=args.revision,
                        create_pr=args.create_pr, commit_message=args.commit_message, files=files)
-    count = len(set(folder_files(args.dir)) | set(files))
+    count = len(set(local) | set(files))
     print(f"pushed {count} files to {info.repo_url}")
     print(f"commit: {info.commit_url}")
     if info.pr_url:
@@ -313,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config fields; run 'hf-prune prune --method M --help-method' to list them.")
     p.add_argument("model", help="Hub id or local folder of the model")
     p.add_argument("--method", required=True, choices=available_methods())
-    p.add_argument("--output", required=True, help="folder to write (created atomically)")
+    p.add_argument("--output", required=True,
+                   help="folder to write (created atomically); must be new, empty, or an earlier hf-prune output "
+                        "with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output when it holds an earlier hf-prune output (other folders are never replaced)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="where each block runs (default: cuda if present, else cpu)")
     p.add_argument("--eval-texts", default=None, help="measure perplexity before and after on this text source")
