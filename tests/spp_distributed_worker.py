@@ -23,10 +23,10 @@ rank = int(os.environ.get("RANK", "0"))
 original_save = SolutionPath.save_pretrained
 
 
-def spying_save(self, folder):
+def spying_save(self, folder, **kwargs):
     with open(os.path.join(out, f"saved_by_rank{rank}"), "w") as fh:
         fh.write(str(folder))
-    return original_save(self, folder)
+    return original_save(self, folder, **kwargs)
 
 
 SolutionPath.save_pretrained = spying_save

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from hf_prune.atomic import OUTPUT_MANIFEST
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES_DIR = os.path.join(ROOT, "examples")
 HELPERS = {"example_utils.py"}
@@ -52,7 +54,7 @@ def test_example_runs(script, arguments, toy_cache, fake_hub, tmp_path, monkeypa
     assert {"README.md", "model.safetensors", "pruning_report.json"} <= set(os.listdir(out))
     if "--push-to" in args:
         repo = args[args.index("--push-to") + 1]
-        assert set(fake_hub.repos[repo].files) == set(os.listdir(out))
+        assert set(fake_hub.repos[repo].files) | {OUTPUT_MANIFEST} == set(os.listdir(out))  # all but the manifest
 
 
 def test_every_example_is_tested_and_linked_from_the_readme():
