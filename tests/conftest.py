@@ -35,6 +35,15 @@ def tokenizer(corpus) -> T.PreTrainedTokenizerFast:
     return train_tokenizer(corpus[:2000])
 
 
+@pytest.fixture()
+def model_dir(tmp_path, tokenizer):
+    """A tiny random LLaMA and the tokenizer saved in ``tmp_path/tiny-llama``: a local model folder for the CLI."""
+    path = tmp_path / "tiny-llama"
+    make_model("llama", vocab=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def _text(vocab: int, **extra) -> dict:
     return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 **extra)

@@ -11,17 +11,8 @@ import sys
 import pytest
 import torch
 import transformers as T
-from conftest import make_model
 
 from hf_prune.cli import main
-
-
-@pytest.fixture()
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny-llama"
-    make_model("llama", vocab=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_prune_eval_report(model_dir, tmp_path, capsys):

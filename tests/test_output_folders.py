@@ -51,14 +51,6 @@ def _one_line_error(capsys) -> str:
 
 
 @pytest.fixture()
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny-llama"
-    make_model("llama", vocab=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture()
 def no_load(monkeypatch):
     """Fails the test if the CLI loads the model: every refusal here must come before that."""
     def refuse(*args, **kwargs):
