@@ -146,8 +146,9 @@ def test_output_dot_in_a_project_is_refused_and_the_project_survives(model_dir, 
     (project / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (project / "train.py").write_text("print('hi')\n")
     before = _tree(project)
-    monkeypatch.chdir(project / ".git")
-    for out, words in ((".", "is the current working directory"), ("..", "a folder holding the working directory")):
+    monkeypatch.chdir(project)
+    for out, words in ((".", "is the current working directory"), ("..", "a folder holding the working directory"),
+                       (str(project), "is the current working directory")):
         for extra in ((), ("--overwrite",)):
             assert main(_prune_args(model_dir, out, *extra)) == 2
             assert words in _one_line_error(capsys)
