@@ -20,7 +20,7 @@ from torch import nn
 from ..calibration.config import CalibrationConfig
 from ..calibration.data import CalibrationSet, build_calibration
 from ..errors import HFPruneError
-from ..models import Family, Stage, get_family
+from ..models import Family, Stage, get_family, text_context
 from .report import RunMeter, run_report
 from .targets import Target, calibration_needs, check_model_ready, stages_with_targets
 from .walker import BlockProcessor, resolve_device, walk
@@ -51,9 +51,9 @@ class RunContext:
     def calibration(self, config: CalibrationConfig, source: Any = None, *, tokenizer: Any,
                     processor: Any) -> CalibrationSet:
         """Calibration batches of the inputs the walked stages need (``source`` overrides ``config.dataset``),
-        packed as the family's model kind wants."""
+        packed as the family's model kind wants, in sequences that fit the walked stages' context."""
         return build_calibration(config, source, tokenizer=tokenizer, processor=processor, needs=self.needs,
-                                 causal_lm=self.family.causal_lm)
+                                 causal_lm=self.family.causal_lm, context=text_context(self.model, self.stages))
 
     def walk(self, batches: list[dict] | None, processor: BlockProcessor, *, progress: bool, desc: str,
              **options: Any) -> None:

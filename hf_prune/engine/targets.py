@@ -3,14 +3,15 @@ validated against the model before any weight changes."""
 
 from __future__ import annotations
 
-import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import regex
 import torch
 from torch import nn
 
-from ..errors import OffloadError, did_you_mean
+from ..errors import OffloadError, RegexTimeoutError, did_you_mean
 from ..models import Stage
 from ..patterns import Pattern
 from ..registry import method_specs
@@ -29,6 +30,32 @@ class Target:
     block: str
     stage: str
     sparsity: float
+
+
+REGEX_BUDGET_S = 0.2  # matching time one target/exclude regex may spend over all module names
+
+
+class BoundedRegex:
+    """A regex from a config file or the command line, matched against module names with a time bound: a
+    catastrophically backtracking pattern (``(.*)(.*)(.*)\\3\\2\\1$``) is refused with a ``RegexTimeoutError``
+    naming it instead of hanging the run. ``budget_s`` bounds the total over every name it is matched against."""
+
+    def __init__(self, field: str, pattern: str, budget_s: float = REGEX_BUDGET_S):
+        self.field, self.pattern = field, pattern
+        self.compiled = regex.compile(pattern)
+        self.budget_s = self.left = budget_s
+
+    def search(self, name: str) -> bool:
+        start = time.monotonic()
+        try:
+            return self.compiled.search(name, timeout=max(self.left, 1e-3)) is not None
+        except TimeoutError:
+            raise RegexTimeoutError(
+                f"{self.field} regex {self.pattern!r} takes longer than {self.budget_s}s to match the module names "
+                "(catastrophic backtracking: nested or repeated wildcards); use a plain pattern such as "
+                "'q_proj|v_proj' or 'layers\\.0\\.'.") from None
+        finally:
+            self.left -= time.monotonic() - start
 
 
 def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, nn.Linear, str, str]]:
@@ -53,24 +80,26 @@ def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[s
     outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(names)]
     examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
-    def check_matches(field: str, regex: str) -> None:
-        if any(re.search(regex, n) for n in names):
+    def check_matches(pattern: BoundedRegex) -> None:
+        if any(pattern.search(n) for n in names):
             return
-        hit = [n for n in outside if re.search(regex, n)]
+        hit = [n for n in outside if pattern.search(n)]
         extra = (f" It matches {', '.join(hit[:3])}, which lie outside the transformer blocks and are never "
                  "pruned by layer-wise methods." if hit else "")
-        raise ValueError(f"{field} regex {regex!r} matches no Linear layer inside the transformer blocks "
-                         f"(e.g. {examples}).{extra}")
+        raise ValueError(f"{pattern.field} regex {pattern.pattern!r} matches no Linear layer inside the transformer "
+                         f"blocks (e.g. {examples}).{extra}")
 
     selected = candidates
     if target_modules:
-        for regex in target_modules:
-            check_matches("target_modules", regex)
-        selected = [c for c in selected if any(re.search(r, c[0]) for r in target_modules)]
+        targets = [BoundedRegex("target_modules", r) for r in target_modules]
+        for pattern in targets:
+            check_matches(pattern)
+        selected = [c for c in selected if any(p.search(c[0]) for p in targets)]
     if exclude_modules:
-        for regex in exclude_modules:
-            check_matches("exclude_modules", regex)
-        selected = [c for c in selected if not any(re.search(r, c[0]) for r in exclude_modules)]
+        excludes = [BoundedRegex("exclude_modules", r) for r in exclude_modules]
+        for pattern in excludes:
+            check_matches(pattern)
+        selected = [c for c in selected if not any(p.search(c[0]) for p in excludes)]
     if not selected:
         raise ValueError("target_modules/exclude_modules leave no module to prune.")
     return selected
