@@ -43,3 +43,7 @@ class OffloadError(HFPruneError):
 
 class CheckpointError(HFPruneError):
     """A resumable run's checkpoint is missing, unreadable, or belongs to another model, config or data."""
+
+
+class NonFiniteWeightsError(HFPruneError):
+    """A parameter or buffer of the model holds NaN or inf before anything was changed."""
