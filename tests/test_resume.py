@@ -74,10 +74,11 @@ def test_killed_run_resumes_bit_identical(method_args, after, model_dir, tmp_pat
     state = json.loads(open(os.path.join(ckpt, "state.json")).read())
     assert state["position"]["block"] == after - 1 and not state["complete"]
     assert len(state["blocks"]) == after and os.path.isfile(os.path.join(ckpt, state["inputs"]))
+    assert json.loads(open(os.path.join(ckpt, "lock.json")).read())["pid"] == state["owner"]["pid"]  # a dead run's
     if "ecoflap" in method_args:
         assert state["extras"]["allocation"]["module_sparsity"]  # stage 1 is not redone on resume
 
-    assert main(["prune", str(model_dir), *method_args, *CALIBRATION, "--output", out, "--resume"]) == 0
+    assert main(["prune", str(model_dir), *method_args, *CALIBRATION, "--output", out, "--resume"]) == 0  # lock too
     want, got = _tensors(full), _tensors(out)
     assert sorted(want) == sorted(got)
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
