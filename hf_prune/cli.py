@@ -7,10 +7,11 @@ calibration options mirror ``CalibrationConfig``. Bad input exits with status 2 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
+import shlex
 import sys
 import typing
 from typing import Any, Sequence
@@ -29,6 +30,7 @@ from .pruner import Pruner
 from .registry import available_methods, default_method, get_method
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 _CALIBRATION_FLAGS = {  # CalibrationConfig field -> flag
     "dataset": "--calibration",
@@ -191,7 +193,24 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     method_kwargs, cal_kwargs = _split_config_args(ns)
     config = spec.config_class(**method_kwargs, calibration=CalibrationConfig(**cal_kwargs))
     output = check_output_dir(args.output)  # before any download or pruning
-    checkpoint_dir = _checkpoint_dir(args, output, spec)
+    checkpoint = _checkpoint(args, output, spec)
+    try:
+        with checkpoint or contextlib.nullcontext():  # the lock: held until the output is saved, or the run fails
+            result, evaluations, path = _prune_and_save(args, config, checkpoint)
+    except KeyboardInterrupt:  # Ctrl-C: the lock is released, the checkpoint keeps every completed block
+        print(f"hf-prune: {_interrupted(args, checkpoint)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(result.summary())
+    for e in evaluations:
+        print(f"perplexity ({e['dataset']}, seq_len={e['seq_len']}): dense {e['dense']:.3f} -> pruned {e['value']:.3f}")
+    print(f"saved to {path}")
+    return 0
+
+
+def _prune_and_save(args: argparse.Namespace, config: Any,
+                    checkpoint: RunCheckpoint | None) -> tuple[Any, list[dict], str]:
+    """Load, prune (checkpointing into ``checkpoint``), measure and save; the result, the evaluations and the
+    saved folder's path."""
     load_kwargs = {}
     if args.offload_folder:  # bigger than memory: accelerate keeps what exceeds --max-memory on disk
         load_kwargs.update(device_map="auto", offload_folder=args.offload_folder)
@@ -203,37 +222,46 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.eval_texts:
         dense_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
                                max_windows=args.eval_max_windows)
-    result = pruner.prune(config, device=args.device, progress=not args.no_progress, checkpoint_dir=checkpoint_dir,
-                          resume=args.resume)
+    result = pruner.prune(config, device=args.device, progress=not args.no_progress,
+                          checkpoint_dir=checkpoint.folder if checkpoint else None, resume=args.resume)
     if args.eval_texts:
         evaluations.append(perplexity_record(pruner.model, pruner.tokenizer, args.eval_texts,
                                              seq_len=args.eval_seq_len, dense=dense_ppl,
                                              max_windows=args.eval_max_windows))
     path = pruner.save_pretrained(args.output, evaluations=evaluations or None)
-    if checkpoint_dir is not None:  # the output folder is complete: the checkpoint has served its purpose
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    print(result.summary())
-    for e in evaluations:
-        print(f"perplexity ({e['dataset']}, seq_len={e['seq_len']}): dense {e['dense']:.3f} -> pruned {e['value']:.3f}")
-    print(f"saved to {path}")
-    return 0
+    if checkpoint is not None:  # the output folder is complete: the checkpoint has served its purpose
+        checkpoint.discard()
+    return result, evaluations, path
 
 
-def _checkpoint_dir(args: argparse.Namespace, output: str, spec: Any) -> str | None:
+def _checkpoint(args: argparse.Namespace, output: str, spec: Any) -> RunCheckpoint | None:
     """Where ``prune`` checkpoints: ``--checkpoint-dir``, else the hidden sibling ``.NAME.checkpoint`` of the
-    output folder (the output itself only appears, atomically, at the end). None: no checkpoint."""
+    output folder (the output itself only appears, atomically, at the end), checked and locked for this run before
+    the model loads (``--restart``: its old checkpoint deleted). None: no checkpoint."""
+    flags = [f for f, on in (("--resume", args.resume), ("--restart", args.restart)) if on]
     if args.no_checkpoint:
-        if args.resume:
-            raise CLIError("--resume and --no-checkpoint contradict each other; drop one.")
+        if flags:
+            raise CLIError(f"{flags[0]} and --no-checkpoint contradict each other; drop one.")
         return None
     if not spec.resumable:
-        if args.resume or args.checkpoint_dir:
+        if flags or args.checkpoint_dir:
             raise CLIError(f"{spec.name} cannot checkpoint or resume; resumable methods: "
                            f"{', '.join(resumable_methods())}.")
         return None
     folder = args.checkpoint_dir or os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.checkpoint")
-    RunCheckpoint(folder, resume=args.resume)  # no checkpoint to resume / one in the way: fail before loading
-    return folder
+    return RunCheckpoint(folder, resume=args.resume, restart=args.restart)
+
+
+def _interrupted(args: argparse.Namespace, checkpoint: RunCheckpoint | None) -> str:
+    """The one line a Ctrl-C ends ``prune`` with: how far the run got, as its checkpoint says, and the command
+    that continues it."""
+    done = checkpoint.progress() if checkpoint is not None else None
+    if done is None:
+        return "interrupted before a block was done; nothing was kept: run the same command again to start over."
+    blocks, total = done
+    where = f"after block {blocks}{f' of {total}' if total else ''}" if blocks else "before the first block"
+    command = [a for a in args.argv if a != "--restart"] + ([] if "--resume" in args.argv else ["--resume"])
+    return f"interrupted {where}; resume with: {shlex.join(['hf-prune', *command])}"
 
 
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -392,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run checkpointed for this --output (same model, method options and data)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where to checkpoint after every block (default: .OUTPUT.checkpoint next to --output; "
-                        "removed once the output is saved)")
+                        "its checkpoint files removed once the output is saved)")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the checkpoint an earlier run left for this --output and start over")
     p.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint (no resume possible)")
     p.add_argument("--max-memory", type=_bytes, default=None,
                    help="CPU memory for weights, e.g. 2GiB: load with device_map='auto', the rest offloaded to disk")
@@ -474,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # prune's resume hint repeats the command
     try:
         return args.func(args, extra)
     except SystemExit:

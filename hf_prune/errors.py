@@ -64,3 +64,7 @@ class DeviceError(HFPruneError):
 
 class RegexTimeoutError(HFPruneError):
     """A module-selection regex took too long to match (catastrophic backtracking)."""
+
+
+class NonFiniteWeightsError(HFPruneError):
+    """A parameter or buffer of the model holds NaN or inf before anything was changed."""

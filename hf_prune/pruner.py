@@ -211,7 +211,8 @@ class Pruner:
 
     def prune(self, config: PrunerConfig | dict, calibration_dataset: Any = None, *,
               device: str | torch.device | None = None, progress: bool = True,
-              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> PruningResult:
+              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+              restart: bool = False) -> PruningResult:
         """Prune ``self.model`` in place with ``config``'s method.
 
         ``calibration_dataset`` overrides ``config.calibration.dataset``: a list of texts, a
@@ -222,9 +223,13 @@ class Pruner:
         ``checkpoint_dir``: save a checkpoint there after every block (see ``hf_prune.checkpoint``); with
         ``resume=True`` continue the run checkpointed there (load the same unpruned model and pass the same config
         and data: anything else is refused before a weight changes) and end with weights bit-identical to an
-        uninterrupted run. A folder that already holds a checkpoint is refused without ``resume=True``. Resumable
-        methods: ``hf_prune.engine.checkpoint.resumable_methods()`` (the layer-wise pruners and ECoFLaP). The folder is
-        left in place afterwards (delete it once the result is saved); ``hf-prune prune`` does that itself.
+        uninterrupted run. A folder that already holds a checkpoint is refused without ``resume=True``;
+        ``restart=True`` deletes that checkpoint and starts afresh. While the run goes, a lock in the folder
+        (pid, start time, command line) refuses every other run there; it is released when ``prune`` returns or
+        raises (a ``KeyboardInterrupt`` too, which passes unchanged). A run that fails before its first block is
+        done leaves no checkpoint. Resumable methods: ``hf_prune.engine.checkpoint.resumable_methods()`` (the
+        layer-wise pruners and ECoFLaP). The folder is left in place afterwards (delete it once the result is
+        saved); ``hf-prune prune`` does that itself.
         """
         if isinstance(config, dict):
             config = PrunerConfig.from_dict(config)
@@ -241,15 +246,17 @@ class Pruner:
         if spec.kind == "trained":
             raise HFPruneError(spec.how_to_run or f"{config.method} is trained with transformers.Trainer, not run by "
                                "Pruner.prune. The model was not changed.")
-        extra = {}
-        if resume and checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run checkpointed into.")
-        if checkpoint_dir is not None:
+        if (resume or restart) and checkpoint_dir is None:
+            raise ValueError(f"{'resume' if resume else 'restart'}=True needs checkpoint_dir: the folder the "
+                             "interrupted run checkpointed into.")
+        if checkpoint_dir is None:
+            result = spec.run(self, config, device=device, progress=progress)
+        else:
             if not spec.resumable:
                 raise CheckpointError(f"{config.method} cannot checkpoint or resume; resumable methods: "
                                       f"{', '.join(resumable_methods())}. Run it without checkpoint_dir/resume.")
-            extra["checkpoint"] = RunCheckpoint(checkpoint_dir, resume=resume)
-        result = spec.run(self, config, device=device, progress=progress, **extra)
+            with RunCheckpoint(checkpoint_dir, resume=resume, restart=restart) as checkpoint:
+                result = spec.run(self, config, device=device, progress=progress, checkpoint=checkpoint)
         self.results.append(result)
         return result
 

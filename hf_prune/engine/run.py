@@ -22,7 +22,7 @@ from ..calibration.data import CalibrationSet, build_calibration
 from ..errors import HFPruneError
 from ..models import Family, Stage, get_family, text_context
 from .report import RunMeter, run_report
-from .targets import Target, calibration_needs, check_model_ready, stages_with_targets
+from .targets import Target, calibration_needs, check_finite, check_model_ready, stages_with_targets
 from .walker import BlockProcessor, resolve_device, walk
 
 
@@ -72,10 +72,11 @@ class RunContext:
 
 
 def prepare(model: nn.Module, device: str | torch.device | None = None, *, offload: bool = False) -> RunContext:
-    """Check that ``model`` is a real model with real weights (``offload=True``: accelerate offload is fine), find
-    its family and stages and resolve the execution device; raises before any weight changes."""
+    """Check that ``model`` is a real model with real, finite weights (``offload=True``: accelerate offload is
+    fine), find its family and stages and resolve the execution device; raises before any weight changes."""
     check_model_ready(model, offload=offload)
     family = get_family(model)
+    check_finite(model)
     return RunContext(model, family, family.stages(model), resolve_device(model, device))
 
 

@@ -3,6 +3,7 @@ validated against the model before any weight changes."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,11 +12,11 @@ import regex
 import torch
 from torch import nn
 
-from ..errors import OffloadError, RegexTimeoutError, did_you_mean
+from ..errors import NonFiniteWeightsError, OffloadError, RegexTimeoutError, did_you_mean
 from ..models import Stage
 from ..patterns import Pattern
 from ..registry import method_specs
-from .offload import check_placement, is_dispatched, module_weight
+from .offload import check_placement, is_dispatched, iter_tensors
 
 
 def offload_methods() -> list[str]:
@@ -116,10 +117,6 @@ def plan_targets(model: nn.Module, stages: list[Stage], config: Any) -> list[Tar
         raise ValueError(f"module_sparsity names {unknown[0]!r}, which is not a module being pruned."
                          f"{did_you_mean(unknown[0], names)}")
     targets = [Target(n, m, b, s, overrides.get(n, config.sparsity)) for n, m, b, s in selected]
-    for t in targets:
-        if not bool(torch.isfinite(module_weight(t.module)).all()):  # offloaded: read from its weights map
-            raise ValueError(f"{t.name} holds NaN/inf weights; the checkpoint is corrupt or overflowed when loaded "
-                             "(try dtype=torch.float32). Nothing was pruned.")
     pattern = Pattern.parse(config.pattern)
     if pattern.is_nm:
         bad = [f"{t.name} (in_features={t.module.in_features})" for t in targets if t.module.in_features % pattern.m]
@@ -145,6 +142,27 @@ def check_model_ready(model: nn.Module, *, offload: bool = False) -> None:
                                                           "an empty model") + "); this method needs every weight "
             "on a module: load the model with device_map=None (or 'cpu')"
             + (f", or prune offloaded models with {', '.join(offload_methods())}." if offloaded else "."))
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model that holds NaN/inf in any parameter (offloaded ones read from their weights maps) or NaN in
+    any buffer, naming the first such tensor and its dtype, before anything changes.
+
+    Every tensor on the forward path counts, not only the ones a method targets: a NaN in a norm or an embedding
+    would otherwise surface mid-walk, after earlier blocks were already pruned. Buffers are checked for NaN only,
+    since an infinite buffer can be a legitimate mask value. Half precision is named as the likely cause only when
+    the tensor is half precision."""
+    parameters = ((n, p, lambda t: ~torch.isfinite(t)) for n, p in iter_tensors(model))  # one at a time
+    buffers = ((n, b, torch.isnan) for n, b in model.named_buffers() if b.device.type != "meta")
+    for name, tensor, bad in itertools.chain(parameters, buffers):
+        if not tensor.is_floating_point():
+            continue
+        count = int(bad(tensor.detach()).sum())
+        if count:
+            hint = " (try dtype=torch.float32)" if tensor.dtype in (torch.float16, torch.bfloat16) else ""
+            raise NonFiniteWeightsError(
+                f"{name} ({tensor.dtype}) holds {count} NaN/inf of its {tensor.numel()} values; the checkpoint is "
+                f"corrupt or overflowed when loaded{hint}. Nothing was changed.")
 
 
 def stages_with_targets(stages: list[Stage], targets: list[Target]) -> list[Stage]:

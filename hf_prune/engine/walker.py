@@ -237,10 +237,11 @@ def capture_stage_inputs(model: nn.Module, stage: Stage, all_stages: list[Stage]
     finally:
         handle.remove()
     for hidden in captured.hidden:
-        if not bool(torch.isfinite(hidden.float()).all()):
+        if not bool(torch.isfinite(hidden.float()).all()):  # the weights are finite (checked up front): an overflow
+            fix = "load it in float32 or bfloat16" if hidden.dtype == torch.float16 else "check the inputs"
             raise NonFiniteStatisticsError(
                 f"NaN/inf in the inputs of {stage.path}.0 before it was pruned; the model's forward pass "
-                "overflows on these inputs (load it in float32 or bfloat16, or check the inputs).")
+                f"overflows in {hidden.dtype} on these inputs ({fix}).")
     return captured
 
 
