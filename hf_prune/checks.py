@@ -7,6 +7,8 @@ import hashlib
 import re
 from typing import Any
 
+import regex
+
 
 def check_choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
@@ -15,9 +17,11 @@ def check_choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
         )
 
 
-def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}.{name}={value!r} must be an integer >= {minimum}.")
+def check_int(owner: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+            maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{owner}.{name}={value!r} must be an integer {allowed}.")
 
 
 def check_number(owner: str, name: str, value: Any, low: float, high: float, *, high_inclusive: bool = False,
@@ -42,6 +46,16 @@ def describe_object(obj: Any) -> str:
     return f"<in-memory {type(obj).__name__}>"
 
 
+DATA_EXTENSIONS = (".txt", ".text", ".md", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def looks_like_path(text: str, extensions: tuple[str, ...] = ()) -> bool:
+    """Whether ``text`` can only mean a local path, never a Hub id (``name`` or ``owner/name``): it starts with
+    ``.``, ``/`` or ``~``, holds a backslash or more than one ``/``, or ends with one of ``extensions``. A missing
+    file named so is reported as missing at once instead of being looked up on the Hub."""
+    return not _HUB_ID.fullmatch(text) or ".." in text or text.lower().endswith(tuple(extensions))
+
 
 def regex_list(owner: str, name: str, value: Any) -> list[str] | None:
     if value is None:
@@ -52,7 +66,7 @@ def regex_list(owner: str, name: str, value: Any) -> list[str] | None:
         raise ValueError(f"{owner}.{name} must be a regex string or a non-empty list of them, got {value!r}.")
     for pattern in value:
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            regex.compile(pattern)  # the engine that matches it (hf_prune.engine.targets, with a time bound)
+        except regex.error as exc:
             raise ValueError(f"{owner}.{name}: {pattern!r} is not a valid regular expression ({exc}).") from None
     return list(value)

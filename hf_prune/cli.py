@@ -7,10 +7,11 @@ calibration options mirror ``CalibrationConfig``. Bad input exits with status 2 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
+import shlex
 import sys
 import typing
 from typing import Any, Sequence
@@ -23,12 +24,13 @@ from .demo import run_demo
 from .engine.checkpoint import RunCheckpoint, resumable_methods
 from .engine.report import format_table, sparsity_table
 from .errors import HFPruneError
-from .evaluation import perplexity, perplexity_record, perplexity_windows
+from .evaluation import eval_seq_len, perplexity, perplexity_record, perplexity_windows
 from .planner import plan
 from .pruner import Pruner
 from .registry import available_methods, default_method, get_method
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 _CALIBRATION_FLAGS = {  # CalibrationConfig field -> flag
     "dataset": "--calibration",
@@ -51,8 +53,7 @@ class CLIError(Exception):
 def _json_value(text: str) -> Any:
     """A JSON literal, or the path of a JSON file."""
     if os.path.isfile(text):
-        with open(text, encoding="utf-8") as fh:
-            return json.load(fh)
+        return _read_json(text)
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -118,6 +119,69 @@ def _dtype(text: str) -> Any:
     return value
 
 
+def _read_json(path: str) -> Any:
+    """A JSON file's content; a file that is not UTF-8 JSON is a ``CLIError`` naming it (and the line)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except UnicodeDecodeError:
+        raise CLIError(f"{path} is not valid UTF-8 JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path}:{exc.lineno} is not valid JSON ({exc.msg}).") from None
+
+
+# the keys of a pruning_report.json that `report` and `push` (its card) read, with their types; "*" is every entry
+_REPORT_KEYS: tuple[tuple[tuple[str, ...], type | tuple[type, ...]], ...] = (
+    (("method",), str),
+    (("config",), dict),
+    (("model",), dict),
+    (("model", "class"), str),
+    (("calibration",), (dict, type(None))),
+    (("sparsity",), dict),
+    (("sparsity", "overall"), dict),
+    (("sparsity", "overall", "modules"), int),
+    (("sparsity", "overall", "achieved"), (int, float)),
+    (("sparsity", "per_module_kind"), dict),
+    (("sparsity", "per_module_kind", "*", "modules"), int),
+    (("sparsity", "per_module_kind", "*", "achieved"), (int, float)),
+    (("sparsity", "per_module"), dict),
+    (("sparsity", "per_module", "*", "shape"), list),
+    (("sparsity", "per_module", "*", "zeros"), int),
+    (("sparsity", "per_module", "*", "achieved"), (int, float)),
+    (("model_totals",), dict),
+    (("run",), dict),
+    (("run", "time_s"), (int, float)),
+)
+
+
+def _read_report(folder: str) -> dict:
+    """The ``pruning_report.json`` of a folder written by hf_prune, checked for the keys ``report`` and ``push``
+    read: a missing key or a value of the wrong type is a ``CLIError`` that names the key."""
+    path = os.path.join(folder, "pruning_report.json")
+    report = _read_json(path)
+
+    def check(value: Any, keys: tuple[str, ...], kinds: Any, where: str) -> None:
+        if not keys:
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+                raise CLIError(f"{path}: {where} is a {type(value).__name__}, not {names}; the file was changed "
+                               "after hf_prune wrote it: save the model again.")
+            return
+        head, rest = keys[0], keys[1:]
+        if head == "*":
+            for name, entry in value.items():
+                check(entry, rest, kinds, f"{where}[{name!r}]")
+            return
+        if not isinstance(value, dict) or head not in value:
+            raise CLIError(f"{path} has no key {where}[{head!r}]; the file was changed after hf_prune wrote it: "
+                           "save the model again.")
+        check(value[head], rest, kinds, f"{where}[{head!r}]")
+
+    for keys, kinds in _REPORT_KEYS:
+        check(report, keys, kinds, "report")
+    return report
+
+
 # ---------------------------------------------------------------------------------------------- commands
 
 
@@ -130,7 +194,24 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     config = spec.config_class(**method_kwargs, calibration=CalibrationConfig(**cal_kwargs))
     # before any download or pruning: a folder we may replace, not the model's own folder nor the working one
     output = check_output_dir(args.output, overwrite=args.overwrite, sources=(args.model,))
-    checkpoint_dir = _checkpoint_dir(args, output, spec)
+    checkpoint = _checkpoint(args, output, spec)
+    try:
+        with checkpoint or contextlib.nullcontext():  # the lock: held until the output is saved, or the run fails
+            result, evaluations, path = _prune_and_save(args, config, checkpoint)
+    except KeyboardInterrupt:  # Ctrl-C: the lock is released, the checkpoint keeps every completed block
+        print(f"hf-prune: {_interrupted(args, checkpoint)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(result.summary())
+    for e in evaluations:
+        print(f"perplexity ({e['dataset']}, seq_len={e['seq_len']}): dense {e['dense']:.3f} -> pruned {e['value']:.3f}")
+    print(f"saved to {path}")
+    return 0
+
+
+def _prune_and_save(args: argparse.Namespace, config: Any,
+                    checkpoint: RunCheckpoint | None) -> tuple[Any, list[dict], str]:
+    """Load, prune (checkpointing into ``checkpoint``), measure and save; the result, the evaluations and the
+    saved folder's path."""
     load_kwargs = {}
     if args.offload_folder:  # bigger than memory: accelerate keeps what exceeds --max-memory on disk
         load_kwargs.update(device_map="auto", offload_folder=args.offload_folder)
@@ -142,50 +223,60 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.eval_texts:
         dense_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
                                max_windows=args.eval_max_windows)
-    result = pruner.prune(config, device=args.device, progress=not args.no_progress, checkpoint_dir=checkpoint_dir,
-                          resume=args.resume)
+    result = pruner.prune(config, device=args.device, progress=not args.no_progress,
+                          checkpoint_dir=checkpoint.folder if checkpoint else None, resume=args.resume)
     if args.eval_texts:
         evaluations.append(perplexity_record(pruner.model, pruner.tokenizer, args.eval_texts,
                                              seq_len=args.eval_seq_len, dense=dense_ppl,
                                              max_windows=args.eval_max_windows))
     path = pruner.save_pretrained(args.output, overwrite=args.overwrite, evaluations=evaluations or None)
-    if checkpoint_dir is not None:  # the output folder is complete: the checkpoint has served its purpose
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    print(result.summary())
-    for e in evaluations:
-        print(f"perplexity ({e['dataset']}, seq_len={e['seq_len']}): dense {e['dense']:.3f} -> pruned {e['value']:.3f}")
-    print(f"saved to {path}")
-    return 0
+    if checkpoint is not None:  # the output folder is complete: the checkpoint has served its purpose
+        checkpoint.discard()
+    return result, evaluations, path
 
 
-def _checkpoint_dir(args: argparse.Namespace, output: str, spec: Any) -> str | None:
+def _checkpoint(args: argparse.Namespace, output: str, spec: Any) -> RunCheckpoint | None:
     """Where ``prune`` checkpoints: ``--checkpoint-dir``, else the hidden sibling ``.NAME.checkpoint`` of the
-    output folder (the output itself only appears, atomically, at the end). None: no checkpoint."""
+    output folder (the output itself only appears, atomically, at the end), checked and locked for this run before
+    the model loads (``--restart``: its old checkpoint deleted). None: no checkpoint."""
+    flags = [f for f, on in (("--resume", args.resume), ("--restart", args.restart)) if on]
     if args.no_checkpoint:
-        if args.resume:
-            raise CLIError("--resume and --no-checkpoint contradict each other; drop one.")
+        if flags:
+            raise CLIError(f"{flags[0]} and --no-checkpoint contradict each other; drop one.")
         return None
     if not spec.resumable:
-        if args.resume or args.checkpoint_dir:
+        if flags or args.checkpoint_dir:
             raise CLIError(f"{spec.name} cannot checkpoint or resume; resumable methods: "
                            f"{', '.join(resumable_methods())}.")
         return None
     folder = args.checkpoint_dir or os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.checkpoint")
-    RunCheckpoint(folder, resume=args.resume)  # no checkpoint to resume / one in the way: fail before loading
-    return folder
+    return RunCheckpoint(folder, resume=args.resume, restart=args.restart)
+
+
+def _interrupted(args: argparse.Namespace, checkpoint: RunCheckpoint | None) -> str:
+    """The one line a Ctrl-C ends ``prune`` with: how far the run got, as its checkpoint says, and the command
+    that continues it."""
+    done = checkpoint.progress() if checkpoint is not None else None
+    if done is None:
+        return "interrupted before a block was done; nothing was kept: run the same command again to start over."
+    blocks, total = done
+    where = f"after block {blocks}{f' of {total}' if total else ''}" if blocks else "before the first block"
+    command = [a for a in args.argv if a != "--restart"] + ([] if "--resume" in args.argv else ["--resume"])
+    return f"interrupted {where}; resume with: {shlex.join(['hf-prune', *command])}"
 
 
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
     pruner = Pruner.from_pretrained(args.model, dtype=_dtype(args.dtype))
-    windows, record = perplexity_windows(pruner.tokenizer, args.texts, seq_len=args.seq_len,
+    seq_len = eval_seq_len(pruner.model, args.seq_len)  # unset: the model's context, at most 2048
+    windows, record = perplexity_windows(pruner.tokenizer, args.texts, seq_len=seq_len,
                                          text_column=args.text_column, split=args.split)
-    value = perplexity(pruner.model, pruner.tokenizer, args.texts, seq_len=args.seq_len, batch_size=args.batch_size,
+    value = perplexity(pruner.model, pruner.tokenizer, args.texts, seq_len=seq_len, batch_size=args.batch_size,
                        text_column=args.text_column, split=args.split, max_windows=args.max_windows,
                        progress=not args.no_progress)
     used = min(len(windows), args.max_windows or len(windows))
-    print(f"perplexity {value:.4f}  ({used} windows x {args.seq_len} tokens of {record.get('source')}, "
+    print(f"perplexity {value:.4f}  ({used} windows x {seq_len} tokens of {record.get('source')}, "
           f"split {args.split})")
     return 0
 
@@ -198,11 +289,10 @@ def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if not os.path.isfile(path):
         raise CLIError(f"{args.dir!r} has no pruning_report.json; is it a folder written by hf-prune / "
                        "Pruner.save_pretrained?")
-    with open(path, encoding="utf-8") as fh:
-        report = json.load(fh)
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+    if args.json:  # the raw file, as it is
+        print(json.dumps(_read_json(path), indent=2, sort_keys=True))
         return 0
+    report = _read_report(args.dir)
     verified = _verify_weights(args.dir, report)
     sp = report["sparsity"]
     cal = report.get("calibration") or {}
@@ -225,20 +315,24 @@ def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def _verify_weights(folder: str, report: dict) -> str:
     """Recount the zeros of the pruned weights from the safetensors files themselves."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     wanted = {f"{name}.weight": entry for name, entry in report["sparsity"]["per_module"].items()}
     found, mismatched = 0, []
     for file in sorted(os.listdir(folder)):
         if not file.endswith(".safetensors"):
             continue
-        with safe_open(os.path.join(folder, file), framework="pt") as fh:
-            for key in fh.keys():
-                if key in wanted:
-                    zeros = int((fh.get_tensor(key) == 0).sum())
-                    found += 1
-                    if zeros != wanted[key].get("stored_zeros", wanted[key]["zeros"]):  # structured: as stored
-                        mismatched.append(key)
+        try:
+            with safe_open(os.path.join(folder, file), framework="pt") as fh:
+                for key in fh.keys():
+                    if key in wanted:
+                        zeros = int((fh.get_tensor(key) == 0).sum())
+                        found += 1
+                        if zeros != wanted[key].get("stored_zeros", wanted[key]["zeros"]):  # structured: as stored
+                            mismatched.append(key)
+        except SafetensorError as exc:
+            raise CLIError(f"{os.path.join(folder, file)} is truncated or corrupt ({str(exc).strip()}); save the "
+                           "model again.") from None
     if found == 0:
         return "weights: not checked (no matching tensors in the safetensors files)"
     if mismatched:
@@ -278,6 +372,8 @@ def cmd_push(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if not os.path.isdir(args.dir):
         raise CLIError(f"{args.dir!r} is not a folder; give a folder written by hf-prune prune / save_pretrained.")
     local = folder_files(args.dir)  # a link out of the folder is refused before anything is read or sent
+    if os.path.isfile(os.path.join(args.dir, "pruning_report.json")):
+        _read_report(args.dir)  # the card is re-rendered from it: a damaged report fails before any upload
     files = card_files_for_folder(args.dir, args.repo)  # the card, re-rendered to load from REPO
     info = push_folder(args.dir, args.repo, private=args.private, token=args.token, revision=args.revision,
                        create_pr=args.create_pr, commit_message=args.commit_message, files=files)
@@ -323,13 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="where each block runs (default: cuda if present, else cpu)")
     p.add_argument("--eval-texts", default=None, help="measure perplexity before and after on this text source")
-    p.add_argument("--eval-seq-len", type=int, default=2048)
+    p.add_argument("--eval-seq-len", type=int, default=None,
+                   help="evaluation window length (default: the model's context, at most 2048)")
     p.add_argument("--eval-max-windows", type=int, default=None)
     p.add_argument("--resume", action="store_true",
                    help="continue the run checkpointed for this --output (same model, method options and data)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where to checkpoint after every block (default: .OUTPUT.checkpoint next to --output; "
-                        "removed once the output is saved)")
+                        "its checkpoint files removed once the output is saved)")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the checkpoint an earlier run left for this --output and start over")
     p.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint (no resume possible)")
     p.add_argument("--max-memory", type=_bytes, default=None,
                    help="CPU memory for weights, e.g. 2GiB: load with device_map='auto', the rest offloaded to disk")
@@ -341,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a causal LM with the pruning papers' protocol")
     e.add_argument("model")
     e.add_argument("--texts", required=True, help="list source: file, dataset name or builtin:python-docs")
-    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--seq-len", type=int, default=None,
+                   help="window length (default: the model's context, at most 2048)")
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--split", default="test")
     e.add_argument("--text-column", default="text")
@@ -410,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # prune's resume hint repeats the command
     try:
         return args.func(args, extra)
     except SystemExit:

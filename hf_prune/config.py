@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,6 +19,7 @@ from .artifacts.hub import load_files, push_pretrained
 from .atomic import atomic_file
 from .calibration.config import CalibrationConfig
 from .checks import check_choice, check_int, check_number  # noqa: F401  (re-exported for method configs)
+from .errors import ConfigFileError
 from .registry import available_methods, get_method, register_method  # noqa: F401  (re-exported)
 from .version import __version__
 
@@ -76,6 +78,9 @@ class PrunerConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrunerConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigFileError(f"a pruning config is a JSON object such as {{\"method\": \"wanda\", ...}}, not a "
+                                  f"{type(data).__name__}.")
         data = dict(data)
         method = data.pop("method", None)
         written_by = data.pop("hf_prune_version", None)
@@ -84,6 +89,9 @@ class PrunerConfig:
                 method = cls.method
             else:
                 raise ValueError("the config has no 'method' key; cannot tell which PrunerConfig subclass it is.")
+        if not isinstance(method, str):
+            raise ConfigFileError(f"the config's 'method' must be one method name such as 'wanda', not "
+                                  f"{method!r}; available: {', '.join(available_methods())}.")
         target = get_method(method).config_class
         if cls.method and not issubclass(target, cls):
             raise ValueError(f"the config is for method {method!r}, not {cls.__name__}.")
@@ -100,8 +108,21 @@ class PrunerConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PrunerConfig":
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+        """Read a ``pruning_config.json``; a file that is not valid UTF-8 JSON or not a config object is a
+        ``ConfigFileError`` naming the file."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except UnicodeDecodeError:
+            raise ConfigFileError(f"{path} is not valid UTF-8; a pruning config is a UTF-8 JSON file.") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigFileError(f"{path}:{exc.lineno} is not valid JSON ({exc.msg}); fix it or save the config "
+                                  "again with PrunerConfig.save_pretrained.") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigFileError as exc:
+            raise ConfigFileError(f"{path}: {exc}") from None
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, subfolder: str | None = None,

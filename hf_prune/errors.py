@@ -48,3 +48,28 @@ class OffloadError(HFPruneError):
 
 class CheckpointError(HFPruneError):
     """A resumable run's checkpoint is missing, unreadable, or belongs to another model, config or data."""
+
+
+class ModelLoadError(HFPruneError):
+    """The model cannot be loaded: no such folder, a truncated or corrupt weights file, pickle-only weights, or a
+    Hub id that is neither cached nor reachable."""
+
+
+class ConfigFileError(HFPruneError):
+    """A ``pruning_config.json`` or ``pruning_report.json`` is not valid JSON or lacks what hf_prune writes there."""
+
+
+class SequenceLengthError(HFPruneError):
+    """A ``seq_len`` is longer than the model's context (the most tokens its position embeddings cover)."""
+
+
+class DeviceError(HFPruneError):
+    """The execution device is not a torch device, or not present on this machine."""
+
+
+class RegexTimeoutError(HFPruneError):
+    """A module-selection regex took too long to match (catastrophic backtracking)."""
+
+
+class NonFiniteWeightsError(HFPruneError):
+    """A parameter or buffer of the model holds NaN or inf before anything was changed."""

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration.config import context_note, fit_seq_len
 from .calibration.data import load_texts, text_tokenizer
 from .engine.report import aggregate, model_totals, module_entry
 from .engine.walker import model_device
+from .models import text_context
 
 PERPLEXITY_PROTOCOL = {
     "joiner": "\\n\\n",
@@ -44,20 +46,31 @@ def perplexity_windows(tokenizer: Any, texts_or_dataset: Any, *, seq_len: int, t
                   **PERPLEXITY_PROTOCOL}
 
 
+def eval_seq_len(model: nn.Module, seq_len: int | None) -> int:
+    """The window length to evaluate ``model`` with: ``seq_len`` when it fits the model's context, the context
+    itself when ``seq_len`` is None and the context is shorter than 2048 (else 2048); a ``seq_len`` past the
+    context is a ``SequenceLengthError`` naming both numbers."""
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2):
+        raise ValueError(f"seq_len={seq_len!r} must be an integer >= 2, or None for the model's context.")
+    return fit_seq_len(seq_len, text_context(model))
+
+
 def check_batch_size(batch_size: Any) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1.")
 
 
-def perplexity(model: nn.Module, tokenizer: Any, texts_or_dataset: Any, *, seq_len: int = 2048,
+def perplexity(model: nn.Module, tokenizer: Any, texts_or_dataset: Any, *, seq_len: int | None = None,
                batch_size: int = 1, text_column: str = "text", split: str = "test",
                max_windows: int | None = None, progress: bool = False) -> float:
     """Perplexity of a causal LM on ``texts_or_dataset`` with the pinned protocol of this module.
 
     ``texts_or_dataset``: a list of strings, a ``datasets.Dataset``, a local file, ``"builtin:python-docs"``
     (its ``test`` split by default) or a Hub dataset name. ``max_windows`` caps the number of windows.
+    ``seq_len``: the window length (default: the model's context, at most 2048; see ``eval_seq_len``).
     """
     check_batch_size(batch_size)
+    seq_len = eval_seq_len(model, seq_len)
     data, _ = perplexity_windows(tokenizer, texts_or_dataset, seq_len=seq_len, text_column=text_column, split=split)
     return _windows_perplexity(model, data[:max_windows] if max_windows is not None else data,
                                batch_size=batch_size, progress=progress)
@@ -88,7 +101,7 @@ def _windows_perplexity(model: nn.Module, data: torch.Tensor, *, batch_size: int
     return math.exp(total_nll / total_tokens)
 
 
-def perplexity_record(model: nn.Module, tokenizer: Any, texts_or_dataset: Any, *, seq_len: int = 2048,
+def perplexity_record(model: nn.Module, tokenizer: Any, texts_or_dataset: Any, *, seq_len: int | None = None,
                       dense: float | None = None, batch_size: int = 1, text_column: str = "text",
                       split: str = "test", max_windows: int | None = None, progress: bool = False) -> dict:
     """Measure ``perplexity`` and return it as an evaluation record for model cards
@@ -97,12 +110,16 @@ def perplexity_record(model: nn.Module, tokenizer: Any, texts_or_dataset: Any, *
     if dense is not None and (isinstance(dense, bool) or not isinstance(dense, (int, float))):
         raise ValueError(f"dense={dense!r} must be the dense model's perplexity (a number) or None.")
     check_batch_size(batch_size)
+    seq_len = eval_seq_len(model, seq_len)
     data, record = perplexity_windows(tokenizer, texts_or_dataset, seq_len=seq_len, text_column=text_column,
                                       split=split)
     windows = min(len(data), max_windows or len(data))
     value = _windows_perplexity(model, data[:windows], batch_size=batch_size, progress=progress)
     protocol = {**PERPLEXITY_PROTOCOL, "windows": f"the first {windows} of {len(data)}",
                 "tokens_in_text": record["tokens"]}
+    note = context_note(seq_len, text_context(model))
+    if note:
+        protocol["seq_len"] = note
     return {"metric": "perplexity", "value": round(value, 4), "dense": None if dense is None else round(dense, 4),
             "dataset": str(record.get("source") or "<in-memory texts>"), "split": split, "seq_len": seq_len,
             "windows": windows, "task": "text-generation", "protocol": protocol}

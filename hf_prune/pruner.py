@@ -16,10 +16,13 @@ from .artifacts.cards import CARD_NAME, build_model_card, check_evaluations, che
 from .artifacts.hub import push_pretrained
 from .artifacts.plots import SPARSITY_PICTURE, plot_layer_sparsity
 from .artifacts.save import check_model_output, save_model_folder
+from .calibration.data import is_prepared
+from .checks import looks_like_path
 from .config import PrunerConfig
 from .engine.checkpoint import RunCheckpoint, resumable_methods
 from .engine.offload import module_weight
-from .errors import CheckpointError, HFPruneError
+from .errors import CheckpointError, HFPruneError, ModelLoadError
+from .models import text_context
 from .registry import get_method
 from .result import PruningResult
 
@@ -56,6 +59,80 @@ def load_processing(name_or_path: str, **hub_kwargs: Any) -> tuple[Any, Any]:
     warnings.warn(f"no tokenizer or processor found for {name_or_path!r}; pass calibration batches of model "
                   "inputs or create Pruner(model, tokenizer=...).", stacklevel=3)
     return None, None
+
+
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_model_folder(folder: str) -> None:
+    """A local model folder that can load: it has ``config.json``, safetensors weights (hf_prune never unpickles a
+    ``pytorch_model.bin``: unpickling can run code) and no truncated or corrupt ``.safetensors`` file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ModelLoadError(f"{folder} has no config.json; give the folder a model was saved to with "
+                             "save_pretrained, or a Hub id such as owner/name.")
+    files = sorted(os.listdir(folder))
+    weights = [f for f in files if f.endswith(".safetensors")]
+    pickles = [f for f in files if f.endswith(PICKLE_WEIGHTS)]
+    if not weights and pickles:
+        raise ModelLoadError(f"{folder} holds its weights only as a pickle ({pickles[0]}), which hf_prune never "
+                             "loads (unpickling can run code); convert it to model.safetensors with a tool you "
+                             "trust, or use a copy of the model saved in safetensors.")
+    for name in weights:
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt"):
+                pass
+        except SafetensorError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"{os.path.join(folder, name)} is truncated or corrupt ({reason}); download or "
+                                 "save the model again.") from None
+
+
+def _check_hub_model(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
+                     cache_dir: str | None = None, local_files_only: bool = False) -> None:
+    """A Hub id that can load: its ``config.json`` is in the cache, or one request (no retries) finds it on the
+    Hub. Anything else is one ``ModelLoadError`` line instead of a minute of retry warnings and a traceback."""
+    import httpx2
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision), str):
+        return
+    where = f"{repo_id!r} is not a local folder (no such folder) nor in the Hub cache"
+    if local_files_only or constants.is_offline_mode():
+        raise ModelLoadError(f"{where}, and offline mode is on (HF_HUB_OFFLINE=1 or local_files_only); give a local "
+                             "model folder, or go online to download it.")
+    endpoint = constants.ENDPOINT
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json", revision=revision), token=token)
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"{where}, and the Hub at {endpoint} has no model {repo_id!r} (or it is private or "
+                             "gated: pass a token, e.g. `hf auth login`); check the id or the path.") from None
+    except EntryNotFoundError:
+        raise ModelLoadError(f"the Hub repo {repo_id!r} has no config.json at revision {revision or 'main'}; it is "
+                             "not a transformers model.") from None
+    except (HfHubHTTPError, httpx2.TransportError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{where}, and the Hub at {endpoint} cannot be reached ({type(exc).__name__}: "
+                             f"{reason}); check the network or HF_ENDPOINT, or give a local model folder.") from None
+
+
+def check_model_source(name_or_path: str, **hub_kwargs: Any) -> None:
+    """Refuse, in one line that names the fix, a model that cannot load, before transformers tries: a local path
+    that does not exist ("no such folder", never taken for a Hub id), a folder without ``config.json``, with only
+    pickle weights or with a truncated or corrupt safetensors file, or a Hub id that is neither cached nor found.
+    ``hub_kwargs``: ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``."""
+    subfolder = hub_kwargs.pop("subfolder", None)
+    if os.path.isdir(name_or_path):
+        _check_model_folder(os.path.join(name_or_path, subfolder) if subfolder else name_or_path)
+    elif os.path.exists(name_or_path):
+        raise ModelLoadError(f"{name_or_path} is a file; give the folder the model was saved to (with config.json).")
+    elif looks_like_path(name_or_path):
+        raise ModelLoadError(f"no such folder: {name_or_path!r}; give the folder of a saved model (with "
+                             "config.json) or a Hub id such as owner/name.")
+    elif subfolder is None:
+        _check_hub_model(name_or_path, **hub_kwargs)
 
 
 def _model_class(config: Any) -> type:
@@ -104,16 +181,25 @@ class Pruner:
         """Load the model (its own architecture class, e.g. ``LlamaForCausalLM``) and its tokenizer/processor.
 
         ``dtype`` defaults to the checkpoint's dtype; ``device_map``/``load_kwargs`` go to ``from_pretrained``.
+        A model that cannot load (no such folder, pickle-only or corrupt weights, a Hub id neither cached nor found)
+        is a ``ModelLoadError`` before transformers runs.
         """
+        from safetensors import SafetensorError
         from transformers import AutoConfig
 
         name_or_path = os.fspath(name_or_path)
         hub_kwargs = {k: load_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only")
                       if k in load_kwargs}
+        check_model_source(name_or_path, subfolder=load_kwargs.get("subfolder"), **hub_kwargs)
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **hub_kwargs)
         cls_ = model_class or _model_class(config)
-        model = cls_.from_pretrained(name_or_path, dtype=dtype, device_map=device_map,
-                                     trust_remote_code=trust_remote_code, **load_kwargs)
+        load_kwargs.setdefault("use_safetensors", True)  # never unpickle a checkpoint: unpickling can run code
+        try:
+            model = cls_.from_pretrained(name_or_path, dtype=dtype, device_map=device_map,
+                                         trust_remote_code=trust_remote_code, **load_kwargs)
+        except SafetensorError as exc:  # a cached Hub file (local folders were checked above)
+            raise ModelLoadError(f"a weights file of {name_or_path!r} is truncated or corrupt ({exc}); download it "
+                                 "again (force_download=True).") from None
         tokenizer, processor = load_processing(name_or_path, **hub_kwargs)
         return cls(model, tokenizer, processor=processor)
 
@@ -124,7 +210,8 @@ class Pruner:
 
     def prune(self, config: PrunerConfig | dict, calibration_dataset: Any = None, *,
               device: str | torch.device | None = None, progress: bool = True,
-              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> PruningResult:
+              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+              restart: bool = False) -> PruningResult:
         """Prune ``self.model`` in place with ``config``'s method.
 
         ``calibration_dataset`` overrides ``config.calibration.dataset``: a list of texts, a
@@ -135,9 +222,13 @@ class Pruner:
         ``checkpoint_dir``: save a checkpoint there after every block (see ``hf_prune.checkpoint``); with
         ``resume=True`` continue the run checkpointed there (load the same unpruned model and pass the same config
         and data: anything else is refused before a weight changes) and end with weights bit-identical to an
-        uninterrupted run. A folder that already holds a checkpoint is refused without ``resume=True``. Resumable
-        methods: ``hf_prune.engine.checkpoint.resumable_methods()`` (the layer-wise pruners and ECoFLaP). The folder is
-        left in place afterwards (delete it once the result is saved); ``hf-prune prune`` does that itself.
+        uninterrupted run. A folder that already holds a checkpoint is refused without ``resume=True``;
+        ``restart=True`` deletes that checkpoint and starts afresh. While the run goes, a lock in the folder
+        (pid, start time, command line) refuses every other run there; it is released when ``prune`` returns or
+        raises (a ``KeyboardInterrupt`` too, which passes unchanged). A run that fails before its first block is
+        done leaves no checkpoint. Resumable methods: ``hf_prune.engine.checkpoint.resumable_methods()`` (the
+        layer-wise pruners and ECoFLaP). The folder is left in place afterwards (delete it once the result is
+        saved); ``hf-prune prune`` does that itself.
         """
         if isinstance(config, dict):
             config = PrunerConfig.from_dict(config)
@@ -147,18 +238,24 @@ class Pruner:
             config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration,
                                                                                 dataset=calibration_dataset))
         spec = get_method(config.method)
+        reads_text = spec.needs_data(config) and not is_prepared(config.calibration.dataset)
+        # the effective config records the seq_len used: unset means the model's context when shorter than 2048
+        config = dataclasses.replace(config, calibration=config.calibration.fit_seq_len(
+            text_context(self.model) if reads_text else None))
         if spec.kind == "trained":
             raise HFPruneError(spec.how_to_run or f"{config.method} is trained with transformers.Trainer, not run by "
                                "Pruner.prune. The model was not changed.")
-        extra = {}
-        if resume and checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run checkpointed into.")
-        if checkpoint_dir is not None:
+        if (resume or restart) and checkpoint_dir is None:
+            raise ValueError(f"{'resume' if resume else 'restart'}=True needs checkpoint_dir: the folder the "
+                             "interrupted run checkpointed into.")
+        if checkpoint_dir is None:
+            result = spec.run(self, config, device=device, progress=progress)
+        else:
             if not spec.resumable:
                 raise CheckpointError(f"{config.method} cannot checkpoint or resume; resumable methods: "
                                       f"{', '.join(resumable_methods())}. Run it without checkpoint_dir/resume.")
-            extra["checkpoint"] = RunCheckpoint(checkpoint_dir, resume=resume)
-        result = spec.run(self, config, device=device, progress=progress, **extra)
+            with RunCheckpoint(checkpoint_dir, resume=resume, restart=restart) as checkpoint:
+                result = spec.run(self, config, device=device, progress=progress, checkpoint=checkpoint)
         self.results.append(result)
         return result
 

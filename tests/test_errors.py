@@ -9,8 +9,14 @@ import torch
 import transformers as T
 from conftest import make_batches, make_model
 
-from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, SparseGPTConfig, WandaConfig
-from hf_prune.errors import CalibrationDataError, NonFiniteStatisticsError, OutputDirError, UnsupportedModelError
+from hf_prune import CalibrationConfig, ECoFLaPConfig, MagnitudeConfig, Pruner, SparseGPTConfig, WandaConfig
+from hf_prune.errors import (
+    CalibrationDataError,
+    NonFiniteStatisticsError,
+    NonFiniteWeightsError,
+    OutputDirError,
+    UnsupportedModelError,
+)
 
 
 def _snapshot(model):
@@ -85,21 +91,23 @@ def test_bad_config_object_and_device(tokenizer):
         Pruner("meta-llama/Llama-2-7b-hf")
 
 
-def test_nan_activations_stop_before_any_change(tokenizer, corpus):
-    model = make_model("llama", vocab=len(tokenizer))
-    with torch.no_grad():
-        model.model.embed_tokens.weight.fill_(float("nan"))
+def test_overflowing_activations_stop_before_any_change(tokenizer, corpus):
+    model = make_model("bert", vocab=len(tokenizer))
+    with torch.no_grad():  # finite weights, but the embeddings' LayerNorm output overflows float32
+        model.embeddings.LayerNorm.weight.fill_(3e38)
     snap = _snapshot(model)
-    with pytest.raises(NonFiniteStatisticsError, match="NaN/inf in the inputs of model.layers.0"):
+    with pytest.raises(NonFiniteStatisticsError, match=r"^NaN/inf in the inputs of encoder.layer.0 before it was "
+                       r"pruned; the model's forward pass overflows in torch.float32 on these inputs \(check the "
+                       r"inputs\).$"):
         Pruner(model, tokenizer).prune(WandaConfig(calibration=CAL), calibration_dataset=corpus[:200],
                                        progress=False)
-    assert all(torch.equal(v, snap[k]) or torch.isnan(v).all() for k, v in model.state_dict().items())
+    assert _unchanged(model, snap)
 
 
 def test_nan_midway_is_reported_loudly(tokenizer, corpus):
     model = make_model("llama", vocab=len(tokenizer))
-    with torch.no_grad():  # block 1's normalised inputs blow up: its statistics become inf
-        model.model.layers[1].input_layernorm.weight.fill_(float("inf"))
+    with torch.no_grad():  # block 1's normalised inputs blow up (finite weights): its statistics become inf
+        model.model.layers[1].input_layernorm.weight.fill_(3e38)
     with pytest.raises(NonFiniteStatisticsError, match=r"NaN/inf in the .* of model.layers.1.*already pruned in place"):
         Pruner(model, tokenizer).prune(WandaConfig(calibration=CAL), calibration_dataset=corpus[:200],
                                        progress=False)
@@ -135,14 +143,52 @@ def test_output_dir_errors_and_no_partial_folder(tokenizer, corpus, tmp_path, mo
     assert sorted(os.listdir(tmp_path)) == ["afile", "out"]
 
 
+def _unchanged_nan(model, snap):
+    return all(torch.equal(v, snap[k]) or torch.allclose(v, snap[k], rtol=0, atol=0, equal_nan=True)
+               for k, v in model.state_dict().items())
+
+
 def test_non_finite_weights_rejected_upfront(tokenizer):
     model = make_model("llama", vocab=len(tokenizer))
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     snap = _snapshot(model)
-    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj holds NaN/inf weights"):
+    with pytest.raises(NonFiniteWeightsError, match=r"^model.layers.1.mlp.up_proj.weight \(torch.float32\) holds 1 "
+                       r"NaN/inf of its 8192 values; the checkpoint is corrupt or overflowed when loaded. Nothing was "
+                       r"changed.$"):
         Pruner(model, tokenizer).prune(MagnitudeConfig(), progress=False)
-    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items() if "up_proj" not in k)
+    assert _unchanged_nan(model, snap)
+
+
+@pytest.mark.parametrize("dtype,hint", [(torch.float32, ""), (torch.float16, " (try dtype=torch.float32)"),
+                                        (torch.bfloat16, " (try dtype=torch.float32)")])
+@pytest.mark.parametrize("config_class", [WandaConfig, SparseGPTConfig, ECoFLaPConfig])
+def test_nan_outside_the_targets_is_refused_before_any_change(tokenizer, corpus, config_class, dtype, hint):
+    """A NaN in a weight on the forward path that no method prunes (a norm) is found before the first block is
+    pruned, named with its true dtype; half precision is suggested as the cause only for half precision."""
+    model = make_model("llama", vocab=len(tokenizer)).to(dtype)
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[5] = float("nan")
+    snap = _snapshot(model)
+    with pytest.raises(NonFiniteWeightsError) as info:
+        Pruner(model, tokenizer).prune(config_class(calibration=CAL), calibration_dataset=corpus[:200], progress=False)
+    assert str(info.value) == (f"model.layers.1.post_attention_layernorm.weight ({dtype}) holds 1 NaN/inf of its 64 "
+                               f"values; the checkpoint is corrupt or overflowed when loaded{hint}. Nothing was "
+                               "changed.")
+    assert _unchanged_nan(model, snap)
+
+
+def test_nan_in_a_buffer_is_refused_but_an_infinite_one_is_not(tokenizer):
+    model = make_model("llama", vocab=len(tokenizer))
+    rotary = model.model.rotary_emb
+    with torch.no_grad():
+        rotary.inv_freq[0] = float("inf")  # a buffer may hold inf legitimately (a mask): not refused
+    Pruner(model, tokenizer).prune(MagnitudeConfig(), progress=False)
+    model = make_model("llama", vocab=len(tokenizer))
+    with torch.no_grad():
+        model.model.rotary_emb.inv_freq[0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"^model.rotary_emb.inv_freq \(torch.float32\) holds 1 NaN/inf"):
+        Pruner(model, tokenizer).prune(MagnitudeConfig(), progress=False)
 
 
 def test_stats_error_when_block_sees_only_padding(tokenizer, corpus):

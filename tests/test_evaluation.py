@@ -41,8 +41,8 @@ def test_perplexity_rises_when_pruned(tokenizer, heldout):
 
 def test_perplexity_errors(tokenizer):
     model = make_model("llama", vocab=len(tokenizer))
-    with pytest.raises(ValueError, match="fewer than seq_len=4096"):
-        perplexity(model, tokenizer, ["short text"], seq_len=4096)
+    with pytest.raises(ValueError, match="fewer than seq_len=256"):  # 256: the tiny model's whole context
+        perplexity(model, tokenizer, ["short text"], seq_len=256)
     with pytest.raises(ValueError, match="batch_size=0"):
         perplexity(model, tokenizer, ["short text"], batch_size=0)
     bert = make_model("bert", vocab=len(tokenizer))

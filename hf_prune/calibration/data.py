@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..checks import describe_object
+from ..checks import DATA_EXTENSIONS, describe_object, looks_like_path
 from ..errors import CalibrationDataError
-from .config import CalibrationConfig
+from .config import CalibrationConfig, context_note
 from .corpus import BUILTIN_PREFIX, builtin_provenance, builtin_texts
 
 
@@ -39,30 +39,82 @@ def is_prepared(source: Any) -> bool:
     return isinstance(source, (list, tuple)) and len(source) > 0 and isinstance(source[0], Mapping)
 
 
+class FileRows(list):
+    """Rows read from a local file, remembering the line each one starts on, so that an error about a record can
+    name ``path:line``."""
+
+    def __init__(self, path: str, rows: list, lines: list[int] | None = None):
+        super().__init__(rows)
+        self.path = path
+        self.lines = lines
+
+    def where(self, index: int) -> str:
+        return f"{self.path}:{self.lines[index]}" if self.lines is not None else f"{self.path} (record {index + 1})"
+
+
+def describe_record(rows: list, index: int) -> str:
+    """How an error names record ``index`` of ``rows``: ``path:line`` for a file, else its position."""
+    return rows.where(index) if isinstance(rows, FileRows) else f"record {index + 1} of the calibration data"
+
+
+def _utf8_error(path: str) -> CalibrationDataError:
+    """The error for a file that is not valid UTF-8, naming the line of its first bad byte."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return CalibrationDataError(f"{path}:{line} is not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file "
+                                    "as UTF-8.")
+    return CalibrationDataError(f"{path} is not valid UTF-8; save the file as UTF-8.")  # pragma: no cover
+
+
 def _rows_from_file(path: str) -> list[dict]:
+    try:
+        return _parse_file(path)
+    except UnicodeDecodeError:
+        raise _utf8_error(path) from None
+
+
+def _parse_file(path: str) -> list[dict]:
     ext = os.path.splitext(path)[1].lower()
     with open(path, encoding="utf-8") as fh:
         if ext in (".txt", ".text", ".md", ""):
             return [{"text": line.rstrip("\n")} for line in fh if line.strip()]
         if ext == ".jsonl":
-            rows = []
+            rows, lines = [], []
             for number, line in enumerate(fh, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        record = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise CalibrationDataError(f"{path}:{number} is not valid JSON ({exc.msg}).") from None
-            return rows
+                    if not isinstance(record, dict):
+                        raise CalibrationDataError(
+                            f"{path}:{number} is a JSON {type(record).__name__}, not an object; every line of a "
+                            '.jsonl file must be one record such as {"text": "..."}.')
+                    rows.append(record)
+                    lines.append(number)
+            return FileRows(path, rows, lines)
         if ext == ".json":
-            data = json.load(fh)
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise CalibrationDataError(f"{path}:{exc.lineno} is not valid JSON ({exc.msg}).") from None
             if isinstance(data, dict):  # {"text": [...], ...} columns
                 keys = list(data)
                 return [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
             if isinstance(data, list):
-                return [r if isinstance(r, dict) else {"text": r} for r in data]
+                return FileRows(path, [r if isinstance(r, dict) else {"text": r} for r in data])
             raise CalibrationDataError(f"{path} must hold a list of records or a dict of columns.")
         if ext == ".csv":
-            return list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows, lines = [], []
+            for row in reader:
+                rows.append(row)
+                lines.append(reader.line_num)
+            return FileRows(path, rows, lines)
     raise CalibrationDataError(f"{path}: unsupported file type {ext!r}; use .txt, .jsonl, .json or .csv.")
 
 
@@ -86,6 +138,9 @@ def load_rows(source: Any, *, split: str = "train", dataset_config: str | None =
                 "config file; pass it again as calibration_dataset=...")
         if os.path.isfile(source):
             return _rows_from_file(source), {"source": os.path.abspath(source)}
+        if not os.path.exists(source) and looks_like_path(source, DATA_EXTENSIONS):
+            raise CalibrationDataError(f"no such file: {source!r} (a local path, so it was not looked up as a Hub "
+                                       "dataset); check the path.")
         if os.path.isdir(source):
             import datasets
 
@@ -127,19 +182,28 @@ def _rows_from_hub(name: str, split: str, dataset_config: str | None) -> tuple[l
 
 
 def column(rows: list, name: str, what: str = "text") -> list:
-    """One column of the rows; plain-string rows are a text column."""
+    """One column of the rows; plain-string rows are a text column. A record without it is an error that names the
+    record (``path:line`` for a local file) and the fix."""
     if not rows:
         raise CalibrationDataError("the calibration data is empty.")
     if isinstance(rows[0], str):
         if what != "text":
             raise CalibrationDataError(f"the calibration data is a list of texts but the model needs {what}s.")
         return rows
-    if not isinstance(rows[0], Mapping) or name not in rows[0]:
-        columns = sorted(rows[0]) if isinstance(rows[0], Mapping) else []
-        field = "text_column" if what == "text" else "image_column"
-        raise CalibrationDataError(
-            f"the calibration data has no {what} column {name!r} (its columns: {columns}); set "
-            f"CalibrationConfig({field}=...) to the right one.")
+    field = "text_column" if what == "text" else "image_column"
+    for index, row in enumerate(rows):
+        if isinstance(row, Mapping) and name in row:
+            continue
+        subject = "the calibration data" if index == 0 and not isinstance(rows, FileRows) else describe_record(rows, index)
+        if not isinstance(row, Mapping):
+            raise CalibrationDataError(f"{subject} is a {type(row).__name__}, not a record with a {what} column "
+                                       f"{name!r}; make every record an object with that column.")
+        if index == 0:
+            raise CalibrationDataError(
+                f"{subject} has no {what} column {name!r} (its columns: {sorted(row)}); set "
+                f"CalibrationConfig({field}=...) to the right one.")
+        raise CalibrationDataError(f"{subject} has no {what} column {name!r} (its keys: {sorted(row)}), unlike the "
+                                   "first record; add it to that record or remove the record.")
     return [r[name] for r in rows]
 
 
@@ -235,15 +299,25 @@ def _prepared(source: Any, cfg: CalibrationConfig) -> tuple[list[dict], dict]:
 
 
 def build_calibration(cfg: CalibrationConfig, source: Any = None, *, tokenizer: Any = None, processor: Any = None,
-                      needs: set[str] | frozenset = frozenset({"input_ids"}), causal_lm: bool = False) -> CalibrationSet:
-    """Turn ``source`` (or ``cfg.dataset``) into batches of the model inputs ``needs`` names."""
+                      needs: set[str] | frozenset = frozenset({"input_ids"}), causal_lm: bool = False,
+                      context: int | None = None) -> CalibrationSet:
+    """Turn ``source`` (or ``cfg.dataset``) into batches of the model inputs ``needs`` names.
+
+    ``context``: the most tokens the model reads per sequence (None: no limit known); an unset ``cfg.seq_len``
+    becomes it when it is shorter than the default, which the record says, and a longer explicit one is refused.
+    Prepared batches are used as given (their ``seq_len`` is only recorded)."""
     source = cfg.dataset if source is None else source
+    prepared = is_prepared(source)
+    cfg = cfg.fit_seq_len(None if prepared or "input_ids" not in needs else context)
     record = {"packing": None, "num_samples": cfg.num_samples, "seq_len": cfg.seq_len, "seed": cfg.seed,
               "batch_size": cfg.batch_size}
-    if is_prepared(source):
+    if prepared:
         batches, info = _prepared(source, cfg)
         record.update(info, packing="prepared")
         return CalibrationSet(batches, record)
+    note = context_note(cfg.seq_len, context) if "input_ids" in needs else None
+    if note:
+        record["seq_len_note"] = note
 
     rows, provenance = load_rows(source, split=cfg.split, dataset_config=cfg.dataset_config)
     record.update(provenance)

@@ -20,9 +20,9 @@ from torch import nn
 from ..calibration.config import CalibrationConfig
 from ..calibration.data import CalibrationSet, build_calibration
 from ..errors import HFPruneError
-from ..models import Family, Stage, get_family
+from ..models import Family, Stage, get_family, text_context
 from .report import RunMeter, run_report
-from .targets import Target, calibration_needs, check_model_ready, stages_with_targets
+from .targets import Target, calibration_needs, check_finite, check_model_ready, stages_with_targets
 from .walker import BlockProcessor, resolve_device, walk
 
 
@@ -51,9 +51,9 @@ class RunContext:
     def calibration(self, config: CalibrationConfig, source: Any = None, *, tokenizer: Any,
                     processor: Any) -> CalibrationSet:
         """Calibration batches of the inputs the walked stages need (``source`` overrides ``config.dataset``),
-        packed as the family's model kind wants."""
+        packed as the family's model kind wants, in sequences that fit the walked stages' context."""
         return build_calibration(config, source, tokenizer=tokenizer, processor=processor, needs=self.needs,
-                                 causal_lm=self.family.causal_lm)
+                                 causal_lm=self.family.causal_lm, context=text_context(self.model, self.stages))
 
     def walk(self, batches: list[dict] | None, processor: BlockProcessor, *, progress: bool, desc: str,
              **options: Any) -> None:
@@ -72,10 +72,11 @@ class RunContext:
 
 
 def prepare(model: nn.Module, device: str | torch.device | None = None, *, offload: bool = False) -> RunContext:
-    """Check that ``model`` is a real model with real weights (``offload=True``: accelerate offload is fine), find
-    its family and stages and resolve the execution device; raises before any weight changes."""
+    """Check that ``model`` is a real model with real, finite weights (``offload=True``: accelerate offload is
+    fine), find its family and stages and resolve the execution device; raises before any weight changes."""
     check_model_ready(model, offload=offload)
     family = get_family(model)
+    check_finite(model)
     return RunContext(model, family, family.stages(model), resolve_device(model, device))
 
 

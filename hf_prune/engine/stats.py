@@ -33,6 +33,7 @@ class LinearStats:
     kinds: frozenset
     dtype: torch.dtype = torch.float32
     tokens: int = 0
+    input_dtype: torch.dtype | None = None  # the activations' own dtype, for a truthful overflow message
     sq_sum: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
     x_sum: torch.Tensor | None = None
@@ -42,6 +43,7 @@ class LinearStats:
         x = x.reshape(-1, self.in_features)
         if x.shape[0] == 0:
             return
+        self.input_dtype = x.dtype
         x = x.to(self.dtype)
         if "sq_norm" in self.kinds:
             part = x.pow(2).sum(dim=0)
@@ -84,9 +86,11 @@ class LinearStats:
         for label, tensor in (("squared input norms", self.sq_sum), ("input Gram/Hessian", self.xtx),
                               ("input sums", self.x_sum)):
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                fix = ("Load the model in float32 or bfloat16 (not float16), or check the calibration inputs"
+                       if self.input_dtype == torch.float16 else "Check the calibration inputs")
                 raise NonFiniteStatisticsError(
-                    f"NaN/inf in the {label} of {name}: the activations reaching it overflow or are NaN. "
-                    "Load the model in float32 or bfloat16 (not float16), or check the calibration inputs.")
+                    f"NaN/inf in the {label} of {name}: the activations reaching it ({self.input_dtype}) overflow "
+                    f"or are NaN. {fix}.")
 
 
 def input_width(module: nn.Module) -> int:

@@ -3,18 +3,20 @@ validated against the model before any weight changes."""
 
 from __future__ import annotations
 
-import re
+import itertools
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import regex
 import torch
 from torch import nn
 
-from ..errors import OffloadError, did_you_mean
+from ..errors import NonFiniteWeightsError, OffloadError, RegexTimeoutError, did_you_mean
 from ..models import Stage
 from ..patterns import Pattern
 from ..registry import method_specs
-from .offload import check_placement, is_dispatched, module_weight
+from .offload import check_placement, is_dispatched, iter_tensors
 
 
 def offload_methods() -> list[str]:
@@ -29,6 +31,32 @@ class Target:
     block: str
     stage: str
     sparsity: float
+
+
+REGEX_BUDGET_S = 0.2  # matching time one target/exclude regex may spend over all module names
+
+
+class BoundedRegex:
+    """A regex from a config file or the command line, matched against module names with a time bound: a
+    catastrophically backtracking pattern (``(.*)(.*)(.*)\\3\\2\\1$``) is refused with a ``RegexTimeoutError``
+    naming it instead of hanging the run. ``budget_s`` bounds the total over every name it is matched against."""
+
+    def __init__(self, field: str, pattern: str, budget_s: float = REGEX_BUDGET_S):
+        self.field, self.pattern = field, pattern
+        self.compiled = regex.compile(pattern)
+        self.budget_s = self.left = budget_s
+
+    def search(self, name: str) -> bool:
+        start = time.monotonic()
+        try:
+            return self.compiled.search(name, timeout=max(self.left, 1e-3)) is not None
+        except TimeoutError:
+            raise RegexTimeoutError(
+                f"{self.field} regex {self.pattern!r} takes longer than {self.budget_s}s to match the module names "
+                "(catastrophic backtracking: nested or repeated wildcards); use a plain pattern such as "
+                "'q_proj|v_proj' or 'layers\\.0\\.'.") from None
+        finally:
+            self.left -= time.monotonic() - start
 
 
 def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, nn.Linear, str, str]]:
@@ -53,24 +81,26 @@ def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[s
     outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(names)]
     examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
-    def check_matches(field: str, regex: str) -> None:
-        if any(re.search(regex, n) for n in names):
+    def check_matches(pattern: BoundedRegex) -> None:
+        if any(pattern.search(n) for n in names):
             return
-        hit = [n for n in outside if re.search(regex, n)]
+        hit = [n for n in outside if pattern.search(n)]
         extra = (f" It matches {', '.join(hit[:3])}, which lie outside the transformer blocks and are never "
                  "pruned by layer-wise methods." if hit else "")
-        raise ValueError(f"{field} regex {regex!r} matches no Linear layer inside the transformer blocks "
-                         f"(e.g. {examples}).{extra}")
+        raise ValueError(f"{pattern.field} regex {pattern.pattern!r} matches no Linear layer inside the transformer "
+                         f"blocks (e.g. {examples}).{extra}")
 
     selected = candidates
     if target_modules:
-        for regex in target_modules:
-            check_matches("target_modules", regex)
-        selected = [c for c in selected if any(re.search(r, c[0]) for r in target_modules)]
+        targets = [BoundedRegex("target_modules", r) for r in target_modules]
+        for pattern in targets:
+            check_matches(pattern)
+        selected = [c for c in selected if any(p.search(c[0]) for p in targets)]
     if exclude_modules:
-        for regex in exclude_modules:
-            check_matches("exclude_modules", regex)
-        selected = [c for c in selected if not any(re.search(r, c[0]) for r in exclude_modules)]
+        excludes = [BoundedRegex("exclude_modules", r) for r in exclude_modules]
+        for pattern in excludes:
+            check_matches(pattern)
+        selected = [c for c in selected if not any(p.search(c[0]) for p in excludes)]
     if not selected:
         raise ValueError("target_modules/exclude_modules leave no module to prune.")
     return selected
@@ -87,10 +117,6 @@ def plan_targets(model: nn.Module, stages: list[Stage], config: Any) -> list[Tar
         raise ValueError(f"module_sparsity names {unknown[0]!r}, which is not a module being pruned."
                          f"{did_you_mean(unknown[0], names)}")
     targets = [Target(n, m, b, s, overrides.get(n, config.sparsity)) for n, m, b, s in selected]
-    for t in targets:
-        if not bool(torch.isfinite(module_weight(t.module)).all()):  # offloaded: read from its weights map
-            raise ValueError(f"{t.name} holds NaN/inf weights; the checkpoint is corrupt or overflowed when loaded "
-                             "(try dtype=torch.float32). Nothing was pruned.")
     pattern = Pattern.parse(config.pattern)
     if pattern.is_nm:
         bad = [f"{t.name} (in_features={t.module.in_features})" for t in targets if t.module.in_features % pattern.m]
@@ -116,6 +142,27 @@ def check_model_ready(model: nn.Module, *, offload: bool = False) -> None:
                                                           "an empty model") + "); this method needs every weight "
             "on a module: load the model with device_map=None (or 'cpu')"
             + (f", or prune offloaded models with {', '.join(offload_methods())}." if offloaded else "."))
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model that holds NaN/inf in any parameter (offloaded ones read from their weights maps) or NaN in
+    any buffer, naming the first such tensor and its dtype, before anything changes.
+
+    Every tensor on the forward path counts, not only the ones a method targets: a NaN in a norm or an embedding
+    would otherwise surface mid-walk, after earlier blocks were already pruned. Buffers are checked for NaN only,
+    since an infinite buffer can be a legitimate mask value. Half precision is named as the likely cause only when
+    the tensor is half precision."""
+    parameters = ((n, p, lambda t: ~torch.isfinite(t)) for n, p in iter_tensors(model))  # one at a time
+    buffers = ((n, b, torch.isnan) for n, b in model.named_buffers() if b.device.type != "meta")
+    for name, tensor, bad in itertools.chain(parameters, buffers):
+        if not tensor.is_floating_point():
+            continue
+        count = int(bad(tensor.detach()).sum())
+        if count:
+            hint = " (try dtype=torch.float32)" if tensor.dtype in (torch.float16, torch.bfloat16) else ""
+            raise NonFiniteWeightsError(
+                f"{name} ({tensor.dtype}) holds {count} NaN/inf of its {tensor.numel()} values; the checkpoint is "
+                f"corrupt or overflowed when loaded{hint}. Nothing was changed.")
 
 
 def stages_with_targets(stages: list[Stage], targets: list[Target]) -> list[Stage]:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..errors import CalibrationDataError, NonFiniteStatisticsError
+from ..errors import CalibrationDataError, DeviceError, NonFiniteStatisticsError
 from ..models import Stage
 from .offload import hook_execution_device, is_dispatched, onloaded
 from .stats import LinearStats, StatsCollector
@@ -83,13 +83,35 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _present(device: torch.device) -> bool:
+    """Whether this machine has ``device``: its backend (``torch.cuda``, ``torch.xpu``, ...) is available and the
+    index, if any, below its device count. A backend torch offers no such check for is taken as present."""
+    if device.type in ("cpu", "meta"):
+        return True
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None:
+        return True
+    if not available():
+        return False
+    count = getattr(backend, "device_count", None)
+    return device.index is None or count is None or device.index < count()
+
+
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    """Explicit device > the model's own accelerator > CUDA if present > CPU. A bad name is a ``ValueError``."""
+    """Explicit device > the model's own accelerator > CUDA if present > CPU. A bad name, or a device this
+    machine does not have, is a ``DeviceError`` (a ``ValueError``)."""
     if device is not None:
         try:
-            return torch.device(device)
+            resolved = torch.device(device)
         except RuntimeError as exc:
-            raise ValueError(f"device={device!r} is not a valid torch device ({exc}).") from None
+            raise DeviceError(f"device={device!r} is not a valid torch device ({exc}).") from None
+        if not _present(resolved):
+            raise DeviceError(f"device={device!r} is not present on this machine (torch {torch.__version__} finds "
+                              f"no {resolved.type} device{'' if resolved.index is None else f' {resolved.index}'});"
+                              " use device='cpu' (--device cpu), or leave it unset to use cuda when present, else "
+                              "cpu.")
+        return resolved
     own = model_device(model)
     if own.type == "meta":  # accelerate offload: the hooks' execution device
         own = hook_execution_device(model) or own
@@ -215,10 +237,11 @@ def capture_stage_inputs(model: nn.Module, stage: Stage, all_stages: list[Stage]
     finally:
         handle.remove()
     for hidden in captured.hidden:
-        if not bool(torch.isfinite(hidden.float()).all()):
+        if not bool(torch.isfinite(hidden.float()).all()):  # the weights are finite (checked up front): an overflow
+            fix = "load it in float32 or bfloat16" if hidden.dtype == torch.float16 else "check the inputs"
             raise NonFiniteStatisticsError(
                 f"NaN/inf in the inputs of {stage.path}.0 before it was pruned; the model's forward pass "
-                "overflows on these inputs (load it in float32 or bfloat16, or check the inputs).")
+                f"overflows in {hidden.dtype} on these inputs ({fix}).")
     return captured
 
 

@@ -16,7 +16,8 @@ from .spec import (
                    register_family,
                    registered_families,
                    supported_families,
+                   text_context,
 )
 
 __all__ = ["AttentionSpec", "Family", "FamilyLoss", "MLPSpec", "PixelInput", "Stage", "family_for_type", "get_family",
-           "is_causal_lm", "pixel_input", "register_family", "registered_families", "supported_families"]
+           "is_causal_lm", "pixel_input", "register_family", "registered_families", "supported_families", "text_context"]

@@ -112,6 +112,15 @@ class Stage:
     attention: AttentionSpec | None = None  # the block's self-attention (structured methods)
     config_attr: str = ""  # attribute of model.config holding this stage's sub-config ("" = model.config)
     tokens: TokenCount = sequence_tokens  # tokens per sample through each block (the planner's memory and time)
+    context_key: str = "max_position_embeddings"  # field of the stage's config: the most tokens a sequence may hold
+
+    def context(self, model: nn.Module) -> int | None:
+        """The most tokens of ``input_ids`` one sequence may hold for this stage (its config's ``context_key``);
+        None for a stage that reads no ``input_ids`` (a vision tower) or whose config sets no limit."""
+        if "input_ids" not in self.requires:
+            return None
+        value = getattr(self.config(model), self.context_key, None)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     def tokens_per_sample(self, model: nn.Module, seq_len: int) -> int:
         """Tokens one sample puts through each block of this stage, for calibration sequences of ``seq_len``."""
@@ -213,6 +222,19 @@ def get_family(model: nn.Module) -> Family:
     raise UnsupportedModelError(
         f"{type(model).__name__} (model_type={model_type!r}) is not a family the block walker knows. "
         f"Supported families (model_type values): {known}.")
+
+
+def text_context(model: nn.Module, stages: list[Stage] | None = None) -> int | None:
+    """The most tokens one sequence of ``input_ids`` may hold in ``model``: the shortest context of ``stages``
+    (default: all of the family's stages) that read ``input_ids``; None when none does, or the family is unknown
+    (the run itself then says so)."""
+    if stages is None:
+        try:
+            stages = get_family(model).stages(model)
+        except UnsupportedModelError:
+            return None
+    contexts = [c for c in (stage.context(model) for stage in stages) if c is not None]
+    return min(contexts) if contexts else None
 
 
 def registered_families() -> list[Family]:
