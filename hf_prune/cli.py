@@ -250,6 +250,10 @@ def _checkpoint(args: argparse.Namespace, output: str, spec: Any) -> RunCheckpoi
                            f"{', '.join(resumable_methods())}.")
         return None
     folder = args.checkpoint_dir or os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.checkpoint")
+    inside = os.path.commonpath([os.path.abspath(folder), output]) == output
+    if inside:  # the output is written whole at the end; a checkpoint in it would make it the user's folder
+        raise CLIError(f"--checkpoint-dir {folder!r} lies inside --output {output!r}; put the checkpoint outside the "
+                       "output folder (by default it is the hidden sibling .NAME.checkpoint).")
     return RunCheckpoint(folder, resume=args.resume, restart=args.restart)
 
 

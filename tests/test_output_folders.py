@@ -85,6 +85,15 @@ def test_cli_refuses_a_folder_holding_a_users_file_before_loading(model_dir, tmp
         assert os.listdir(out) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "four years of work"
 
 
+def test_a_checkpoint_dir_inside_the_output_is_refused_before_loading(model_dir, tmp_path, capsys, no_load):
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir), "--method", "wanda", "--output", str(out), "--no-progress",
+            "--checkpoint-dir", str(out / "ckpt")]
+    assert main(args) == 2
+    assert "lies inside --output" in _one_line_error(capsys)
+    assert not out.exists()
+
+
 def test_api_refuses_a_folder_holding_a_users_file_and_leaves_the_model(pruned, tmp_path):
     out = tmp_path / "d"
     out.mkdir()
