@@ -1,6 +1,8 @@
 """One-shot pruners side by side: wall time, peak memory and perplexity next to the dense model.
 
-    python benchmarks/oneshot.py                              # a small LLaMA trained on builtin:python-docs
+    python benchmarks/oneshot.py                              # the shared trained decoder (../shared/models/pylm)
+    python benchmarks/oneshot.py --methods ria wanda sparsegpt --patterns 2:4 --channel-permutation
+    python benchmarks/oneshot.py --model toy                  # hf_prune.toy's small LLaMA on builtin:python-docs
     python benchmarks/oneshot.py --model path/or/hub-id --calibration c4-file.jsonl --eval wikitext.txt
 
 Also printed, for the targets of the core issue:
@@ -9,6 +11,7 @@ Also printed, for the targets of the core issue:
 - "solve %": the share of SparseGPT's time spent inside its per-layer solves;
 - "+RSS": peak RSS during the prune above the RSS with the model loaded, next to an estimate of one
   block's weights plus the cached activations.
+``--channel-permutation`` runs every N:M pattern twice, as is and with ``channel_permutation=True`` ("+perm").
 Prints tables; never asserts.
 """
 
@@ -31,6 +34,8 @@ from hf_prune.evaluation import perplexity  # noqa: E402
 from hf_prune.methods.sparsegpt import config as sparsegpt_config  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
 
+PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
+PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 METHODS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig, "ria": RIAConfig}
 
 
@@ -44,20 +49,28 @@ def rss_bytes() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="Hub id or folder (default: the toy LLaMA from hf_prune.toy)")
+    parser.add_argument("--model", default=PYLM, help=f"Hub id or folder (default: the shared trained decoder {PYLM}); "
+                                                       "'toy': hf_prune.toy's LLaMA on builtin:python-docs")
     parser.add_argument("--toy-size", default="small", choices=["tiny", "small"])
-    parser.add_argument("--calibration", default="builtin:python-docs")
-    parser.add_argument("--eval", default="builtin:python-docs", help="held-out text (builtin: uses its test split)")
+    parser.add_argument("--calibration", default=None, help=f"calibration text (default: {PYLM_DATA}/calibration.txt, "
+                                                            "or builtin:python-docs for the toy)")
+    parser.add_argument("--eval", default=None, help=f"held-out text (default: {PYLM_DATA}/heldout.txt, or "
+                                                     "builtin:python-docs, whose test split is used, for the toy)")
     parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--channel-permutation", action="store_true",
+                        help="also run every N:M pattern with channel_permutation=True")
     args = parser.parse_args()
+    toy = args.model == "toy"
+    args.calibration = args.calibration or ("builtin:python-docs" if toy else f"{PYLM_DATA}/calibration.txt")
+    args.eval = args.eval or ("builtin:python-docs" if toy else f"{PYLM_DATA}/heldout.txt")
 
-    if args.model:
+    if not toy:
         base = Pruner.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
         dense, tokenizer = base.model, base.tokenizer
     else:
@@ -65,7 +78,7 @@ def main() -> None:
 
         dense, tokenizer = toy_causal_lm(args.toy_size)
     dense.eval()
-    name = args.model or f"toy LLaMA ({args.toy_size}, trained on builtin:python-docs)"
+    name = args.model if not toy else f"toy LLaMA ({args.toy_size}, trained on builtin:python-docs)"
     params = sum(p.numel() for p in dense.parameters())
     cal = CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, dataset=args.calibration)
     family = get_family(dense)
@@ -101,11 +114,14 @@ def main() -> None:
 
     sparsegpt_config.sparsegpt_prune = timed
     rows = [["dense", "-", "0.0000", f"{dense_ppl:.3f}", "-", "-", "-", "-", "-"]]
+    runs = [(p, False) for p in args.patterns]
+    if args.channel_permutation:
+        runs = [r for p in args.patterns for r in ([(p, False), (p, True)] if ":" in p else [(p, False)])]
     for method in args.methods:
-        for pattern in args.patterns:
+        for pattern, permute in runs:
             model = copy.deepcopy(dense)
             config = METHODS[method](sparsity=args.sparsity if pattern == "unstructured" else None, pattern=pattern,
-                                     calibration=cal)
+                                     calibration=cal, channel_permutation=permute)
             solve_time[0] = 0.0
             before = rss_bytes()
             result = Pruner(model, tokenizer).prune(config, progress=False)
@@ -114,7 +130,7 @@ def main() -> None:
                              batch_size=8)
             extra = (run["peak_rss_bytes"] - before) / 2**20 if run["peak_rss_bytes"] else float("nan")
             share = f"{100 * solve_time[0] / run['time_s']:.0f}%" if method == "sparsegpt" else "-"
-            rows.append([method, pattern, f"{result.sparsity:.4f}", f"{ppl:.3f}", f"{run['time_s']:.2f}",
+            rows.append([method, pattern + (" +perm" if permute else ""), f"{result.sparsity:.4f}", f"{ppl:.3f}", f"{run['time_s']:.2f}",
                          f"{run['time_s'] / forward_s:.1f}", share, f"{run['peak_rss_bytes'] / 2**20:.0f}",
                          f"{extra:.0f}"])
             del model

@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -132,3 +133,135 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
 
 def sparsity_of(tensor: torch.Tensor) -> float:
     return float((tensor == 0).sum()) / max(1, tensor.numel())
+
+
+# --------------------------------------------------------------------------------------------
+# channel permutation for N:M (RIA's channel reallocation)
+
+
+def nm_kept_score(scores: torch.Tensor, n: int, m: int) -> float:
+    """Total score an N:M mask keeps: the sum, over rows and groups of ``m`` consecutive columns, of the
+    ``n`` largest scores of the group."""
+    rows, cols = scores.shape
+    grouped = scores.to(torch.float64).reshape(rows, cols // m, m)
+    return float(torch.topk(grouped, n, dim=2, sorted=False).values.sum())
+
+
+def linear_assignment(cost: np.ndarray) -> np.ndarray:
+    """``col[i]`` for every row ``i`` of a square cost matrix, minimising ``sum_i cost[i, col[i]]``.
+
+    Shortest augmenting paths with row/column potentials (the Hungarian method, O(n^3)); the inner scan over
+    columns is vectorised, so a few hundred rows take well under a second."""
+    size = cost.shape[0]
+    u = np.zeros(size + 1)
+    v = np.zeros(size + 1)
+    row_of = np.zeros(size + 1, dtype=np.int64)  # row_of[j]: 1-based row matched to column j (0: none)
+    way = np.zeros(size + 1, dtype=np.int64)
+    for i in range(1, size + 1):
+        row_of[0] = i
+        j0 = 0
+        minv = np.full(size + 1, np.inf)
+        used = np.zeros(size + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0 = row_of[j0]
+            free = ~used
+            free[0] = False
+            reduced = cost[i0 - 1] - u[i0] - v[1:]
+            better = free[1:] & (reduced < minv[1:])
+            minv[1:][better] = reduced[better]
+            way[1:][better] = j0
+            candidates = np.where(free[1:], minv[1:], np.inf)
+            j1 = int(np.argmin(candidates)) + 1
+            delta = candidates[j1 - 1]
+            u[row_of[used]] += delta
+            v[used] -= delta
+            minv[free] -= delta
+            j0 = j1
+            if row_of[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            row_of[j0] = row_of[j1]
+            j0 = j1
+    col = np.empty(size, dtype=np.int64)
+    col[row_of[1:] - 1] = np.arange(size)
+    return col
+
+
+def _dealt(importance: torch.Tensor, m: int) -> torch.Tensor:
+    """Channels sorted by importance and dealt to the groups in snake order (rank r goes to group r mod K,
+    the direction reversing every K ranks), so every group holds one channel of each importance band."""
+    groups = importance.numel() // m
+    order = torch.argsort(importance, descending=True, stable=True)
+    slots = torch.empty_like(order)
+    for band in range(m):
+        targets = torch.arange(groups, device=order.device)
+        if band % 2:
+            targets = targets.flip(0)
+        slots[band * groups:(band + 1) * groups] = targets * m + band
+    perm = torch.empty_like(order)
+    perm[slots] = order
+    return perm
+
+
+def _reassigned(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int, slot: int, window: int) -> torch.Tensor:
+    """One linear-sum-assignment step: the channel at position ``slot`` of every group is taken out and the
+    channels are put back, one per group, where they add the most kept score (windows of ``window`` groups)."""
+    rows, cols = scores.shape
+    groups = cols // m
+    perm = perm.clone()
+    for start in range(0, groups, window):
+        stop = min(groups, start + window)
+        ids = torch.arange(start, stop, device=perm.device)
+        movers = perm[ids * m + slot]
+        rest = torch.stack([perm[ids * m + k] for k in range(m) if k != slot], dim=1)  # [g, m-1]
+        others = scores[:, rest].sort(dim=2, descending=True).values  # [rows, g, m-1]
+        # with one channel of score s added, a group keeps its n-1 best plus max(its n-th best, s)
+        nth = others[:, :, n - 1]  # [rows, g]
+        gain = torch.zeros(len(ids), len(ids), dtype=torch.float64, device=scores.device)
+        for r0 in range(0, rows, 256):
+            s = scores[r0:r0 + 256, movers]  # [r, movers]
+            gain += torch.maximum(s.unsqueeze(2), nth[r0:r0 + 256].unsqueeze(1)).sum(dim=0, dtype=torch.float64)
+        col = linear_assignment(-gain.cpu().numpy())  # mover c goes to group col[c]
+        perm[ids[torch.as_tensor(col, device=perm.device)] * m + slot] = movers
+    return perm
+
+
+def nm_channel_permutation(scores: torch.Tensor, n: int, m: int, *, rounds: int = 8,
+                           window: int = 256) -> torch.Tensor:
+    """An order of the input channels (columns) under which an N:M mask keeps at least as much score.
+
+    ``scores`` [out, in] (higher = keep, non-negative). Returns ``perm`` such that ``scores[:, perm]`` is the
+    permuted matrix; N:M is then chosen on it. Two steps, after the RIA paper (Zhang et al., 2024):
+
+    1. sort the channels by their total score and deal them out to the groups in snake order, so that each
+       group of ``m`` holds a balanced share of important channels;
+    2. refine by linear-sum assignment: take the channel at one position out of every group (the position cycles)
+       and reassign those channels to the groups by the Hungarian method, maximising the kept score; ``rounds``
+       steps at most, stopping after ``m`` steps in a row without a gain; ``window`` bounds the groups one
+       assignment sees (its cost grows with ``rows x window^2``).
+
+    Each step is kept only when it raises the kept score, and the dealt order is used only when it beats the
+    identity, so ``nm_kept_score(scores[:, perm]) >= nm_kept_score(scores)`` always holds."""
+    cols = scores.shape[1]
+    if cols % m:
+        raise ValueError(f"N:M with M={m} needs the input width to be a multiple of {m}; got {cols}.")
+    scores = scores.detach().to(torch.float32)
+    best = torch.arange(cols, device=scores.device)
+    best_score = nm_kept_score(scores, n, m)
+    dealt = _dealt(scores.sum(dim=0, dtype=torch.float64), m)
+    dealt_score = nm_kept_score(scores[:, dealt], n, m)
+    if dealt_score > best_score:
+        best, best_score = dealt, dealt_score
+    stale = 0
+    for step in range(rounds):
+        if stale >= m:
+            break
+        candidate = _reassigned(scores, best, n, m, step % m, window)
+        candidate_score = nm_kept_score(scores[:, candidate], n, m)
+        if candidate_score > best_score:
+            best, best_score, stale = candidate, candidate_score, 0
+        else:
+            stale += 1
+    return best

@@ -60,6 +60,7 @@ def _checkpoint_of(out) -> str:
 
 @pytest.mark.parametrize("method_args,after", [
     (["--method", "sparsegpt", "--sparsity", "0.5", "--block-size", "32"], 2),
+    (["--method", "wanda", "--pattern", "2:4", "--channel-permutation"], 2),  # permuted MLPs restored as saved
     (["--method", "ecoflap", "--sparsity", "0.5", "--num-score-samples", "4", "--granularity", "layer"], 3),
 ])
 def test_killed_run_resumes_bit_identical(method_args, after, model_dir, tmp_path):

@@ -78,6 +78,16 @@ class LinearStats:
         """SparseGPT's layer Hessian 2 E[x x^T] ([in, in])."""
         return self.xtx * (2.0 / max(1, self.tokens))
 
+    def permuted(self, perm: torch.Tensor) -> LinearStats:
+        """The statistics of the same inputs with their features reordered (``x[:, perm]``): norms and sums
+        indexed, the Gram matrix as P^T (X^T X) P."""
+        perm = perm.to(device=next((t.device for t in (self.sq_sum, self.xtx, self.x_sum) if t is not None),
+                                   perm.device))
+        return LinearStats(self.in_features, self.kinds, self.dtype, self.tokens,
+                           None if self.sq_sum is None else self.sq_sum[perm],
+                           None if self.xtx is None else self.xtx[perm][:, perm],
+                           None if self.x_sum is None else self.x_sum[perm], self._finite)
+
     def check(self, name: str) -> None:
         if self.tokens == 0:
             raise NonFiniteStatisticsError(

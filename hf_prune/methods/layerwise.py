@@ -23,9 +23,10 @@ from ..engine.report import RunMeter, model_record, module_entry
 from ..engine.run import RunContext, changed_in_place, prepare
 from ..engine.stats import LinearStats
 from ..engine.targets import Target, plan_targets
-from ..patterns import Pattern
+from ..patterns import Pattern, nm_channel_permutation, nm_kept_score
 from ..registry import MethodCost, register_method
 from ..result import PruningResult
+from ..structured import mlp_groups
 
 
 def _unwrap_allocation(value: Any) -> Any:
@@ -48,6 +49,14 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
       by default every ``nn.Linear`` inside the transformer blocks is pruned (never embeddings/heads).
     - ``module_sparsity``: ``{module_name: sparsity}`` overrides, e.g. an allocation from ECoFLaP (an
       ``hf_prune.Allocation`` or the dict of a saved ``sparsity_allocation.json`` is taken as its map).
+    - ``channel_permutation``: with an N:M pattern, reorder the MLP hidden neurons of every block before its
+      output Linear (``down_proj``/``fc2``) is pruned, so that each group of M input columns holds a balanced mix
+      of important channels and N:M keeps more of the method's score (RIA's channel reallocation, Zhang et al.,
+      2024). The producers' rows (``gate_proj``/``up_proj``/``fc1`` and their biases) are reordered the same way,
+      so the model computes exactly the same function and saves as a stock model. Only these are permuted: q/k/v
+      and the MLP inputs read the residual stream, whose channels cannot be reordered inside one block, and the
+      attention output projection's inputs are left in order too; they are pruned as they are. The report's
+      ``channel_permutation`` section lists the permuted modules.
     """
 
     sparsity: float | None = None
@@ -55,6 +64,7 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
     target_modules: list[str] | None = None
     exclude_modules: list[str] | None = None
     module_sparsity: dict[str, float] | None = None
+    channel_permutation: bool = False
 
     statistics: ClassVar[frozenset] = frozenset()  # what the method reads: "sq_norm", "gram"
     # (in_features, out_features) -> (bytes, flops) of the per-Linear solve beyond the statistics, for the planner
@@ -77,6 +87,13 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
                                  "every module's sparsity; use pattern='unstructured'.")
         elif self.sparsity is None:
             self.sparsity = 0.5
+        if not isinstance(self.channel_permutation, bool):
+            raise ValueError(f"{owner}.channel_permutation must be True or False, got {self.channel_permutation!r}.")
+        if self.channel_permutation and not pattern.is_nm:
+            raise ValueError(f"{owner}: channel_permutation=True reorders input channels so that an N:M pattern keeps "
+                             f"more important weights; it needs pattern='N:M' (e.g. '2:4'), got pattern={self.pattern!r}.")
+        if self.channel_permutation and type(self).channel_scores is LayerwiseConfig.channel_scores:
+            raise ValueError(f"{owner} does not support channel_permutation: it defines no channel_scores.")
         check_number(owner, "sparsity", self.sparsity, 0.0, 1.0)
         self.sparsity = float(self.sparsity)
         self.target_modules = regex_list(owner, "target_modules", self.target_modules)
@@ -96,6 +113,11 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
         """Return ``(new_weight_fp32, prune_mask, info)`` for one Linear weight ``[out, in]`` (fp32);
         a method implements it with a call into its ``ops.py``."""
 
+    def channel_scores(self, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor:
+        """Per-weight importance ``[out, in]`` (higher = keep, non-negative) that ``channel_permutation`` maximises
+        the N:M-kept share of; a method that supports the option overrides this."""
+        raise NotImplementedError(f"{type(self).__name__} does not support channel_permutation.")
+
 
 def check_scope(owner: str, scope: str) -> None:
     check_choice(owner, "scope", scope, ("row", "matrix"))
@@ -109,13 +131,27 @@ def check_scope(owner: str, scope: str) -> None:
 # the block processor and the run
 
 
+def permutable_inputs(model: nn.Module, stages: list, targets: list[Target]) -> dict[str, tuple[str, ...]]:
+    """``{MLP output Linear: the Linears producing its inputs}`` for the targeted output Linears: the hidden
+    neurons a permutation may reorder exactly. Raises when no targeted module has such inputs."""
+    names = {t.name for t in targets}
+    found = {g.output: g.inputs for g in mlp_groups(model, stages) if g.output in names}
+    if not found:
+        raise ValueError("channel_permutation reorders the hidden neurons of MLPs, but no pruned module is an MLP "
+                         "output Linear (down_proj/fc2) of this model; drop channel_permutation or prune those "
+                         "modules too.")
+    return found
+
+
 class LayerwiseProcessor:
-    def __init__(self, config: LayerwiseConfig, targets: list[Target]):
+    def __init__(self, config: LayerwiseConfig, targets: list[Target],
+                 permutable: dict[str, tuple[str, ...]] | None = None):
         self.config = config
         self.pattern = Pattern.parse(config.pattern)
         self.by_block: dict[str, list[Target]] = {}
         for t in targets:
             self.by_block.setdefault(t.block, []).append(t)
+        self.permutable = permutable or {}  # MLP output Linear -> its producers (channel_permutation)
         self.info: dict[str, dict] = {}
 
     def statistics(self, block_name: str, block: nn.Module) -> dict[str, tuple[nn.Module, frozenset]]:
@@ -126,12 +162,38 @@ class LayerwiseProcessor:
     def process(self, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
         for t in self.by_block.get(block_name, []):
             weight = t.module.weight
-            new, prune, info = self.config.prune_weight(weight.detach().to(torch.float32), stats.get(t.name),
+            stat, extra = stats.get(t.name), {}
+            if t.name in self.permutable:
+                stat, extra = self.permute_inputs(t, block_name, block, stat)
+            new, prune, info = self.config.prune_weight(weight.detach().to(torch.float32), stat,
                                                         t.sparsity, self.pattern)
             new = new.to(weight.dtype)
             new[prune] = 0
             weight.data.copy_(new)
-            self.info[t.name] = info
+            self.info[t.name] = {**info, **extra}
+
+    def permute_inputs(self, t: Target, block_name: str, block: nn.Module,
+                       stat: LinearStats | None) -> tuple[LinearStats | None, dict]:
+        """Reorder the hidden neurons feeding ``t`` (its input columns, its producers' rows and biases) so that the
+        coming N:M mask keeps more of the method's score; its statistics are reordered to match."""
+        weight = t.module.weight
+        scores = self.config.channel_scores(weight.detach().to(torch.float32), stat)
+        perm = nm_channel_permutation(scores, self.pattern.n, self.pattern.m)
+        before = nm_kept_score(scores, self.pattern.n, self.pattern.m)
+        after = nm_kept_score(scores[:, perm], self.pattern.n, self.pattern.m)
+        producers = self.permutable[t.name]
+        moved = bool((perm != torch.arange(perm.numel(), device=perm.device)).any())
+        if moved:
+            with torch.no_grad():
+                weight.copy_(weight.index_select(1, perm.to(weight.device)))
+                for name in producers:
+                    linear = block.get_submodule(name[len(block_name) + 1:])
+                    for tensor in (linear.weight, linear.bias):
+                        if tensor is not None:
+                            tensor.copy_(tensor.index_select(0, perm.to(tensor.device)))
+            stat = None if stat is None else stat.permuted(perm)
+        return stat, {"channel_permutation": {"permuted": moved, "producers": list(producers),
+                                              "kept_score_gain": after / before - 1.0 if before > 0 else 0.0}}
 
     def state_dict(self) -> dict:  # what a checkpoint keeps: the per-module info the report shows
         return {"info": self.info}
@@ -152,7 +214,8 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
     run = prepare(model, device, offload=True)
     targets = plan_targets(model, run.stages, config)
     run = run.for_targets(targets)
-    processor = LayerwiseProcessor(config, targets)
+    permutable = permutable_inputs(model, run.stages, targets) if config.channel_permutation else None
+    processor = LayerwiseProcessor(config, targets, permutable)
     with RunMeter() as meter:
         batches, provenance = None, {"source": None, "note": "data-free: the method reads no activations"}
         if config.statistics:
@@ -170,7 +233,14 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
                                                              "{n} of {total} modules were already pruned",
                                                              total=len(targets)):
             run.walk(batches, processor, progress=progress, desc=config.method, checkpoint=checkpoint)
-    report = layerwise_report(run, targets, config, processor.info, provenance, meter)
+    sections = None
+    if config.channel_permutation:
+        sections = {"channel_permutation": {
+            "modules": sorted(n for n, i in processor.info.items() if i.get("channel_permutation", {}).get("permuted")),
+            "note": "MLP hidden neurons were reordered before each MLP output Linear was pruned (its input columns "
+                    "with its producers' rows and biases: the same function); q/k/v and the MLP inputs read the "
+                    "residual stream and keep their order, and so do the attention output projection's inputs."}}
+    report = layerwise_report(run, targets, config, processor.info, provenance, meter, sections=sections)
     if checkpoint is not None:
         checkpoint.finish()
         report["run"]["checkpoint"] = {"folder": checkpoint.folder, "resumed_after": resumed_from}
@@ -178,7 +248,7 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
 
 
 def layerwise_report(run: RunContext, targets: list[Target], config: PrunerConfig, info: dict[str, dict],
-                     provenance: dict, meter: RunMeter) -> dict:
+                     provenance: dict, meter: RunMeter, sections: dict | None = None) -> dict:
     """The report of a layer-wise run: per targeted module its achieved sparsity and what ``info`` says of it
     (the method's per-module numbers); the model record says how the model was offloaded, if it was."""
     pattern = Pattern.parse(getattr(config, "pattern", "unstructured"))
@@ -192,7 +262,7 @@ def layerwise_report(run: RunContext, targets: list[Target], config: PrunerConfi
     if offload:
         record["offload"] = offload
     return run.report(config, pattern=str(pattern), entries=entries, block_of={t.name: t.block for t in targets},
-                      calibration=provenance, meter=meter, record=record)
+                      calibration=provenance, meter=meter, record=record, sections=sections)
 
 
 def layerwise_cost(config: LayerwiseConfig) -> MethodCost:

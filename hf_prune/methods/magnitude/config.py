@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ...patterns import Pattern
 from ..layerwise import LayerwiseConfig, check_scope
-from .ops import magnitude_prune_mask
+from .ops import magnitude_prune_mask, magnitude_scores
 
 
 @dataclass(kw_only=True)
@@ -23,6 +23,9 @@ class MagnitudeConfig(LayerwiseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_scope(type(self).__name__, self.scope)
+
+    def channel_scores(self, weight, stats):
+        return magnitude_scores(weight)
 
     def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
         mask = magnitude_prune_mask(weight, sparsity, pattern, self.scope)

@@ -8,7 +8,7 @@ from typing import ClassVar
 from ...checks import check_int, check_number
 from ...patterns import Pattern
 from ..layerwise import LayerwiseConfig
-from .ops import sparsegpt_prune
+from .ops import obs_channel_scores, sparsegpt_prune
 
 
 @dataclass(kw_only=True)
@@ -41,6 +41,9 @@ class SparseGPTConfig(LayerwiseConfig):
         the inverse and the column-by-column update."""
         return (4 * (in_features * out_features + 3 * in_features ** 2),
                 2 * in_features ** 3 + 2 * out_features * in_features ** 2)
+
+    def channel_scores(self, weight, stats):
+        return obs_channel_scores(weight, stats.hessian, self.damp, self.max_damp)
 
     def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
         return sparsegpt_prune(weight, stats.hessian, sparsity, pattern, block_size=self.block_size,

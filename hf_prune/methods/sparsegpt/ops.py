@@ -67,6 +67,14 @@ def obs_scores(W: torch.Tensor, U: torch.Tensor, live: torch.Tensor) -> torch.Te
     return W.pow(2) / torch.diag(U).pow(2).unsqueeze(0) * live.unsqueeze(0)
 
 
+def obs_channel_scores(W: torch.Tensor, hessian: torch.Tensor, damp: float, max_damp: float = 1.0) -> torch.Tensor:
+    """The OBS saliency w^2 / [H^-1]_jj with the full inverse's diagonal (``U^T U = H^-1``: column norms of U),
+    zero for inputs that never fire. Unlike ``obs_scores`` it does not depend on the column order, so it can
+    choose a channel permutation before the sequential solve."""
+    U, _, dead = inverse_hessian_factor(hessian, damp, max_damp)
+    return W.pow(2) / U.pow(2).sum(dim=0).unsqueeze(0) * (~dead).to(W.dtype).unsqueeze(0)
+
+
 def _solve(W: torch.Tensor, U: torch.Tensor, live: torch.Tensor, mask: torch.Tensor | None, pattern: Pattern,
            leaf: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Errors and prune mask ([rows, b] each) for a block whose columns are processed left to right."""

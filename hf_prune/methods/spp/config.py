@@ -34,11 +34,13 @@ class SPPConfig(PrunerConfig):
       ``Trainer`` must use it (``config.training_arguments(...)`` builds matching ``TrainingArguments``);
       ``weight_decay``, ``adam_epsilon``, ``lr_scheduler``, ``min_lr`` and ``warmup_steps`` are the released
       search schedule (AdamW, eps 1e-4, no decay, cosine to 1e-5, no warmup).
-    - ``coupling="split_lbi"`` (default): the paper's Split LBI (DessiLBI): the masks also feel the coupling
-      gradient (alpha - Gamma) / nu, which pulls them toward the sparse Gamma while the task loss holds the
-      important ones up; z <- z + eta (alpha - Gamma) / nu, Gamma = kappa * max(z - lam, 0) (masks are
-      non-negative, so only the positive side enters).
-      ``"released"``: as the released code: the masks follow the task loss only (the coupling is computed but never
+    - ``coupling="split_lbi"`` (default): hf_prune's discretisation of Split LBI, not DessiLBI's own update: the
+      masks also feel the coupling gradient (alpha - Gamma) / nu, which pulls them toward the sparse Gamma while
+      the task loss holds the important ones up, but it goes through the masks' AdamW with the task gradient (so
+      Adam normalises it); the shrinkage is one-sided, Gamma = kappa * max(z - lam, 0) (masks are non-negative, so
+      only the positive side enters); and the z step z <- z + eta (alpha - Gamma) / nu uses the new mask
+      alpha_{k+1}, after the optimizer step.
+      ``"released"``: the paper code's dynamics, as released: the masks follow the task loss only (the coupling is computed but never
       back-propagated there); z <- z + kappa * eta * (alpha - Gamma), Gamma = max(z - lam, 0). eta is the Adam
       step lr / (1 - beta1^k) when ``adam_bias_correction`` (as released), else lr.
     - ``kappa``, ``nu``, ``lam``: an entry enters once its integrated mask passes ``lam`` (default 3.0 for

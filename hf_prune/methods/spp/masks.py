@@ -104,7 +104,8 @@ class SPPMasks(nn.Module):
 
     @torch.no_grad()
     def add_coupling_gradients(self) -> None:
-        """Split LBI: alpha's gradient also carries (alpha - Gamma) / nu (once per optimizer step)."""
+        """hf_prune's Split LBI discretisation: alpha's gradient also carries (alpha - Gamma) / nu (once per
+        optimizer step, so the optimizer normalises it with the task gradient)."""
         for state in self.units:
             if state.alpha.grad is not None:
                 state.alpha.grad.add_(ops.coupling_gradient(state.alpha.float(), state.gamma, self.config.nu))

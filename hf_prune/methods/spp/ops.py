@@ -35,10 +35,12 @@ def released_update(z: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, e
 
 def split_lbi_update(z: torch.Tensor, gamma: torch.Tensor, alpha: torch.Tensor, eta: float, kappa: float,
                      lam: float, nu: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split LBI (DessiLBI): z += eta * (alpha - Gamma) / nu, Gamma = kappa * max(z - lam, 0).
+    """hf_prune's discretisation of Split LBI: z += eta * (alpha - Gamma) / nu, Gamma = kappa * max(z - lam, 0).
 
-    DessiLBI soft-thresholds weights symmetrically; a mask is a non-negative scale, so (as in the released code)
-    only the positive side can enter: a mask the loss drives negative is not "important"."""
+    It is not DessiLBI's update: ``alpha`` is the new mask alpha_{k+1} (after the optimizer step, which took the
+    coupling gradient through Adam, so its scale is Adam-normalised), and the shrinkage is one-sided. DessiLBI
+    soft-thresholds weights symmetrically; a mask is a non-negative scale, so (as in the released code) only the
+    positive side can enter: a mask the loss drives negative is not "important"."""
     z = z + (eta / nu) * (alpha - gamma)
     return z, kappa * (z - lam).clamp_min(0.0)
 

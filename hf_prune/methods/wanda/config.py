@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ...patterns import Pattern
 from ..layerwise import LayerwiseConfig, check_scope
-from .ops import wanda_prune_mask
+from .ops import wanda_prune_mask, wanda_scores
 
 
 @dataclass(kw_only=True)
@@ -23,6 +23,9 @@ class WandaConfig(LayerwiseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_scope(type(self).__name__, self.scope)
+
+    def channel_scores(self, weight, stats):
+        return wanda_scores(weight, stats.col_sq_mean)
 
     def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
         mask = wanda_prune_mask(weight, stats.col_sq_mean, sparsity, pattern, self.scope)
