@@ -15,6 +15,7 @@ unfolded (im2col with the layer's kernel, stride, padding and dilation) into row
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -83,10 +84,9 @@ class LinearStats:
         indexed, the Gram matrix as P^T (X^T X) P."""
         perm = perm.to(device=next((t.device for t in (self.sq_sum, self.xtx, self.x_sum) if t is not None),
                                    perm.device))
-        return LinearStats(self.in_features, self.kinds, self.dtype, self.tokens,
-                           None if self.sq_sum is None else self.sq_sum[perm],
-                           None if self.xtx is None else self.xtx[perm][:, perm],
-                           None if self.x_sum is None else self.x_sum[perm], self._finite)
+        return dataclasses.replace(self, sq_sum=None if self.sq_sum is None else self.sq_sum[perm],
+                                   xtx=None if self.xtx is None else self.xtx[perm][:, perm],
+                                   x_sum=None if self.x_sum is None else self.x_sum[perm])
 
     def check(self, name: str) -> None:
         if self.tokens == 0:
