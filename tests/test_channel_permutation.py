@@ -30,8 +30,10 @@ from hf_prune.patterns import (
     nm_violations,
 )
 
-PYLM = "/work/shared/models/pylm"
-PYLM_DATA = "/work/shared/models/pylm-data"
+# the shared trained decoder lives next to the checkout (../shared/models/), on every machine and in CI
+SHARED = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models"))
+PYLM = os.path.join(SHARED, "pylm")
+PYLM_DATA = os.path.join(SHARED, "pylm-data")
 
 # ---------------------------------------------------------------------------------------------- pure math
 
