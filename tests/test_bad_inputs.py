@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 import transformers as T
-from conftest import make_batches, make_model
+from conftest import make_batches, make_model, snapshot, unchanged
 
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, PrunerConfig, WandaConfig
 from hf_prune.calibration.config import DEFAULT_SEQ_LEN
@@ -27,14 +27,6 @@ from hf_prune.errors import (
 )
 from hf_prune.evaluation import perplexity
 from hf_prune.models import text_context
-
-
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model, snap):
-    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
 
 def _one_line(capsys, argv: list[str], *words: str) -> str:
@@ -91,11 +83,11 @@ def test_bad_calibration_file_is_one_line_naming_file_and_line(name, content, wo
     config = WandaConfig(calibration=CalibrationConfig(num_samples=4, seq_len=16,
                                                        text_column="body" if name.endswith(".csv") else "text"))
     model = make_model("llama", vocab=len(tokenizer))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(CalibrationDataError) as info:
         Pruner(model, tokenizer).prune(config, calibration_dataset=str(path), progress=False)
     assert words in str(info.value) and str(path) in str(info.value)
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)
 
     out = tmp_path / "out"
     extra = ["--text-column", "body"] if name.endswith(".csv") else []
@@ -113,12 +105,12 @@ def test_missing_local_calibration_file_is_no_such_file_at_once(source, tokenize
 
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
     model = make_model("llama", vocab=len(tokenizer))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     start = time.monotonic()
     with pytest.raises(CalibrationDataError, match=f"no such file: '{source}'.*check the path"):
         Pruner(model, tokenizer).prune(WandaConfig(calibration=CAL), calibration_dataset=source, progress=False)
     assert time.monotonic() - start < 1.0
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)
 
 
 def test_missing_calibration_file_from_the_cli(model_dir, tmp_path, capsys):
@@ -195,10 +187,10 @@ def test_unknown_hub_id_is_one_line_without_retries(tmp_path, capsys, caplog, mo
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_one_line(model_dir, tokenizer, tmp_path, capsys):
     model = make_model("llama", vocab=len(tokenizer))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(DeviceError, match=r"device='cuda' is not present on this machine.*device='cpu'"):
         Pruner(model, tokenizer).prune(MagnitudeConfig(), device="cuda", progress=False)
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)
     out = tmp_path / "out"
     _one_line(capsys, ["prune", str(model_dir), "--method", "magnitude", "--device", "cuda", "--output", str(out),
                        "--no-checkpoint", "--no-progress"], "device='cuda' is not present on this machine")
@@ -257,11 +249,11 @@ def test_prepared_batches_keep_the_recorded_default(tokenizer, corpus):
 @pytest.mark.parametrize("family", ["llama", "opt", "bert"])
 def test_explicit_seq_len_past_the_context_is_refused(family, tokenizer, corpus):
     model = make_model(family, vocab=len(tokenizer))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     config = WandaConfig(calibration=CalibrationConfig(num_samples=4, seq_len=300))
     with pytest.raises(SequenceLengthError, match="seq_len=300 is longer than the model's context of 256 tokens"):
         Pruner(model, tokenizer).prune(config, calibration_dataset=corpus[:300], progress=False)
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)
 
 
 def test_seq_len_past_the_context_from_the_cli(tokenizer, tmp_path, capsys):
@@ -341,23 +333,23 @@ def test_hostile_regex_from_a_config_file_is_refused_within_a_second(tokenizer, 
     path = tmp_path / "pruning_config.json"
     path.write_text(json.dumps({"method": "magnitude", "target_modules": ["(.*.*)*X$"]}))
     model = make_model("llama", vocab=len(tokenizer))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     start = time.monotonic()
     with pytest.raises(ValueError, match=r"target_modules regex '\(\.\*\.\*\)\*X\$' matches no Linear layer"):
         Pruner(model, tokenizer).prune(PrunerConfig.from_json_file(path), progress=False)
     assert time.monotonic() - start < 1.0
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)
 
 
 def test_backtracking_regex_times_out_with_a_named_error(tokenizer, model_dir, tmp_path, capsys):
     hostile = r"(.*)(.*)(.*)(.*)(.*)(.*)\6\5\4\3\2\1$"
     model = make_model("llama", vocab=len(tokenizer))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     start = time.monotonic()
     with pytest.raises(RegexTimeoutError, match=r"exclude_modules regex .* takes longer than 0.2s to match"):
         Pruner(model, tokenizer).prune(MagnitudeConfig(exclude_modules=[hostile]), progress=False)
     assert time.monotonic() - start < 1.0
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)
     out = tmp_path / "out"
     _one_line(capsys, ["prune", str(model_dir), "--method", "magnitude", "--target-modules", hostile,
                        "--output", str(out), "--no-progress"], "target_modules regex", "catastrophic backtracking")

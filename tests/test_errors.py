@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import transformers as T
-from conftest import make_batches, make_model
+from conftest import make_batches, make_model, snapshot, unchanged
 
 from hf_prune import CalibrationConfig, ECoFLaPConfig, MagnitudeConfig, Pruner, SparseGPTConfig, WandaConfig
 from hf_prune.errors import (
@@ -17,15 +17,6 @@ from hf_prune.errors import (
     OutputDirError,
     UnsupportedModelError,
 )
-
-
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model, snap):
-    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
-
 
 CAL = CalibrationConfig(num_samples=4, seq_len=16)
 
@@ -48,30 +39,30 @@ CAL = CalibrationConfig(num_samples=4, seq_len=16)
 ])
 def test_bad_input_leaves_model_untouched(config, calibration, error, words, tokenizer):
     model = make_model("llama", vocab=len(tokenizer))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(error, match=words):
         Pruner(model, tokenizer).prune(config, calibration_dataset=calibration, progress=False)
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)
 
 
 def test_missing_text_column(tokenizer, tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"body": "some text here"}\n{"body": "more text"}\n')
     model = make_model("llama", vocab=len(tokenizer))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(CalibrationDataError, match=r"no text column 'text' \(its columns: \['body'\]\).*text_column"):
         Pruner(model, tokenizer).prune(WandaConfig(calibration=CAL), calibration_dataset=str(path), progress=False)
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)
 
 
 def test_nm_pattern_needs_divisible_width(tokenizer):
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=60, intermediate_size=96,
                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match=r"multiple of 8, but 6 are not: model.layers.0.self_attn.q_proj \(in_features=60\)"):
         Pruner(model, tokenizer).prune(MagnitudeConfig(pattern="4:8"), progress=False)
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)
     Pruner(model, tokenizer).prune(MagnitudeConfig(pattern="2:4"), progress=False)  # 60 and 96 divide by 4
 
 
@@ -95,13 +86,13 @@ def test_overflowing_activations_stop_before_any_change(tokenizer, corpus):
     model = make_model("bert", vocab=len(tokenizer))
     with torch.no_grad():  # finite weights, but the embeddings' LayerNorm output overflows float32
         model.embeddings.LayerNorm.weight.fill_(3e38)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(NonFiniteStatisticsError, match=r"^NaN/inf in the inputs of encoder.layer.0 before it was "
                        r"pruned; the model's forward pass overflows in torch.float32 on these inputs \(check the "
                        r"inputs\).$"):
         Pruner(model, tokenizer).prune(WandaConfig(calibration=CAL), calibration_dataset=corpus[:200],
                                        progress=False)
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)
 
 
 def test_nan_midway_is_reported_loudly(tokenizer, corpus):
@@ -152,7 +143,7 @@ def test_non_finite_weights_rejected_upfront(tokenizer):
     model = make_model("llama", vocab=len(tokenizer))
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(NonFiniteWeightsError, match=r"^model.layers.1.mlp.up_proj.weight \(torch.float32\) holds 1 "
                        r"NaN/inf of its 8192 values; the checkpoint is corrupt or overflowed when loaded. Nothing was "
                        r"changed.$"):
@@ -169,7 +160,7 @@ def test_nan_outside_the_targets_is_refused_before_any_change(tokenizer, corpus,
     model = make_model("llama", vocab=len(tokenizer)).to(dtype)
     with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight[5] = float("nan")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(NonFiniteWeightsError) as info:
         Pruner(model, tokenizer).prune(config_class(calibration=CAL), calibration_dataset=corpus[:200], progress=False)
     assert str(info.value) == (f"model.layers.1.post_attention_layernorm.weight ({dtype}) holds 1 NaN/inf of its 64 "
@@ -196,7 +187,7 @@ def test_stats_error_when_block_sees_only_padding(tokenizer, corpus):
     batches = make_batches("bert", tokenizer, corpus, n=4, batch=4)
     for b in batches:
         b["attention_mask"] = torch.zeros_like(b["attention_mask"])
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(NonFiniteStatisticsError, match="saw no real \\(non-padding\\) token"):
         Pruner(model, tokenizer).prune(SparseGPTConfig(calibration=CAL), calibration_dataset=batches, progress=False)
-    assert _unchanged(model, snap)
+    assert unchanged(model, snap)

@@ -163,13 +163,9 @@ def calibration_batches(pruner: Any, config: ModHiFiConfig, run: RunContext) -> 
     return generated.batches, generated.provenance
 
 
-def _validate(model: nn.Module, config: ModHiFiConfig, groups: list[MLPGroup]) -> None:
+def _validate(config: ModHiFiConfig, groups: list[MLPGroup]) -> None:
+    """Every MLP keeps at least one neuron (finite weights were checked by ``prepare``)."""
     for group in groups:
-        for name in (*group.inputs, group.output):
-            module = model.get_submodule(name)
-            if not bool(torch.isfinite(module.weight).all()):
-                raise ValueError(f"{name} holds NaN/inf weights; the checkpoint is corrupt or overflowed when "
-                                 "loaded (try dtype=torch.float32). Nothing was pruned.")
         if config.selection != "per_output_union" and group.width - prune_count(group.width, config.sparsity) < 1:
             raise ValueError(f"ModHiFiConfig.sparsity={config.sparsity} would remove all {group.width} neurons of "
                              f"{group.block}'s MLP; lower it so that at least one neuron stays.")
@@ -201,7 +197,7 @@ def run_prune(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device 
         raise UnsupportedModelError(f"{type(model).__name__} has no transformer MLP blocks that ModHiFi can prune "
                                     "(it prunes MLP hidden neurons); mode='unlearn' works on it.")
     groups = mlp_groups(model, run.stages)
-    _validate(model, config, groups)
+    _validate(config, groups)
     plans = {g.block: BlockPlan(g, g.width) for g in groups}
     before = size_summary(model, groups)
     stats_dtype = _DTYPES[config.accum_dtype]
