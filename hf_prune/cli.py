@@ -21,6 +21,7 @@ from .artifacts.hub import folder_files, push_folder
 from .atomic import check_output_dir
 from .calibration.config import CalibrationConfig
 from .demo import run_demo
+from .engine import distributed
 from .engine.checkpoint import RunCheckpoint, resumable_methods
 from .engine.report import format_table, sparsity_table
 from .errors import HFPruneError
@@ -192,6 +193,8 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     ns = parser.parse_args(extra)
     method_kwargs, cal_kwargs = _split_config_args(ns)
     config = spec.config_class(**method_kwargs, calibration=CalibrationConfig(**cal_kwargs))
+    # launched as one of several processes (torchrun, accelerate launch): calibrate data-parallel
+    distributed.init_from_env(args.device)
     # before any download or pruning: a folder we may replace, not the model's own folder nor the working one
     output = check_output_dir(args.output, overwrite=args.overwrite, sources=(args.model,))
     checkpoint = _checkpoint(args, output, spec)
@@ -201,6 +204,8 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the lock is released, the checkpoint keeps every completed block
         print(f"hf-prune: {_interrupted(args, checkpoint)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if not distributed.is_main():  # every process holds the same result; the main one says it
+        return 0
     print(result.summary())
     for e in evaluations:
         print(f"perplexity ({e['dataset']}, seq_len={e['seq_len']}): dense {e['dense']:.3f} -> pruned {e['value']:.3f}")

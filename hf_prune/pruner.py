@@ -19,6 +19,7 @@ from .artifacts.save import check_model_output, save_model_folder
 from .calibration.data import is_prepared
 from .checks import looks_like_path
 from .config import PrunerConfig
+from .engine import distributed
 from .engine.checkpoint import RunCheckpoint, resumable_methods
 from .engine.offload import module_weight
 from .errors import CheckpointError, HFPruneError, ModelLoadError
@@ -319,8 +320,11 @@ class Pruner:
                                     allocation_plot=allocation_files.get("plot"))
             card.save(os.path.join(folder, CARD_NAME))
 
-        return save_model_folder(self.model, save_directory, overwrite=overwrite, max_shard_size=max_shard_size,
-                                 processing=(self.processor, self.tokenizer), extras=write_extras)
+        # several processes (torch.distributed) hold the same model: the main one writes, every one gets the path
+        return distributed.on_main(lambda: save_model_folder(self.model, save_directory, overwrite=overwrite,
+                                                             max_shard_size=max_shard_size,
+                                                             processing=(self.processor, self.tokenizer),
+                                                             extras=write_extras))
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
@@ -339,9 +343,9 @@ class Pruner:
         check_evaluations(evaluations)
         check_sections(sections)
         method = self.results[-1].config.method
-        return push_pretrained(
+        return distributed.on_main(lambda: push_pretrained(  # several processes: the main one pushes
             lambda folder: self.save_pretrained(folder, max_shard_size=max_shard_size, evaluations=evaluations,
                                                 finetuning=finetuning, sections=sections, repo_id=repo_id),
             repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
             commit_message=commit_message or f"Upload {method}-pruned model with hf_prune",
-            commit_description=commit_description)
+            commit_description=commit_description))

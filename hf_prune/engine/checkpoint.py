@@ -13,6 +13,11 @@ A checkpoint folder holds
 
 - ``lock.json``: the live run that owns the folder (pid, host, start time, command line; see ``RunLock``).
 
+A run of several processes (``engine.distributed``) is checkpointed by its main process alone (the others read
+the folder on resume, so it must be on a file system they share) and saves no cached inputs (each rank holds
+only its share of them): a resume recomputes them by running the restored blocks, and a checkpoint of either kind
+resumes with any number of processes.
+
 Every file is written to a temporary name and renamed; ``state.json`` is renamed last and is the commit point,
 so a kill at any moment leaves the previous checkpoint valid (a stray newer block file is simply rewritten).
 Resuming therefore ends with weights bit-identical to an uninterrupted run on the same device and dtype.
@@ -44,6 +49,7 @@ from torch import nn
 from ..atomic import atomic_file
 from ..errors import CheckpointError
 from ..registry import method_specs
+from . import distributed
 from .offload import iter_tensors, write_tensors
 
 STATE = "state.json"
@@ -285,6 +291,15 @@ class RunCheckpoint:
         if resume and restart:
             raise CheckpointError("resume (--resume) continues the checkpoint and restart (--restart) deletes it; "
                                   "they contradict each other: drop one.")
+        # several processes (engine.distributed): the main one locks, restarts and writes; the others only read
+        self.writer = distributed.is_main()
+        self.lock = None
+        distributed.on_main(lambda: self._claim(restart))
+        if not self.writer:
+            self._open()
+
+    def _claim(self, restart: bool) -> None:
+        """Lock the folder, delete it with ``restart``, read the checkpoint to resume (the writing process)."""
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise CheckpointError(f"the checkpoint path {self.folder!r} is a file; choose a folder.")
         self.lock = RunLock(self.folder)
@@ -295,6 +310,7 @@ class RunCheckpoint:
             self._open()
         except BaseException:
             self.lock.release()
+            self.lock = None
             raise
 
     def _open(self) -> None:
@@ -337,6 +353,9 @@ class RunCheckpoint:
     def discard(self) -> None:
         """Delete this checkpoint: the files a checkpoint writes and nothing else (a user's own files in the
         folder stay); the folder itself goes at ``close`` if nothing else is left in it."""
+        if not self.writer:
+            self.state = {}
+            return
         for own in _OWN_FILES:  # state.json first: from here on the folder holds no checkpoint
             folder, name = os.path.split(os.path.join(glob.escape(self.folder), own))
             for pattern in (name, f".{name}.partial-*"):  # the file, and what a killed atomic_file left of it
@@ -421,6 +440,8 @@ class RunCheckpoint:
     def block_done(self, stage_index: int, block_index: int, block_name: str, block: nn.Module,
                    hidden: list[torch.Tensor] | None, processor_state: Any) -> None:
         """Checkpoint after a block: its tensors, the next block's inputs, the position, then commit."""
+        if not self.writer:  # the main process writes the checkpoint of a run of several
+            return
         file = os.path.join("blocks", f"{stage_index:02d}-{block_index:04d}.safetensors")
         os.makedirs(os.path.join(self.folder, "blocks"), exist_ok=True)
         _save_tensors(os.path.join(self.folder, file), block.state_dict())
@@ -450,6 +471,8 @@ class RunCheckpoint:
         self._commit()
 
     def _commit(self) -> None:
+        if not self.writer:
+            return
         if self.lock is not None:  # who wrote it, for the message a later run gives once this one is gone
             self.state["owner"] = self.lock.record
         with atomic_file(os.path.join(self.folder, STATE)) as tmp, open(tmp, "w", encoding="utf-8") as fh:

@@ -21,6 +21,7 @@ from ..calibration.config import CalibrationConfig
 from ..calibration.data import CalibrationSet, build_calibration
 from ..errors import HFPruneError
 from ..models import Family, Stage, get_family, text_context
+from . import distributed
 from .report import RunMeter, run_report
 from .targets import Target, calibration_needs, check_finite, check_model_ready, stages_with_targets
 from .walker import BlockProcessor, resolve_device, walk
@@ -34,6 +35,7 @@ class RunContext:
     family: Family
     stages: list[Stage]
     device: torch.device
+    split: dict = dataclasses.field(default_factory=dict)  # how the walks split the batches across processes
 
     def with_stages(self, stages: list[Stage]) -> "RunContext":
         """The same run restricted to ``stages`` (e.g. the MLP stages a structured method prunes)."""
@@ -61,14 +63,20 @@ class RunContext:
         ``stats_dtype`` and ``checkpoint``)."""
         walk(self.model, self.stages, batches, processor, device=self.device, progress=progress, desc=desc,
              **options)
+        split = distributed.split_record(len(batches)) if batches is not None else None
+        if split is not None:
+            self.split.update(split)
 
     def report(self, config: Any, *, pattern: str, entries: dict[str, dict], block_of: dict[str, str],
                calibration: dict, meter: RunMeter, mode: str | None = None, record: dict | None = None,
                sections: dict | None = None) -> dict:
         """The run's report (``engine.report.run_report``) for this model, family, stages and device."""
-        return run_report(self.model, self.family.name, self.stages, config, pattern=pattern, entries=entries,
-                          block_of=block_of, calibration=calibration, meter=meter, device=self.device, mode=mode,
-                          record=record, sections=sections)
+        report = run_report(self.model, self.family.name, self.stages, config, pattern=pattern, entries=entries,
+                            block_of=block_of, calibration=calibration, meter=meter, device=self.device, mode=mode,
+                            record=record, sections=sections)
+        if self.split:  # a data-parallel run: how many processes, and which batches each took (the card says it)
+            distributed.record_split(report, self.split)
+        return report
 
 
 def prepare(model: nn.Module, device: str | torch.device | None = None, *, offload: bool = False) -> RunContext:

@@ -15,14 +15,16 @@ No copy of the model is made. A processor that needs no data is walked without a
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ..errors import CalibrationDataError, DeviceError, NonFiniteStatisticsError
+from ..errors import CalibrationDataError, DeviceError, HFPruneError, NonFiniteStatisticsError
 from ..models import Stage
+from . import distributed
 from .offload import hook_execution_device, is_dispatched, onloaded
 from .stats import LinearStats, StatsCollector
 
@@ -117,7 +119,7 @@ def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch
         own = hook_execution_device(model) or own
     if own.type not in ("cpu", "meta"):
         return own
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return distributed.default_cuda_device() if torch.cuda.is_available() else torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -252,6 +254,20 @@ def _run_block(block: nn.Module, inputs: StageInputs, i: int, device: torch.devi
     return first_tensor(block(hidden, *args, **kwargs))
 
 
+def _resume_inputs(done: list[nn.Module], inputs: StageInputs, checkpoint: Any, lo: int, hi: int,
+                   device: torch.device) -> None:
+    """The inputs of the first block after a resume: this rank's share ``[lo, hi)`` of the hidden states the
+    checkpoint saved, or, when it saved none (a run of several processes keeps only weights), the captured stage
+    inputs run through the ``done`` blocks, restored as they were pruned: the same tensors either way."""
+    saved = checkpoint.hidden() if checkpoint.state.get("inputs") else None
+    if saved is not None:
+        inputs.hidden = saved[lo:hi] if distributed.active() else saved
+        return
+    for block in done:
+        with placed(block, device):
+            inputs.hidden = [_run_block(block, inputs, i, device).detach().cpu() for i in range(len(inputs.hidden))]
+
+
 def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, processor: BlockProcessor, *,
          device: torch.device, progress: bool = True, desc: str = "pruning",
          stats_dtype: torch.dtype = torch.float32, checkpoint: Any = None) -> None:
@@ -260,8 +276,19 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
     ``checkpoint`` (an ``hf_prune.checkpoint.RunCheckpoint`` that has ``begin``-ed): after every block the block's
     tensors, the next block's inputs, the position and ``processor.state_dict()`` are saved; when it holds a
     position, the completed blocks are restored, ``processor.load_state_dict`` gets its state back and the walk
-    continues after that block with the saved inputs."""
+    continues after that block with the saved inputs (or, when the checkpoint holds none, as a run of several
+    processes leaves it, with the inputs recomputed through the restored blocks).
+
+    Under an initialised process group of several ranks (``engine.distributed``) each rank walks its contiguous
+    share of ``batches``, the statistics of each block are summed across ranks before ``processor.process``, and
+    every rank changes its blocks the same way."""
     from tqdm.auto import tqdm
+
+    lo = hi = 0
+    if batches is not None:  # data-parallel: this rank's share of the calibration batches (all of them alone)
+        lo, hi = distributed.shard_range(len(batches))
+        batches = batches[lo:hi]
+    progress = progress and distributed.is_main()
 
     resume_at = checkpoint.position if checkpoint is not None else None
     if checkpoint is not None and not (hasattr(processor, "state_dict") and hasattr(processor, "load_state_dict")):
@@ -280,9 +307,14 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
                 continue  # finished before the resume
             inputs = None
             if batches is not None:
-                inputs = capture_stage_inputs(model, stage, stages, batches, device)
-                if start > 0:  # the saved outputs of the last completed block (the constant kwargs are re-captured)
-                    inputs.hidden = checkpoint.hidden()
+                failure = None
+                try:
+                    inputs = capture_stage_inputs(model, stage, stages, batches, device)
+                except (HFPruneError, RuntimeError) as exc:  # every rank learns of it: none waits in a collective
+                    failure = exc
+                distributed.agree(failure)
+                if start > 0:  # the outputs of the last completed block (the constant kwargs are re-captured)
+                    _resume_inputs(blocks[:start], inputs, checkpoint, lo, hi, device)
             bar = tqdm(range(start, len(blocks)), desc=f"{desc} [{stage.name}]", unit="block",
                        disable=not progress, leave=False, initial=start, total=len(blocks))
             for index in bar:
@@ -298,17 +330,22 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
                                 collector.token_mask = inputs.masks[i]
                                 _run_block(block, inputs, i, device)
                         stats = collector.stats
+                        distributed.reduce_statistics(stats)  # every rank: the statistics of all batches
                         for name, st in stats.items():
                             st.check(name)
                     processor.process(block_name, block, stats)
                     del stats
+                    if distributed.check_identical(block):
+                        warnings.warn(f"{block_name} came out different on the ranks (a non-deterministic kernel); "
+                                      "rank 0's tensors were copied to every rank.", stacklevel=2)
                     last = index + 1 == len(blocks)
                     if inputs is not None and not last:
                         inputs.hidden = [_run_block(block, inputs, i, device).detach().cpu()
                                          for i in range(len(inputs.hidden))]
                     if checkpoint is not None:
+                        keep = inputs is not None and not last and not distributed.active()  # a share: recomputed
                         checkpoint.block_done(stage_index, index, block_name, block,
-                                              None if inputs is None or last else inputs.hidden,
+                                              inputs.hidden if keep else None,
                                               processor.state_dict())
             bar.close()
             del inputs

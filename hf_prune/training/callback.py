@@ -78,7 +78,10 @@ class SparsityPreservingCallback(TrainerCallback):
             "learning_rate": args.learning_rate,
             "optimizer": str(getattr(args.optim, "value", args.optim)),
             "weight_decay": args.weight_decay,
-            "batch_size": args.per_device_train_batch_size * max(1, args.gradient_accumulation_steps),
+            # the global batch of one optimizer step: per device x accumulation x processes (DDP)
+            "batch_size": (args.per_device_train_batch_size * max(1, args.gradient_accumulation_steps)
+                           * max(1, args.world_size)),
+            "processes": max(1, args.world_size),
             "max_grad_norm": args.max_grad_norm,
             "masked_modules": len(self.masks.masks),
             "masked_modules_trained": trainable,

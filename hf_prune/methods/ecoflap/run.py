@@ -17,10 +17,12 @@ import torch
 
 from ...allocation import Allocation
 from ...calibration.data import CalibrationSet
+from ...engine import distributed
 from ...engine.report import RunMeter
 from ...engine.run import prepare
 from ...engine.targets import Target, plan_targets, stages_with_targets
 from ...engine.walker import model_device, resolve_device
+from ...errors import HFPruneError
 from ...models import Family, Stage
 from ...result import PruningResult
 from ...version import __version__
@@ -73,18 +75,34 @@ def make_plan(pruner: Any, config: ECoFLaPConfig, *, with_prune_data: bool) -> P
     return Plan(family, stages, targets, layer_config, score_data, prune_data, loss, model_device(model))
 
 
+def _summed(score: Any) -> dict[str, float]:
+    """``score()`` on this rank's share, added up across ranks; a failure on any rank is raised on every rank."""
+    partial, failure = {}, None
+    try:
+        partial = score()
+    except HFPruneError as exc:  # NaN/inf on one share: every rank stops, none waits in the sum
+        failure = exc
+    distributed.agree(failure)
+    return distributed.reduce_floats(partial)
+
+
 def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[str, list[Target]],
                   progress: bool) -> tuple[dict[str, float], dict]:
+    """Raw score per group. Under several processes each rank scores its contiguous share of the batches (the
+    perturbation seeds follow the global batch index) and the per-rank sums are added across ranks."""
     model, loss, batches = pruner.model, plan.loss, plan.score_data.batches
+    lo, hi = distributed.shard_range(len(batches))
+    share = {"batches": batches[lo:hi], "batch_offset": lo, "total_batches": len(batches),
+             "progress": progress and distributed.is_main()}
     seed = config.calibration.seed
     if config.score == "zeroth_order":
         if config.zo_perturb == "tensor":
             units = [Unit(t.name, group, [t.module.weight]) for group, ts in groups.items() for t in ts]
         else:
             units = [Unit(group, group, [t.module.weight for t in ts]) for group, ts in groups.items()]
-        unit_scores = zeroth_order_scores(model, units, batches, loss, eps=config.zo_eps,
-                                          num_noise=config.zo_num_noise, seed=seed, device=plan.score_device,
-                                          progress=progress)
+        unit_scores = _summed(lambda: zeroth_order_scores(
+            model, units, share["batches"], loss, eps=config.zo_eps, num_noise=config.zo_num_noise, seed=seed,
+            device=plan.score_device, progress=share["progress"], batch_offset=lo, total_batches=len(batches)))
         raw = {group: 0.0 for group in groups}
         for unit in units:
             raw[unit.group] += unit_scores[unit.name]
@@ -95,8 +113,9 @@ def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[s
     else:
         weights = {t.name: t.module.weight for ts in groups.values() for t in ts}
         blocks = [block for stage in plan.stages for block in stage.blocks(model)]
-        tensor_scores = first_order_scores(model, weights, batches, loss, seed=seed, device=plan.score_device,
-                                           progress=progress, blocks=blocks)
+        tensor_scores = _summed(lambda: first_order_scores(
+            model, weights, share["batches"], loss, seed=seed, device=plan.score_device, progress=share["progress"],
+            blocks=blocks, batch_offset=lo, total_batches=len(batches)))
         raw = {group: sum(tensor_scores[t.name] for t in ts) for group, ts in groups.items()}
         passes = {"forward": len(batches), "backward": len(batches), "block_recomputations": len(batches)}
     return raw, passes
@@ -127,6 +146,9 @@ def allocate(pruner: Any, config: ECoFLaPConfig, *, device: str | torch.device |
         "score_device": str(plan.score_device),
         "run": meter.to_dict(),
     })
+    split = distributed.split_record(len(plan.score_data.batches))
+    if split is not None:  # data-parallel scoring: how the score batches were split
+        allocation.provenance["distributed"] = split
     return allocation
 
 
@@ -183,6 +205,7 @@ def _merge_runs(first: dict, second: dict) -> dict:
         "peak_rss_scope": second.get("peak_rss_scope"),
         "peak_cuda_bytes": max(cuda) if cuda else None,
         **({"checkpoint": second["checkpoint"]} if "checkpoint" in second else {}),
+        **({"distributed": second["distributed"]} if "distributed" in second else {}),
     }
 
 

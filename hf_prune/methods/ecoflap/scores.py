@@ -92,9 +92,14 @@ def _check_finite(value: float, what: str) -> float:
 
 def zeroth_order_scores(model: nn.Module, units: list[Unit], batches: list[dict], loss: ScoringLoss, *,
                         eps: float, num_noise: int, seed: int, device: torch.device,
-                        progress: bool = True) -> dict[str, float]:
+                        progress: bool = True, batch_offset: int = 0,
+                        total_batches: int | None = None) -> dict[str, float]:
     """Mean zeroth-order estimate per unit (see the module docstring). Weights are restored exactly,
-    also when a forward pass fails half-way."""
+    also when a forward pass fails half-way.
+
+    ``batches`` may be one process's share of the calibration set: ``batch_offset`` is the global index of its
+    first batch (the perturbations are seeded by it) and ``total_batches`` the size of the whole set (the mean's
+    divisor), so the shares' results add up to the whole set's."""
     from tqdm.auto import tqdm
 
     generators = _Generators()
@@ -107,7 +112,7 @@ def zeroth_order_scores(model: nn.Module, units: list[Unit], batches: list[dict]
             reference = loss.outputs(model, batch) if loss.label_free else None
             for u, unit in enumerate(units):
                 for k in range(num_noise):
-                    seeds = [derive_seed(seed, unit.name, b, k, j) for j in range(len(unit.params))]
+                    seeds = [derive_seed(seed, unit.name, batch_offset + b, k, j) for j in range(len(unit.params))]
                     perturbation = _Perturbation(unit.params, seeds, eps, generators)
                     try:
                         if loss.label_free:
@@ -127,7 +132,7 @@ def zeroth_order_scores(model: nn.Module, units: list[Unit], batches: list[dict]
                     totals[unit.name] += estimate
                 bar.update(1)
     bar.close()
-    count = len(batches) * num_noise
+    count = (len(batches) if total_batches is None else total_batches) * num_noise
     return {name: total / count for name, total in totals.items()}
 
 
@@ -157,9 +162,11 @@ def checkpointed(blocks: list[nn.Module]):
 
 def first_order_scores(model: nn.Module, weights: dict[str, nn.Parameter], batches: list[dict], loss: ScoringLoss,
                        *, seed: int, device: torch.device, progress: bool = True,
-                       blocks: list[nn.Module] | None = None) -> dict[str, float]:
+                       blocks: list[nn.Module] | None = None, batch_offset: int = 0,
+                       total_batches: int | None = None) -> dict[str, float]:
     """Mean over batches of ``sum |W| * |dL/dW|`` per weight tensor, one backward per batch; ``blocks`` are
-    checkpointed (see the module docstring)."""
+    checkpointed (see the module docstring). ``batch_offset`` / ``total_batches``: as in ``zeroth_order_scores``
+    for one process's share of the batches."""
     from tqdm.auto import tqdm
 
     scores = {name: 0.0 for name in weights}
@@ -193,7 +200,7 @@ def first_order_scores(model: nn.Module, weights: dict[str, nn.Parameter], batch
                 batch = to_device(batch, device)
                 if loss.label_free:
                     out = loss.outputs(model, batch)
-                    u = torch.randn(out.shape, generator=generators.seeded(out.device, derive_seed(seed, "fo", b)),
+                    u = torch.randn(out.shape, generator=generators.seeded(out.device, derive_seed(seed, "fo", batch_offset + b)),
                                     device=out.device, dtype=out.dtype)
                     value = (u * out).sum() / out.shape[0] ** 0.5
                 else:
@@ -210,4 +217,4 @@ def first_order_scores(model: nn.Module, weights: dict[str, nn.Parameter], batch
             p.grad = stashed[name]
     for name, value in scores.items():
         _check_finite(value, name)
-    return {name: value / len(batches) for name, value in scores.items()}
+    return {name: value / (len(batches) if total_batches is None else total_batches) for name, value in scores.items()}

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...engine import distributed
 from ...engine.report import RunMeter, model_record, module_entry
 from ...engine.run import RunContext, prepare
 from ...engine.targets import linear_candidates
@@ -95,6 +96,8 @@ def run_spp(pruner: Any, config: SPPConfig, *, device: str | torch.device | None
             report["method_note"] = ("training-free SPP path (hf_prune's own variant, not the paper's unpublished LLM "
                                      "algorithm): one calibration pass ranks every weight; any sparsity reads off it")
     report["read_off"] = path.read_off(config.sparsity, config.budget, config.scope)
+    if config.path is None and path.search.get("distributed"):  # the path was built here, data-parallel
+        distributed.record_split(report, path.search["distributed"])
     report["solution_path"] = {"kind": path.kind, "units": len(path.units), "model": path.model, "search": path.search}
     allocation = {name: g["achieved"][report["read_off"]["budget"]]
                   for name, g in report["read_off"]["per_block"].items()} if path.kind == "structured" else None

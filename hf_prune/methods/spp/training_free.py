@@ -81,5 +81,7 @@ def training_free_path(model: nn.Module, config: SPPConfig, calibration_dataset:
         tensors[f"{i}.curve"] = path_processor.curves[t.name]
     search = {"kind": "training_free", "calibration": calibration.provenance, "alpha": config.alpha,
               "step_fraction": config.step_fraction}
+    if run.split:  # data-parallel: how the calibration batches were split across processes
+        search["distributed"] = dict(run.split)
     return SolutionPath("unstructured", units, tensors, config.to_dict(), model_info(model), search), \
         calibration.provenance
