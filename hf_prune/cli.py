@@ -364,7 +364,8 @@ def cmd_plan(args: argparse.Namespace, extra: Sequence[str]) -> int:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
     result = plan(args.model, args.method, num_samples=args.num_samples, seq_len=args.seq_len,
                   batch_size=args.batch_size, dtype=args.dtype, offload=args.offload, device=args.device,
-                  throughput=args.throughput, measure_block=args.measure_block, max_memory=args.max_memory)
+                  throughput=args.throughput, measure_block=args.measure_block, max_memory=args.max_memory,
+                  num_processes=args.num_processes, bandwidth=args.bandwidth)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -499,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device-memory", type=_bytes, default=None, help="say whether the plan fits, e.g. 24GB")
     pl.add_argument("--throughput", type=float, default=None, help="FLOP/s to assume instead of measuring")
     pl.add_argument("--measure-block", action="store_true", help="time one real block instead of a matmul")
+    pl.add_argument("--num-processes", type=int, default=1,
+                    help="plan data-parallel calibration over N processes (torchrun --nproc_per_node N): memory per "
+                         "process and the expected time")
+    pl.add_argument("--bandwidth", type=float, default=10e9,
+                    help="with --num-processes: bytes/s to assume for the all-reduce of the statistics")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
 

@@ -98,6 +98,7 @@ class StagePlan:
     device_peak: int
     activation_cache: int
     flops: float
+    solve_flops: float = 0.0  # the part of ``flops`` spent in per-layer solves (every process does them all)
 
 
 @dataclass
@@ -120,6 +121,15 @@ class Plan:
     throughput: float = 0.0
     seconds: float = 0.0
     throughput_source: str = ""
+    # data-parallel calibration (``num_processes`` > 1; with one process these equal the totals above)
+    num_processes: int = 1
+    batches_per_process: int = 0
+    process_device_peak: int = 0
+    process_host_peak: int = 0
+    node_host_peak: int = 0
+    allreduce_bytes: int = 0
+    bandwidth: float = 0.0
+    single_process_seconds: float = 0.0
 
     def fits(self, device_memory: float | None) -> bool | None:
         return None if device_memory is None else self.device_peak <= device_memory
@@ -141,21 +151,50 @@ class Plan:
         tail = (f"expected peak on the execution device: {self.device_peak / GIB:.2f} GiB\n"
                 f"expected peak host memory: {self.host_peak / GIB:.2f} GiB\n"
                 f"disk needed: {self.disk / GIB:.1f} GiB\n"
-                f"estimated time: {self.seconds / 60:.1f} min ({self.flops / 1e12:.1f} TFLOP at "
+                f"estimated time{' with one process' if self.num_processes > 1 else ''}: "
+                f"{self.single_process_seconds / 60:.1f} min ({self.flops / 1e12:.1f} TFLOP at "
                 f"{self.throughput / 1e12:.2f} TFLOP/s, {self.throughput_source})")
+        if self.num_processes > 1:
+            tail += (f"\nwith {self.num_processes} processes (data-parallel calibration, "
+                     f"{self.batches_per_process} of the {-(-self.num_samples // self.batch_size)} batches each; "
+                     "every process holds the model, the block and the full statistics):\n"
+                     f"  per process: device peak {self.process_device_peak / GIB:.2f} GiB, host peak "
+                     f"{self.process_host_peak / GIB:.2f} GiB (all {self.num_processes} on one machine: "
+                     f"{self.node_host_peak / GIB:.2f} GiB)\n"
+                     f"  statistics all-reduced: {self.allreduce_bytes / GIB:.2f} GiB per process at an assumed "
+                     f"{self.bandwidth / 1e9:.0f} GB/s\n"
+                     f"  estimated time: {self.seconds / 60:.1f} min (block passes split across processes; solves "
+                     "repeated on every process; plus the all-reduce)")
         return "\n".join([head, body, tail])
 
 
 def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 128, seq_len: int = 2048,
          batch_size: int = 8, dtype: str | None = None, offload: str = "none", device: str | None = None,
-         throughput: float | None = None, measure_block: bool = False, max_memory: float | None = None) -> Plan:
+         throughput: float | None = None, measure_block: bool = False, max_memory: float | None = None,
+         num_processes: int = 1, bandwidth: float = 10e9) -> Plan:
     """Expected memory, disk and time of ``hf-prune prune`` for a model, without loading any weight.
 
     ``offload``: ``"none"`` (the model in host RAM), ``"cpu"`` (the same, for accelerate CPU offload) or
     ``"disk"`` (weights on disk, one block in RAM at a time). ``max_memory`` (bytes): the CPU budget given to
     accelerate when loading with disk offload (``hf-prune prune --max-memory``); accelerate keeps up to that much
     of the weights in RAM, so it counts toward the host peak. ``throughput`` (FLOP/s) overrides the measurement.
+
+    ``num_processes``: data-parallel calibration (``torchrun --nproc_per_node N hf-prune prune ...``). Each
+    process holds the model and walks its share of the batches: the device peak per process is that of one
+    process (the block, the full statistics, one batch), the cached activations shrink to its share, the block
+    passes (and an allocator's scoring passes) divide among the processes while every process repeats the
+    per-layer solves, and each block's statistics are all-reduced (a ring all-reduce sends 2 (N-1)/N of them per
+    process, at ``bandwidth`` bytes/s, an assumption: give your interconnect's).
     """
+    if not isinstance(num_processes, int) or isinstance(num_processes, bool) or num_processes < 1:
+        raise ValueError(f"num_processes={num_processes!r} must be a whole number >= 1.")
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth={bandwidth!r} must be a positive number of bytes per second.")
+    batches = -(-num_samples // batch_size)
+    if batches < num_processes:
+        raise ValueError(f"{num_samples} samples in batches of {batch_size} make {batches} batches, fewer than "
+                         f"num_processes={num_processes}: every process needs at least one; use more samples, a "
+                         "smaller batch size or fewer processes.")
     if offload not in ("none", "cpu", "disk"):
         raise ValueError(f"offload={offload!r} is not supported; choose 'none', 'cpu' or 'disk'.")
     if max_memory is not None and (offload != "disk" or not max_memory > 0):
@@ -202,9 +241,9 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
         activations = 2 * num_samples * tokens * hidden * width
         passes = 3 if statistics else 0  # capture, statistics, pruned outputs
         flops = passes * 2 * block_params * num_samples * tokens * len(blocks)
-        flops += len(blocks) * sum(f for _, f in solves)
+        solve_flops = len(blocks) * sum(f for _, f in solves)
         result.stages.append(StagePlan(stage.name, len(blocks), block_params, hidden, tokens, stats, solve, forward,
-                                       device_peak, activations, flops))
+                                       device_peak, activations, flops + solve_flops, solve_flops))
     if cost.extra_stage is not None:  # a stage that runs before the walk (an allocator's scoring)
         result.stages.insert(0, cost.extra_stage(model, stages, result.stages, width, batch_size, seq_len))
     result.device_peak = max(s.device_peak for s in result.stages)
@@ -222,7 +261,20 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
     else:
         result.throughput = measure_matmul_flops(exec_device, torch_dtype)
         result.throughput_source = f"matmul measured on {exec_device}"
-    result.seconds = result.flops / result.throughput
+    result.seconds = result.single_process_seconds = result.flops / result.throughput
+    # data-parallel: per process, its share of the batches (the largest share), the whole statistics
+    share = -(-batches // num_processes)
+    fraction = share / batches
+    result.num_processes, result.batches_per_process, result.bandwidth = num_processes, share, bandwidth
+    result.process_device_peak = result.device_peak
+    result.process_host_peak = resident + max(int(s.activation_cache * fraction) for s in result.stages)
+    result.node_host_peak = num_processes * result.process_host_peak
+    if num_processes > 1:
+        reduced = sum(s.blocks * s.stats_bytes for s in result.stages)
+        result.allreduce_bytes = int(reduced * 2 * (num_processes - 1) / num_processes)
+        passes = sum(s.flops - s.solve_flops for s in result.stages)
+        solves = sum(s.solve_flops for s in result.stages)
+        result.seconds = (passes * fraction + solves) / result.throughput + result.allreduce_bytes / bandwidth
     return result
 
 

@@ -71,3 +71,31 @@ def test_cli_plan(capsys):
 def test_measured_throughput_is_positive():
     p = plan(_cfg("llama-2-7b"), "wanda", num_samples=2, seq_len=16)
     assert p.throughput > 1e8 and p.seconds > 0 and "measured" in p.throughput_source
+
+
+def test_num_processes_plans_memory_per_process_and_time():
+    one = plan(_cfg("llama-2-7b"), "sparsegpt", throughput=1e14, num_samples=128, seq_len=2048, batch_size=8)
+    assert one.num_processes == 1 and one.batches_per_process == 16 and one.allreduce_bytes == 0
+    assert one.process_host_peak == one.node_host_peak == one.host_peak and one.seconds == one.single_process_seconds
+    four = plan(_cfg("llama-2-7b"), "sparsegpt", throughput=1e14, num_samples=128, seq_len=2048, batch_size=8,
+                num_processes=4, bandwidth=1e10)
+    stage = four.stages[0]
+    assert four.batches_per_process == 4
+    assert four.process_device_peak == one.device_peak  # every process: the block, the full statistics, one batch
+    assert four.process_host_peak == one.weight_bytes + stage.activation_cache // 4  # its share of the activations
+    assert four.node_host_peak == 4 * four.process_host_peak
+    assert four.allreduce_bytes == int(32 * stage.stats_bytes * 2 * 3 / 4)  # ring all-reduce of every block's Gram
+    passes, solves = stage.flops - stage.solve_flops, stage.solve_flops
+    assert solves > 0 and four.seconds == pytest.approx((passes / 4 + solves) / 1e14 + four.allreduce_bytes / 1e10)
+    assert four.seconds < one.seconds == four.single_process_seconds
+    with pytest.raises(ValueError, match="make 1 batches, fewer than num_processes=2"):
+        plan(_cfg("llama-2-7b"), "wanda", throughput=1e12, num_samples=8, batch_size=8, num_processes=2)
+    with pytest.raises(ValueError, match="num_processes=0 must be a whole number >= 1"):
+        plan(_cfg("llama-2-7b"), "wanda", throughput=1e12, num_processes=0)
+
+
+def test_cli_plan_num_processes(capsys):
+    assert main(["plan", _cfg("llama-2-7b"), "--method", "wanda", "--throughput", "1e13", "--num-processes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated time with one process:" in out and "with 2 processes (data-parallel calibration, 8 of the 16" in out
+    assert "per process: device peak" in out and "all 2 on one machine" in out
