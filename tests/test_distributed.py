@@ -170,3 +170,36 @@ def test_too_few_batches_for_the_processes_is_refused(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
     with pytest.raises(CalibrationDataError, match="3 calibration batches cannot be split across 4 processes"):
         distributed.shard_range(3)
+
+
+def test_fsdp_is_refused_with_the_reason_and_what_to_use_instead(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from torch import nn
+    from transformers import TrainerControl, TrainerState
+
+    from hf_prune import InputCompensatedModel, InputCompensationConfig
+    from hf_prune.callbacks import InputCompensationCallback, SolutionPathCallback, SparsityPreservingCallback
+
+    model, dense = worker.pruned_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state, control = TrainerState(), TrainerControl()
+    sharded = SimpleNamespace(fsdp="full_shard", output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="cannot keep pruned weights at zero under FSDP.*DDP.*merge_lora_keep_sparsity"):
+        SparsityPreservingCallback().on_train_begin(sharded, state, control, model=model)
+    with pytest.raises(ValueError, match="cannot run SPP's search under FSDP.*under DDP"):
+        SolutionPathCallback().on_train_begin(sharded, state, control, model=model)
+    plain = SimpleNamespace(fsdp=None, output_dir=str(tmp_path))
+    wrapped = type("FSDPLlamaForCausalLM", (nn.Module,), {})()  # how FSDP2's fully_shard renames the class
+    wrapped.inner = model
+    with pytest.raises(ValueError, match="under FSDP"):
+        SparsityPreservingCallback().on_train_begin(plain, state, control, model=wrapped)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch with an FSDP config
+    with pytest.raises(ValueError, match="under FSDP"):
+        SparsityPreservingCallback().on_train_begin(plain, state, control, model=model)
+    ic = InputCompensatedModel(model, InputCompensationConfig(pool_size=4, train_base="retained"), teacher=dense)
+    with pytest.raises(ValueError, match="train_base='retained'.*cannot work under FSDP.*train_base=False"):
+        InputCompensationCallback().on_train_begin(plain, state, control, model=ic)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before any change
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert not distributed.fsdp_in_use(plain, model)

@@ -327,3 +327,24 @@ def agree(error: BaseException | None) -> None:
 def barrier() -> None:
     if active():
         _dist().barrier()
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def fsdp_in_use(args: Any = None, model: nn.Module | None = None) -> bool:
+    """Whether a ``Trainer`` run shards its model with FSDP: ``TrainingArguments.fsdp`` set, ``accelerate launch``
+    configured for FSDP (``ACCELERATE_USE_FSDP``), or a model already wrapped (FSDP1 modules, FSDP2 classes or
+    DTensor parameters)."""
+    if args is not None and getattr(args, "fsdp", None):
+        return True
+    if os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes"):
+        return True
+    if model is None:
+        return False
+    for module in model.modules():
+        name = type(module).__name__
+        if name == "FullyShardedDataParallel" or name.startswith("FSDP"):
+            return True
+    return any(type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+               for p in model.parameters())

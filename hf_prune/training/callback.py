@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..engine import distributed
 from .weight_masks import WeightMasks
 
 
@@ -41,6 +42,15 @@ class SparsityPreservingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("SparsityPreservingCallback needs the model; use it through transformers.Trainer.")
+        if distributed.fsdp_in_use(args, model):
+            raise ValueError(
+                "SparsityPreservingCallback cannot keep pruned weights at zero under FSDP: FSDP shards (flattens) "
+                "every weight across the processes, so no process holds the whole weight a mask covers, and neither "
+                "the pruned positions nor their optimizer moments can be zeroed. Fine-tune under DDP instead "
+                "(accelerate launch / torchrun without FSDP: every process holds the whole model; tested), or train "
+                "LoRA adapters on the frozen pruned base without this callback (the base does not change, so it needs "
+                "no mask while training): take masks = WeightMasks.from_model(model) before training and merge with "
+                "hf_prune.recovery.merge_lora_keep_sparsity(peft_model, masks) once the full weights are gathered.")
         if self.masks is None:
             self.masks = WeightMasks.from_model(model)
         if not self.masks.masks:

@@ -20,6 +20,7 @@ import os
 
 from transformers import TrainerCallback
 
+from ...engine import distributed
 from .model import InputCompensatedModel
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,12 @@ class InputCompensationCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         ic = _compensated(model)
+        if ic.weight_masks is not None and distributed.fsdp_in_use(args, model):
+            raise ValueError(
+                "InputCompensationConfig(train_base='retained') keeps the pruned weights at zero with their masks, "
+                "which cannot work under FSDP: FSDP shards every weight across the processes, so no process holds the "
+                "whole weight a mask covers. Train under DDP (tested), or with train_base=False (only the pool trains; "
+                "the base keeps its zeros without masks).")
         ic.check_ready_to_train()
         ic.freeze_base_()
         if ic.weight_masks is not None:

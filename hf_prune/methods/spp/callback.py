@@ -29,6 +29,7 @@ import os
 from transformers import TrainerCallback
 
 from ...atomic import check_output_dir
+from ...engine import distributed
 from .masks import SPPMasks
 
 PATH_FOLDER = "solution_path"
@@ -45,6 +46,13 @@ class SolutionPathCallback(TrainerCallback):
 
     # ---- checks before the first step ------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if distributed.fsdp_in_use(args, model):
+            raise ValueError(
+                "SolutionPathCallback cannot run SPP's search under FSDP: after every step the path update reads and "
+                "writes every mask whole (z, Gamma, first-entry times), and FSDP would shard the masks with the model. "
+                "Run the search under DDP (accelerate launch / torchrun without FSDP; tested: every process holds the "
+                "same path): the backbone is frozen during the search, so each process needs only the model's "
+                "inference memory plus the masks and their optimizer state.")
         masks = SPPMasks.find(model) if model is not None else None
         if masks is None:
             raise ValueError("SolutionPathCallback: the model carries no SPP masks. Call "
