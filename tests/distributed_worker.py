@@ -1,7 +1,8 @@
 """Worker for tests/test_distributed.py, run by ``python -m torch.distributed.run --nproc_per_node 2`` (two CPU
 processes, gloo on loopback). Phases:
 
-- ``prune OUT``: every one-shot method of ``ONE_SHOT`` prunes the same tiny LLaMA with data-parallel calibration;
+- ``prune OUT``: ``hf-prune prune`` (Wanda) on a tiny LLaMA folder, initialising the process group itself; then
+  every one-shot method of ``ONE_SHOT`` prunes the same tiny LLaMA with data-parallel calibration;
   each rank dumps its pruned weights and report; rank 0's ``save_pretrained`` folder is the only one written; then
   Input Compensation and a recovery run (SparsityPreservingCallback, then LoRA + merge) train under DDP; last, a
   checkpointed Wanda run whose rank 0 is killed after its first checkpoint (the launch then fails).
@@ -131,6 +132,24 @@ def _save(path: str, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path)
 
 
+def _cli(out: str) -> None:
+    """``hf-prune prune`` as launched by torchrun: it initialises the process group itself (no group exists yet)."""
+    import torch.distributed as dist
+
+    from hf_prune.calibration import builtin_texts
+    from hf_prune.cli import main as cli
+    from hf_prune.toy import train_tokenizer
+
+    folder = os.path.join(out, f"model_rank{os.environ['RANK']}")  # each rank its own copy: no group to wait on yet
+    make_llama().save_pretrained(folder)
+    train_tokenizer(list(builtin_texts("builtin:python-docs", "train"))[:200], vocab_size=VOCAB).save_pretrained(
+        folder)
+    assert not dist.is_initialized()
+    code = cli(["prune", folder, "--method", "wanda", "--output", os.path.join(out, "cli"), "--no-progress",
+                "--calibration", "builtin:python-docs", "--num-samples", "4", "--seq-len", "32", "--batch-size", "1"])
+    assert code == 0 and dist.is_initialized() and dist.get_world_size() == 2
+
+
 def _prune(out: str, rank: int) -> None:
     from hf_prune import Pruner, WandaConfig
     from hf_prune.engine.checkpoint import KILL_AFTER_ENV
@@ -174,7 +193,10 @@ def main() -> None:
 
     phase, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if phase == "prune":
+        _cli(out)  # the CLI initialises the process group from torchrun's environment
+    else:
+        dist.init_process_group("gloo")
     rank = dist.get_rank()
     try:
         (_prune if phase == "prune" else _resume)(out, rank)

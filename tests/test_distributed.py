@@ -1,7 +1,8 @@
 """Past one process: data-parallel calibration and training-time methods with two CPU processes (gloo on loopback,
 launched through ``torch.distributed.run``), checked against one process with the same global batch.
 
-Two launches in all (``tests/distributed_worker.py``): the first prunes with Wanda, SparseGPT (2:4), ECoFLaP,
+Two launches in all (``tests/distributed_worker.py``): the first runs ``hf-prune prune`` (which initialises the
+process group from torchrun's environment), prunes with Wanda, SparseGPT (2:4), ECoFLaP,
 ModHiFi and training-free SPP, trains Input Compensation and a recovery run (mask-keeping full fine-tuning, then
 LoRA and the sparsity-keeping merge) under DDP, and ends with a checkpointed Wanda run whose rank 0 is killed after
 its first block; the second resumes that run with two processes.
@@ -60,6 +61,7 @@ def runs(tmp_path_factory):
     first = _launch("prune", str(out))
     assert all((out / f"done_rank{r}").exists() for r in (0, 1)), first.stderr[-4000:]
     assert first.returncode != 0  # rank 0 was killed on purpose after its first checkpoint
+    (out / "launch_stdout.txt").write_text(first.stdout)
     shutil.copytree(out / "checkpoint", out / "checkpoint-single")  # the same checkpoint, resumed by one process
     second = _launch("resume", str(out))
     assert second.returncode == 0, second.stderr[-4000:]
@@ -112,6 +114,15 @@ def test_report_and_card_record_the_split_and_only_rank_0_saves(runs):
     assert "| data_parallel | `2 processes (gloo): the 6 calibration batches split into consecutive runs of 3 + 3;" \
         in card
     assert [p for p in os.listdir(runs) if p.startswith(".saved")] == []  # no second writer's leftovers
+
+
+def test_the_cli_under_torchrun_initialises_the_group_and_rank_0_saves(runs):
+    card = open(runs / "cli" / "README.md").read()  # hf-prune prune, launched by torchrun with two processes
+    assert "| data_parallel | `2 processes (gloo): the 4 calibration batches split into consecutive runs of 2 + 2;" \
+        in card
+    assert json.load(open(runs / "cli" / "pruning_report.json"))["run"]["distributed"]["world_size"] == 2
+    assert (runs / "launch_stdout.txt").read_text().count("saved to ") == 1  # the main process speaks
+    assert not os.path.exists(runs / ".cli.checkpoint")  # checkpointed by rank 0, discarded once saved
 
 
 def test_input_compensation_under_ddp_matches_one_process(runs, tmp_path, one_thread):
