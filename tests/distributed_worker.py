@@ -95,7 +95,8 @@ def train_ic(folder: str, per_device: int) -> dict[str, torch.Tensor]:
 
     model, dense = pruned_llama()
     ic = InputCompensatedModel(model, InputCompensationConfig(pool_size=8, loss="kd_kl"), teacher=dense)
-    trainer = T.Trainer(model=ic, args=training_args(folder, per_device=per_device, steps=6, lr=1e-2),
+    trainer = T.Trainer(model=ic, args=training_args(folder, per_device=per_device, steps=6, lr=1e-2,
+                                                     save_strategy="steps", save_steps=6),
                         train_dataset=train_rows(), callbacks=[InputCompensationCallback()])
     trainer.train()
     return {k: v.detach().clone() for k, v in ic.state_dict().items()}
@@ -124,6 +125,26 @@ def train_recovery(folder: str, per_device: int) -> tuple[dict[str, torch.Tensor
     info = {"violations": masks.violations(merge.model), "dropped": merge.dropped_fraction,
             "summary": keeper.summary()}
     return {k: v.detach().clone() for k, v in merge.model.state_dict().items()}, info
+
+
+def train_resumed(folder: str, per_device: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Mask-keeping fine-tuning for 4 steps with a Trainer checkpoint at step 2, and the same run resumed from that
+    checkpoint in a new Trainer: both final weights."""
+    import transformers as T
+
+    from hf_prune.callbacks import SparsityPreservingCallback
+
+    def trainer(model, name):
+        args = training_args(os.path.join(folder, name), per_device=per_device, steps=4, lr=1e-3, weight_decay=0.1,
+                             save_strategy="steps", save_steps=2)
+        return T.Trainer(model=model, args=args, train_dataset=train_rows(), callbacks=[SparsityPreservingCallback()])
+
+    whole, _ = pruned_llama()
+    trainer(whole, "whole").train()
+    resumed, _ = pruned_llama()
+    trainer(resumed, "resumed").train(resume_from_checkpoint=os.path.join(folder, "whole", "checkpoint-2"))
+    return ({k: v.detach().clone() for k, v in whole.state_dict().items()},
+            {k: v.detach().clone() for k, v in resumed.state_dict().items()})
 
 
 def _save(path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -169,6 +190,9 @@ def _prune(out: str, rank: int) -> None:
     _save(os.path.join(out, f"recovery_rank{rank}.safetensors"), merged)
     with open(os.path.join(out, f"recovery_rank{rank}.json"), "w") as fh:
         json.dump(info, fh)
+    whole, resumed = train_resumed(os.path.join(out, "resume"), per_device=4)
+    _save(os.path.join(out, f"trained_whole_rank{rank}.safetensors"), whole)
+    _save(os.path.join(out, f"trained_resumed_rank{rank}.safetensors"), resumed)
     with open(os.path.join(out, f"done_rank{rank}"), "w") as fh:
         fh.write("ok")
     if rank == 0:  # the main process, the checkpoint's writer, dies after the first block's checkpoint

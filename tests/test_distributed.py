@@ -150,6 +150,21 @@ def test_recovery_and_lora_merge_under_ddp_match_one_process(runs, tmp_path, one
     assert moved  # the weights did train
 
 
+def test_trainer_checkpoints_under_ddp_resume_as_in_one_process(runs):
+    whole = _load(runs / "trained_whole_rank0.safetensors")
+    resumed = _load(runs / "trained_resumed_rank0.safetensors")
+    other = _load(runs / "trained_resumed_rank1.safetensors")
+    model, _ = worker.pruned_llama()
+    start = model.state_dict()
+    assert any(not torch.equal(whole[k], start[k]) for k in whole)  # it trained
+    for key, tensor in whole.items():
+        assert torch.equal(resumed[key], tensor) and torch.equal(other[key], tensor), key  # exactly, on every rank
+        if key.endswith("proj.weight"):
+            assert bool((tensor[start[key] == 0] == 0).all()), key  # pruned weights stayed zero
+    # Trainer checkpoints are written by the main process: IC's pool files join the Trainer's own
+    assert {"ic_config.json", "ic_pool.safetensors"} <= set(os.listdir(runs / "ic" / "checkpoint-6"))
+
+
 def test_a_killed_rank_leaves_a_checkpoint_that_resumes(runs, one_thread):
     state = json.load(open(runs / "checkpoint-single" / "state.json"))
     assert state["position"]["block"] == 0 and state["inputs"] is None  # main wrote; no per-rank inputs
