@@ -2,10 +2,10 @@
 processes, gloo on loopback). Phases:
 
 - ``prune OUT``: ``hf-prune prune`` (Wanda) on a tiny LLaMA folder, initialising the process group itself; then
-  every one-shot method of ``ONE_SHOT`` prunes the same tiny LLaMA with data-parallel calibration;
+  every one-shot method of ``one_shot()`` prunes the same tiny LLaMA with data-parallel calibration;
   each rank dumps its pruned weights and report; rank 0's ``save_pretrained`` folder is the only one written; then
-  Input Compensation and a recovery run (SparsityPreservingCallback, then LoRA + merge) train under DDP; last, a
-  checkpointed Wanda run whose rank 0 is killed after its first checkpoint (the launch then fails).
+  Input Compensation and a recovery run (SparsityPreservingCallback, then LoRA + merge) train under DDP, and a
+  mask-keeping run is resumed from its Trainer checkpoint; last, a checkpointed Wanda run whose rank 0 is killed after its first checkpoint (the launch then fails).
 - ``resume OUT``: the killed run resumed with two processes; each rank dumps its weights.
 
 The builders (model, batches, configs, training runs) are imported by the test to compute the single-process
@@ -51,10 +51,11 @@ def calibration_batches(n: int = 6, batch: int = 2) -> list[dict]:
 
 
 def one_shot() -> dict:
-    from hf_prune import ECoFLaPConfig, ModHiFiConfig, SparseGPTConfig, SPPConfig, WandaConfig
+    from hf_prune import ECoFLaPConfig, ModHiFiConfig, RIAConfig, SparseGPTConfig, SPPConfig, WandaConfig
 
     return {
         "wanda": WandaConfig(sparsity=0.5),
+        "ria": RIAConfig(sparsity=0.5),
         "sparsegpt": SparseGPTConfig(pattern="2:4"),
         "ecoflap": ECoFLaPConfig(sparsity=0.5, score="zeroth_order", zo_num_noise=1, num_score_samples=4),
         "modhifi": ModHiFiConfig(sparsity=0.25),

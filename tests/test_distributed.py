@@ -2,14 +2,14 @@
 launched through ``torch.distributed.run``), checked against one process with the same global batch.
 
 Two launches in all (``tests/distributed_worker.py``): the first runs ``hf-prune prune`` (which initialises the
-process group from torchrun's environment), prunes with Wanda, SparseGPT (2:4), ECoFLaP,
+process group from torchrun's environment), prunes with Wanda, RIA, SparseGPT (2:4), ECoFLaP,
 ModHiFi and training-free SPP, trains Input Compensation and a recovery run (mask-keeping full fine-tuning, then
-LoRA and the sparsity-keeping merge) under DDP, and ends with a checkpointed Wanda run whose rank 0 is killed after
+LoRA and the sparsity-keeping merge) under DDP, resumes a Trainer checkpoint, and ends with a checkpointed Wanda run whose rank 0 is killed after
 its first block; the second resumes that run with two processes.
 
 Bounds (stated once, asserted below): the pruning masks are identical to one process; the weights are equal up
 to the order in which statistics are added (per-rank partial sums added across ranks instead of batch after
-batch): bit-identical for Wanda, ECoFLaP and SPP, which keep the surviving weights, and within 1e-4 of the
+batch): bit-identical for Wanda, RIA, ECoFLaP and SPP, which keep the surviving weights, and within 1e-4 of the
 tensor's largest magnitude for SparseGPT's and ModHiFi's least-squares updates; training under DDP with the same
 global batch matches one process within 1e-5 (Input Compensation's pool) and 5e-4 (recovery: Adam's normalised
 steps amplify the rounding of the averaged gradients) of each tensor's largest magnitude.
@@ -36,7 +36,7 @@ from hf_prune import Pruner, WandaConfig  # noqa: E402
 from hf_prune.engine import distributed  # noqa: E402
 
 PRUNED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-UPDATE_BOUND = {"wanda": 0.0, "ecoflap": 0.0, "spp": 0.0, "sparsegpt": 1e-4, "modhifi": 1e-4}
+UPDATE_BOUND = {"wanda": 0.0, "ria": 0.0, "ecoflap": 0.0, "spp": 0.0, "sparsegpt": 1e-4, "modhifi": 1e-4}
 
 
 def _free_port() -> int:
