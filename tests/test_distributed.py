@@ -229,3 +229,11 @@ def test_fsdp_is_refused_with_the_reason_and_what_to_use_instead(monkeypatch, tm
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before any change
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert not distributed.fsdp_in_use(plain, model)
+
+
+def test_two_processes_on_one_host_never_share_an_offload_folder():
+    records = [("node-a", ["/x/offload"]), ("node-a", ["/x/offload-1"]), ("node-b", ["/x/offload"])]
+    assert distributed.shared_folders(records) == []  # other folders, or the same path on another host
+    records.append(("node-a", ["/x/offload"]))
+    assert distributed.shared_folders(records) == [("/x/offload", 0, 3)]
+    distributed.check_private_folders(["/x/offload"], "the offload folder", "unused")  # one process: nothing to check

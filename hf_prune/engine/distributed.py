@@ -222,6 +222,36 @@ def reduce_floats(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(names, tensor.tolist()))
 
 
+# --------------------------------------------------------------------------------------------- private folders
+
+
+def shared_folders(records: list[tuple[str, list[str]]]) -> list[tuple[str, int, int]]:
+    """``(folder, rank, other rank)`` for every folder that two ranks on the same host both write, from each
+    rank's ``(host, folders)``."""
+    owner: dict[tuple[str, str], int] = {}
+    clashes = []
+    for r, (host, folders) in enumerate(records):
+        for folder in folders:
+            first = owner.setdefault((host, folder), r)
+            if first != r:
+                clashes.append((folder, first, r))
+    return clashes
+
+
+def check_private_folders(folders: list[str], what: str, fix: str, error: type = HFPruneError) -> None:
+    """Refuse (``error``, on every rank) when two processes on one host would write the same folder."""
+    if not active():
+        return
+    import socket
+
+    records: list[Any] = [None] * world_size()
+    _dist().all_gather_object(records, (socket.gethostname(), sorted({os.path.abspath(f) for f in folders})))
+    clashes = shared_folders(records)
+    if clashes:
+        folder, a, b = clashes[0]
+        raise error(f"ranks {a} and {b} both write {what} {folder!r}; {fix}. Nothing was changed.")
+
+
 # --------------------------------------------------------------------------------------------- identical ranks
 
 

@@ -239,6 +239,17 @@ def offloaded_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return {k: (offloaded[k].read() if v.device.type == "meta" and k in offloaded else v) for k, v in state.items()}
 
 
+def offload_folders(model: nn.Module) -> list[str]:
+    """The folders the walker writes pruned tensors of disk-offloaded weights into (accelerate's offload folder)."""
+    folders = set()
+    for holder in offloaded_tensors(model).values():
+        store, _ = _store(holder.weights_map, holder.name)
+        folder = getattr(store, "save_folder", None)
+        if folder and hasattr(store, "index"):
+            folders.add(str(folder))
+    return sorted(folders)
+
+
 def describe_offload(model: nn.Module) -> dict | None:
     """What the report says about offload: how many tensors lived in which kind of weights map."""
     offloaded = offloaded_tensors(model)

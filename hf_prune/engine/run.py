@@ -19,9 +19,10 @@ from torch import nn
 
 from ..calibration.config import CalibrationConfig
 from ..calibration.data import CalibrationSet, build_calibration
-from ..errors import HFPruneError
+from ..errors import HFPruneError, OffloadError
 from ..models import Family, Stage, get_family, text_context
 from . import distributed
+from .offload import offload_folders
 from .report import RunMeter, run_report
 from .targets import Target, calibration_needs, check_finite, check_model_ready, stages_with_targets
 from .walker import BlockProcessor, resolve_device, walk
@@ -85,6 +86,11 @@ def prepare(model: nn.Module, device: str | torch.device | None = None, *, offlo
     check_model_ready(model, offload=offload)
     family = get_family(model)
     check_finite(model)
+    if offload and distributed.active():  # each process writes its pruned offloaded blocks: never the same folder
+        distributed.check_private_folders(
+            offload_folders(model), "the offload folder",
+            "give each process its own (e.g. offload_folder=f'offload-{LOCAL_RANK}', --offload-folder "
+            "offload-$LOCAL_RANK) or load without disk offload", error=OffloadError)
     return RunContext(model, family, family.stages(model), resolve_device(model, device))
 
 
