@@ -55,6 +55,7 @@ def one_shot() -> dict:
 
     return {
         "wanda": WandaConfig(sparsity=0.5),
+        "wanda64": WandaConfig(sparsity=0.5, accum_dtype="float64"),  # statistics summed in float64
         "ria": RIAConfig(sparsity=0.5),
         "sparsegpt": SparseGPTConfig(pattern="2:4"),
         "ecoflap": ECoFLaPConfig(sparsity=0.5, score="zeroth_order", zo_num_noise=1, num_score_samples=4),

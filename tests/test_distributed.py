@@ -36,7 +36,7 @@ from hf_prune import Pruner, WandaConfig  # noqa: E402
 from hf_prune.engine import distributed  # noqa: E402
 
 PRUNED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-UPDATE_BOUND = {"wanda": 0.0, "ria": 0.0, "ecoflap": 0.0, "spp": 0.0, "sparsegpt": 1e-4, "modhifi": 1e-4}
+UPDATE_BOUND = {"wanda": 0.0, "wanda64": 0.0, "ria": 0.0, "ecoflap": 0.0, "spp": 0.0, "sparsegpt": 1e-4, "modhifi": 1e-4}
 
 
 def _free_port() -> int:
@@ -237,3 +237,19 @@ def test_two_processes_on_one_host_never_share_an_offload_folder():
     records.append(("node-a", ["/x/offload"]))
     assert distributed.shared_folders(records) == [("/x/offload", 0, 3)]
     distributed.check_private_folders(["/x/offload"], "the offload folder", "unused")  # one process: nothing to check
+
+
+def test_float64_statistics_reach_the_method_rounded_once_to_float32():
+    from hf_prune.engine.stats import LinearStats
+    from hf_prune.methods.layerwise import as_float32
+
+    with pytest.raises(ValueError, match="accum_dtype"):
+        WandaConfig(accum_dtype="float16")
+    g = torch.Generator().manual_seed(0)
+    st = LinearStats(8, frozenset({"gram", "sq_norm"}), torch.float64)
+    for _ in range(3):
+        st.update(torch.randn(5, 8, generator=g))
+    cast = as_float32(st)
+    assert cast.dtype == torch.float32 and cast.tokens == 15 and cast.x_sum is None
+    assert cast.xtx.dtype == torch.float32 and torch.equal(cast.xtx, st.xtx.float())
+    assert torch.equal(cast.sq_sum, st.sq_sum.float()) and as_float32(cast) is cast

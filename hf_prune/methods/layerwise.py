@@ -9,6 +9,7 @@ the report) is here, once.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -57,6 +58,12 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
       and the MLP inputs read the residual stream, whose channels cannot be reordered inside one block, and the
       attention output projection's inputs are left in order too; they are pruned as they are. The report's
       ``channel_permutation`` section lists the permuted modules.
+    - ``accum_dtype``: ``"float32"`` (default) or ``"float64"``, the dtype the input statistics are summed in; the
+      method reads them in float32 either way. In float64 every product of float32 inputs is exact and the sum
+      does not depend on the order of the additions to ~1e-16, so a data-parallel run over several processes
+      (``engine.distributed``) gets the statistics, and the masks, of one process: in float32 the per-process
+      partial sums round differently and near-tied weights can swap, and the swap propagates to later blocks.
+      Costs twice the statistics' memory and their accumulation time.
     """
 
     sparsity: float | None = None
@@ -65,6 +72,7 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
     exclude_modules: list[str] | None = None
     module_sparsity: dict[str, float] | None = None
     channel_permutation: bool = False
+    accum_dtype: str = "float32"
 
     statistics: ClassVar[frozenset] = frozenset()  # what the method reads: "sq_norm", "gram"
     # (in_features, out_features) -> (bytes, flops) of the per-Linear solve beyond the statistics, for the planner
@@ -96,6 +104,7 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
             raise ValueError(f"{owner} does not support channel_permutation: it defines no channel_scores.")
         check_number(owner, "sparsity", self.sparsity, 0.0, 1.0)
         self.sparsity = float(self.sparsity)
+        check_choice(owner, "accum_dtype", self.accum_dtype, tuple(ACCUM_DTYPES))
         self.target_modules = regex_list(owner, "target_modules", self.target_modules)
         self.exclude_modules = regex_list(owner, "exclude_modules", self.exclude_modules)
         if self.module_sparsity is not None:
@@ -143,6 +152,18 @@ def permutable_inputs(model: nn.Module, stages: list, targets: list[Target]) -> 
     return found
 
 
+ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def as_float32(stat: LinearStats | None) -> LinearStats | None:
+    """Statistics summed in float64 (``accum_dtype="float64"``), rounded once to the float32 the methods read."""
+    if stat is None or stat.dtype == torch.float32:
+        return stat
+    cast = {k: None if v is None else v.to(torch.float32) for k, v in
+            (("sq_sum", stat.sq_sum), ("xtx", stat.xtx), ("x_sum", stat.x_sum))}
+    return dataclasses.replace(stat, dtype=torch.float32, **cast)
+
+
 class LayerwiseProcessor:
     def __init__(self, config: LayerwiseConfig, targets: list[Target],
                  permutable: dict[str, tuple[str, ...]] | None = None):
@@ -162,7 +183,7 @@ class LayerwiseProcessor:
     def process(self, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
         for t in self.by_block.get(block_name, []):
             weight = t.module.weight
-            stat, extra = stats.get(t.name), {}
+            stat, extra = as_float32(stats.get(t.name)), {}
             if t.name in self.permutable:
                 stat, extra = self.permute_inputs(t, block_name, block, stat)
             new, prune, info = self.config.prune_weight(weight.detach().to(torch.float32), stat,
@@ -232,7 +253,8 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
         with meter.phase("walk_and_prune"), changed_in_place(lambda: len(processor.info),
                                                              "{n} of {total} modules were already pruned",
                                                              total=len(targets)):
-            run.walk(batches, processor, progress=progress, desc=config.method, checkpoint=checkpoint)
+            run.walk(batches, processor, progress=progress, desc=config.method, checkpoint=checkpoint,
+                     stats_dtype=ACCUM_DTYPES[config.accum_dtype])
     sections = None
     if config.channel_permutation:
         sections = {"channel_permutation": {

@@ -92,8 +92,7 @@ def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[s
     perturbation seeds follow the global batch index) and the per-rank sums are added across ranks."""
     model, loss, batches = pruner.model, plan.loss, plan.score_data.batches
     lo, hi = distributed.shard_range(len(batches))
-    share = {"batches": batches[lo:hi], "batch_offset": lo, "total_batches": len(batches),
-             "progress": progress and distributed.is_main()}
+    share, show = batches[lo:hi], progress and distributed.is_main()
     seed = config.calibration.seed
     if config.score == "zeroth_order":
         if config.zo_perturb == "tensor":
@@ -101,8 +100,8 @@ def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[s
         else:
             units = [Unit(group, group, [t.module.weight for t in ts]) for group, ts in groups.items()]
         unit_scores = _summed(lambda: zeroth_order_scores(
-            model, units, share["batches"], loss, eps=config.zo_eps, num_noise=config.zo_num_noise, seed=seed,
-            device=plan.score_device, progress=share["progress"], batch_offset=lo, total_batches=len(batches)))
+            model, units, share, loss, eps=config.zo_eps, num_noise=config.zo_num_noise, seed=seed,
+            device=plan.score_device, progress=show, batch_offset=lo, total_batches=len(batches)))
         raw = {group: 0.0 for group in groups}
         for unit in units:
             raw[unit.group] += unit_scores[unit.name]
@@ -114,8 +113,8 @@ def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[s
         weights = {t.name: t.module.weight for ts in groups.values() for t in ts}
         blocks = [block for stage in plan.stages for block in stage.blocks(model)]
         tensor_scores = _summed(lambda: first_order_scores(
-            model, weights, share["batches"], loss, seed=seed, device=plan.score_device, progress=share["progress"],
-            blocks=blocks, batch_offset=lo, total_batches=len(batches)))
+            model, weights, share, loss, seed=seed, device=plan.score_device, progress=show, blocks=blocks,
+            batch_offset=lo, total_batches=len(batches)))
         raw = {group: sum(tensor_scores[t.name] for t in ts) for group, ts in groups.items()}
         passes = {"forward": len(batches), "backward": len(batches), "block_recomputations": len(batches)}
     return raw, passes
