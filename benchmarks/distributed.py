@@ -6,7 +6,8 @@
 For each method it launches ``torch.distributed.run`` (gloo on loopback) with one process, and with two, each on
 one intra-op thread, plus one process on two threads (what the same two cores give without torch.distributed),
 and prints per run: the walk (calibration passes, all-reduce and pruning) time, the whole prune time, the peak
-RSS of one process, and the largest difference of the pruned weights to the one-process run (masks compared).
+RSS of one process, how many mask entries differ from the one-process run and the largest weight difference.
+``wanda:float64`` sums the statistics in float64 (``accum_dtype="float64"``; one and two processes only).
 
 A second table answers "apply everywhere, or compute on rank 0 and broadcast?": for one block, the time every
 rank spends on the method's solves for its Linears (what each rank repeats, in parallel) against the time to
@@ -34,11 +35,14 @@ PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 
 
 def _config(method: str, args):
+    """``wanda``, ``sparsegpt``, or either with ``:float64`` (statistics summed in float64, ``accum_dtype``)."""
     from hf_prune import CalibrationConfig, SparseGPTConfig, WandaConfig
 
+    name, _, accum = method.partition(":")
     calibration = CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                                     dataset=args.calibration, seed=0)
-    return {"wanda": WandaConfig, "sparsegpt": SparseGPTConfig}[method](sparsity=0.5, calibration=calibration)
+    return {"wanda": WandaConfig, "sparsegpt": SparseGPTConfig}[name](sparsity=0.5, calibration=calibration,
+                                                                      accum_dtype=accum or "float32")
 
 
 def worker(args) -> None:
@@ -127,7 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=PYLM, help=f"model folder (default: the shared trained decoder {PYLM})")
     parser.add_argument("--calibration", default=os.path.join(PYLM_DATA, "calibration.txt"))
-    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--methods", default="wanda,wanda:float64,sparsegpt",
+                        help="comma-separated; METHOD:float64 sums the statistics in float64 (accum_dtype)")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -149,25 +154,28 @@ def main() -> None:
     rows, comparison = [], []
     for method in args.methods.split(","):
         runs = {}
-        for processes, threads in ((1, 1), (1, 2), (2, 1)):
-            out = tempfile.mkdtemp(prefix=f"hf_prune_dist_{method}_{processes}x{threads}-")
+        layouts = ((1, 1), (1, 2), (2, 1)) if ":" not in method else ((1, 1), (2, 1))
+        for processes, threads in layouts:
+            out = tempfile.mkdtemp(prefix=f"hf_prune_dist_{method.replace(':', '-')}_{processes}x{threads}-")
             records = launch(args, method, processes, threads, out, solve_vs_broadcast=processes == 2)
             runs[(processes, threads)] = (records, load_file(os.path.join(out, "weights.safetensors")))
         base_records, base_weights = runs[(1, 1)]
         for (processes, threads), (records, weights) in runs.items():
-            same_masks = all(bool(((weights[k] == 0) == (v == 0)).all()) for k, v in base_weights.items())
+            swapped = sum(int(((weights[k] == 0) != (v == 0)).sum()) for k, v in base_weights.items())
+            entries = sum(v.numel() for v in base_weights.values())
             diff = max(float((weights[k] - v).abs().max()) for k, v in base_weights.items())
             walk = max(r["walk_s"] for r in records)
             rows.append([method, processes, threads, f"{walk:.2f}", f"{max(r['prune_s'] for r in records):.2f}",
                          f"{base_records[0]['walk_s'] / walk:.2f}x", f"{max(r['peak_rss'] for r in records) / 2**20:.0f}",
-                         "yes" if same_masks else "NO", f"{diff:.1e}"])
+                         f"{swapped} of {entries / 1e6:.1f}M", f"{diff:.1e}"])
         two = runs[(2, 1)][0][0]
-        comparison.append([method, f"{two['block_bytes'] / 2**20:.2f}", f"{1000 * two['block_solve_s']:.1f}",
-                           f"{1000 * two['block_broadcast_s']:.1f}", f"{1000 * two['block_check_s']:.1f}"])
+        if ":" not in method:
+            comparison.append([method, f"{two['block_bytes'] / 2**20:.2f}", f"{1000 * two['block_solve_s']:.1f}",
+                               f"{1000 * two['block_broadcast_s']:.1f}", f"{1000 * two['block_check_s']:.1f}"])
     print(f"model {args.model}; calibration {args.calibration}: {args.num_samples} samples x {args.seq_len} tokens, "
-          f"batch {args.batch_size}; gloo on loopback; float32\n")
+          f"batch {args.batch_size}; gloo on loopback; float32 weights\n")
     print(format_table(rows, ["method", "processes", "threads each", "walk s", "prune s", "walk speed-up",
-                              "peak RSS/process MiB", "masks = 1 process", "max |dW| vs 1 process"]))
+                              "peak RSS/process MiB", "mask entries unlike 1 process", "max |dW| vs 1 process"]))
     print("\nper block, 2 processes: what every rank repeats (the solves) vs what broadcasting would add")
     print(format_table(comparison, ["method", "block MiB", "solves ms (every rank)", "broadcast ms (rank 0 -> all)",
                                     "checksum check ms"]))
