@@ -7,9 +7,10 @@ ModHiFi and training-free SPP, trains Input Compensation and a recovery run (mas
 LoRA and the sparsity-keeping merge) under DDP, resumes a Trainer checkpoint, and ends with a checkpointed Wanda run whose rank 0 is killed after
 its first block; the second resumes that run with two processes.
 
-Bounds (stated once, asserted below): the pruning masks are identical to one process; the weights are equal up
-to the order in which statistics are added (per-rank partial sums added across ranks instead of batch after
-batch): bit-identical for Wanda, RIA, ECoFLaP and SPP, which keep the surviving weights, and within 1e-4 of the
+Bounds (stated once, asserted below): on this model the pruning masks are identical to one process (on a trained
+model float32 sums in another order can swap near-tied entries: README, "Several processes"); the weights are
+equal up to the order in which statistics are added (per-rank partial sums added across ranks instead of batch
+after batch): bit-identical for Wanda, RIA, ECoFLaP and SPP, which keep the surviving weights, and within 1e-4 of the
 tensor's largest magnitude for SparseGPT's and ModHiFi's least-squares updates; training under DDP with the same
 global batch matches one process within 1e-5 (Input Compensation's pool) and 5e-4 (recovery: Adam's normalised
 steps amplify the rounding of the averaged gradients) of each tensor's largest magnitude.
