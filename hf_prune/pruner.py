@@ -230,6 +230,12 @@ class Pruner:
         done leaves no checkpoint. Resumable methods: ``hf_prune.engine.checkpoint.resumable_methods()`` (the
         layer-wise pruners and ECoFLaP). The folder is left in place afterwards (delete it once the result is
         saved); ``hf-prune prune`` does that itself.
+
+        Under an initialised ``torch.distributed`` process group of several processes (``torchrun``,
+        ``accelerate launch``; see ``hf_prune.engine.distributed``) every process calls ``prune`` with the same
+        model, config and data: each calibrates on its share of the batches, the statistics are summed across
+        processes, every process ends with the same pruned model, and only rank 0 writes the checkpoint (and, in
+        ``save_pretrained`` / ``push_to_hub``, the output).
         """
         if isinstance(config, dict):
             config = PrunerConfig.from_dict(config)
