@@ -85,6 +85,42 @@ def make_model(family: str, vocab: int = 512, seed: int = 0) -> torch.nn.Module:
         with torch.no_grad():  # transformers initialises the learned queries to zero; trained ones are not
             model.query_tokens.normal_(0.0, 0.5)
         return model
+    # families without a family file: found by generic discovery (hf_prune.models.discovery)
+    tokens = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if family == "gemma2":
+        return T.Gemma2ForCausalLM(T.Gemma2Config(**_text(vocab, num_key_value_heads=2, head_dim=16,
+                                                          max_position_embeddings=256, **tokens)))
+    if family == "gemma3_text":  # one sliding-window and one full-attention layer: per-layer masks and rotary tables
+        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**_text(
+            vocab, num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"], **tokens)))
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return T.Phi3ForCausalLM(T.Phi3Config(**_text(vocab, num_key_value_heads=2, max_position_embeddings=256,
+                                                      **tokens)))
+    if family == "gpt2":  # transformers Conv1D layers (weights stored [in, out])
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=vocab, n_embd=64, n_inner=128, n_layer=2, n_head=4,
+                                              n_positions=256, bos_token_id=1, eos_token_id=2))
+    if family == "gpt_neox":
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**_text(vocab, max_position_embeddings=256, **tokens)))
+    if family == "falcon":
+        return T.FalconForCausalLM(T.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, **tokens))
+    if family == "roberta":
+        return T.RobertaModel(T.RobertaConfig(**_text(vocab, max_position_embeddings=256, pad_token_id=3)))
+    if family == "modernbert":  # one local (sliding) and one global layer, each with its own rotary table
+        return T.ModernBertModel(T.ModernBertConfig(**_text(vocab, max_position_embeddings=256, global_attn_every_n_layers=2,
+                                                            local_attention=8, **tokens, cls_token_id=1,
+                                                            sep_token_id=2)))
+    if family == "distilbert":  # declares no _no_split_modules
+        return T.DistilBertModel(T.DistilBertConfig(vocab_size=vocab, dim=64, hidden_dim=128, n_layers=2, n_heads=4,
+                                                    max_position_embeddings=256, pad_token_id=3))
+    if family == "deit":
+        return T.DeiTForImageClassification(T.DeiTConfig(**_vision(), num_labels=3))
+    if family == "dinov2":
+        return T.Dinov2Model(T.Dinov2Config(**_vision()))
+    if family == "swin":  # stages of blocks at different widths with patch merging between them
+        return T.SwinForImageClassification(T.SwinConfig(image_size=IMAGE, patch_size=4, embed_dim=16, depths=[2, 2],
+                                                         num_heads=[2, 4], window_size=4, num_labels=3))
     if family == "resnet":
         return T.ResNetForImageClassification(T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                              num_labels=3))
@@ -98,9 +134,15 @@ TINY_MODELS = {"llama": "llama", "opt": "opt", "bert": "bert", "vit": "vit", "cl
 # registered families the layer-wise matrix leaves out, with the reason (tests/test_models.py checks it holds)
 NOT_LAYERWISE = {"resnet": "its blocks hold convolutions, no nn.Linear for a layer-wise method to prune "
                            "(ModHiFi's unlearning prunes them)"}
-# the families every layer-wise method x pattern runs on (make_model names)
+# model_types without a family file, pruned through generic discovery -> the make_model name of their tiny model
+DISCOVERED = {"gemma2": "gemma2", "gemma3_text": "gemma3_text", "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gpt_neox",
+              "falcon": "falcon", "roberta": "roberta", "modernbert": "modernbert", "distilbert": "distilbert",
+              "deit": "deit", "dinov2": "dinov2", "swin": "swin"}
+# the registered families every layer-wise method x pattern runs on (make_model names)
 FAMILIES = tuple(tiny for name, tiny in TINY_MODELS.items() if name not in NOT_LAYERWISE)
-IMAGE_ONLY = ("vit", "resnet")  # families whose batches carry images and no text
+# ... and with the discovered ones: the family matrix (tests/test_families.py)
+MATRIX = FAMILIES + tuple(DISCOVERED.values())
+IMAGE_ONLY = ("vit", "resnet", "deit", "dinov2", "swin")  # families whose batches carry images and no text
 
 
 def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch: int = 4, seq: int = 24,

@@ -8,9 +8,10 @@ import itertools
 import pytest
 import torch
 import transformers as T
-from conftest import FAMILIES, make_batches, make_model
+from conftest import MATRIX, make_batches, make_model
 
 from hf_prune import CalibrationConfig, Pruner, SparseGPTConfig
+from hf_prune.models import as_matrix
 from hf_prune.patterns import nm_violations, prune_count
 from hf_prune.registry import method_specs
 
@@ -33,7 +34,7 @@ def test_the_matrix_covers_every_layerwise_method():
     assert {c.method for c in METHODS} >= {"magnitude", "wanda", "sparsegpt", "ria"}
 
 
-@pytest.mark.parametrize("family,config_cls,pattern", list(itertools.product(FAMILIES, METHODS, PATTERNS)))
+@pytest.mark.parametrize("family,config_cls,pattern", list(itertools.product(MATRIX, METHODS, PATTERNS)))
 def test_every_method_pattern_family(family, config_cls, pattern, tokenizer, corpus):
     model = make_model(family, vocab=len(tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -46,7 +47,7 @@ def test_every_method_pattern_family(family, config_cls, pattern, tokenizer, cor
     linears_in_blocks = result.report["sparsity"]["overall"]["modules"]
     assert linears_in_blocks == len(per_module) > 0
     for name, entry in per_module.items():
-        weight = model.get_submodule(name).weight
+        weight = as_matrix(model.get_submodule(name))  # [out, in]; transposed view of a Conv1D's [in, out]
         out_f, in_f = weight.shape
         if pattern == "unstructured":
             if getattr(config, "scope", "matrix") == "row":  # Wanda: every row loses exactly its share
@@ -65,7 +66,7 @@ def test_every_method_pattern_family(family, config_cls, pattern, tokenizer, cor
             assert torch.equal(param, before[name]), f"{name} changed but was not a pruning target"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MATRIX)
 def test_save_and_stock_reload_identical(family, tokenizer, corpus, tmp_path):
     model = make_model(family, vocab=len(tokenizer))
     batches = make_batches(family, tokenizer, corpus)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteStatisticsError
+from ..models import in_features
 
 KINDS = ("sq_norm", "gram", "sum")
 
@@ -111,7 +112,7 @@ def input_width(module: nn.Module) -> int:
                              f"padding_mode={module.padding_mode!r}: only groups=1 with numeric zero padding is "
                              "supported for input statistics.")
         return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-    return module.in_features
+    return in_features(module)  # a Linear, or transformers' Conv1D (weight [in, out])
 
 
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

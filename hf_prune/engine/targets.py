@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteWeightsError, OffloadError, RegexTimeoutError, did_you_mean
-from ..models import Stage
+from ..models import Stage, in_features, is_linear_like
 from ..patterns import Pattern
 from ..registry import method_specs
 from .offload import check_placement, is_dispatched, iter_tensors
@@ -27,7 +27,7 @@ def offload_methods() -> list[str]:
 @dataclass
 class Target:
     name: str
-    module: nn.Linear
+    module: nn.Module  # an nn.Linear or transformers' Conv1D (models.layers: as_matrix gives its [out, in] weight)
     block: str
     stage: str
     sparsity: float
@@ -59,13 +59,14 @@ class BoundedRegex:
             self.left -= time.monotonic() - start
 
 
-def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, nn.Linear, str, str]]:
-    """(name, module, block name, stage name) of every nn.Linear inside the blocks, in walk order."""
+def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, nn.Module, str, str]]:
+    """(name, module, block name, stage name) of every linear-like layer (``nn.Linear``, transformers' ``Conv1D``)
+    inside the blocks, in walk order."""
     found = []
     for stage in stages:
         for block_name, block in zip(stage.block_names(model), stage.blocks(model)):
             for sub, module in block.named_modules(prefix=block_name):
-                if isinstance(module, nn.Linear):
+                if is_linear_like(module):
                     found.append((sub, module, block_name, stage.name))
     return found
 
@@ -78,7 +79,7 @@ def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[s
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer inside its blocks "
                          f"({', '.join(s.path for s in stages)}); the layer-wise pruners prune Linear layers only.")
     names = [c[0] for c in candidates]
-    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(names)]
+    outside = [n for n, m in model.named_modules() if is_linear_like(m) and n not in set(names)]
     examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
     def check_matches(pattern: BoundedRegex) -> None:
@@ -119,7 +120,7 @@ def plan_targets(model: nn.Module, stages: list[Stage], config: Any) -> list[Tar
     targets = [Target(n, m, b, s, overrides.get(n, config.sparsity)) for n, m, b, s in selected]
     pattern = Pattern.parse(config.pattern)
     if pattern.is_nm:
-        bad = [f"{t.name} (in_features={t.module.in_features})" for t in targets if t.module.in_features % pattern.m]
+        bad = [f"{t.name} (in_features={in_features(t.module)})" for t in targets if in_features(t.module) % pattern.m]
         if bad:
             raise ValueError(f"pattern {pattern} needs every pruned layer's input width to be a multiple of "
                              f"{pattern.m}, but {len(bad)} are not: {', '.join(bad[:3])}. Exclude them with "

@@ -23,6 +23,7 @@ from ..engine.report import RunMeter, model_record, module_entry
 from ..engine.run import RunContext, changed_in_place, prepare
 from ..engine.stats import LinearStats
 from ..engine.targets import Target, plan_targets
+from ..models import as_matrix
 from ..patterns import Pattern, nm_channel_permutation, nm_kept_score
 from ..registry import MethodCost, register_method
 from ..result import PruningResult
@@ -161,7 +162,7 @@ class LayerwiseProcessor:
 
     def process(self, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
         for t in self.by_block.get(block_name, []):
-            weight = t.module.weight
+            weight = as_matrix(t.module)  # [out, in], a view of a Conv1D's [in, out] weight
             stat, extra = stats.get(t.name), {}
             if t.name in self.permutable:
                 stat, extra = self.permute_inputs(t, block_name, block, stat)
@@ -169,14 +170,15 @@ class LayerwiseProcessor:
                                                         t.sparsity, self.pattern)
             new = new.to(weight.dtype)
             new[prune] = 0
-            weight.data.copy_(new)
+            with torch.no_grad():
+                weight.copy_(new)
             self.info[t.name] = {**info, **extra}
 
     def permute_inputs(self, t: Target, block_name: str, block: nn.Module,
                        stat: LinearStats | None) -> tuple[LinearStats | None, dict]:
         """Reorder the hidden neurons feeding ``t`` (its input columns, its producers' rows and biases) so that the
         coming N:M mask keeps more of the method's score; its statistics are reordered to match."""
-        weight = t.module.weight
+        weight = as_matrix(t.module)
         scores = self.config.channel_scores(weight.detach().to(torch.float32), stat)
         perm = nm_channel_permutation(scores, self.pattern.n, self.pattern.m)
         before = nm_kept_score(scores, self.pattern.n, self.pattern.m)
@@ -188,7 +190,7 @@ class LayerwiseProcessor:
                 weight.copy_(weight.index_select(1, perm.to(weight.device)))
                 for name in producers:
                     linear = block.get_submodule(name[len(block_name) + 1:])
-                    for tensor in (linear.weight, linear.bias):
+                    for tensor in (as_matrix(linear), linear.bias):
                         if tensor is not None:
                             tensor.copy_(tensor.index_select(0, perm.to(tensor.device)))
             stat = None if stat is None else stat.permuted(perm)
@@ -254,7 +256,7 @@ def layerwise_report(run: RunContext, targets: list[Target], config: PrunerConfi
     pattern = Pattern.parse(getattr(config, "pattern", "unstructured"))
     entries = {}
     for t in targets:
-        entry = module_entry(module_weight(t.module).detach(), t.sparsity, pattern)
+        entry = module_entry(as_matrix(t.module, module_weight(t.module)).detach(), t.sparsity, pattern)
         entry.update({k: v for k, v in info.get(t.name, {}).items()})
         entries[t.name] = entry
     record = model_record(run.model, run.family.name, run.stages)

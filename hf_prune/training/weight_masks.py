@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.targets import linear_candidates
-from ..models import get_family
+from ..models import get_family, is_linear_like
 
 
 def _peft_submodules(model: torch.nn.Module) -> set[int]:
@@ -53,7 +53,7 @@ class WeightMasks:
             inside = {name for name, *_ in linear_candidates(base, get_family(base).stages(base))}
         masks = {}
         for name, module in base.named_modules():
-            if not isinstance(module, torch.nn.Linear) or id(module) in peft_parts:
+            if not is_linear_like(module) or id(module) in peft_parts:
                 continue
             plain = name.replace(".base_layer", "")
             if modules is not None:
