@@ -121,6 +121,24 @@ def make_model(family: str, vocab: int = 512, seed: int = 0) -> torch.nn.Module:
     if family == "swin":  # stages of blocks at different widths with patch merging between them
         return T.SwinForImageClassification(T.SwinConfig(image_size=IMAGE, patch_size=4, embed_dim=16, depths=[2, 2],
                                                          num_heads=[2, 4], window_size=4, num_labels=3))
+    # mixtures of experts: transformers 5 fuses each layer's experts into 3-D gate_up_proj / down_proj parameters
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+    if family == "mixtral":
+        return T.MixtralForCausalLM(T.MixtralConfig(**_text(vocab, num_key_value_heads=2, max_position_embeddings=256,
+                                                            num_local_experts=4, num_experts_per_tok=2, **tokens)))
+    if family == "qwen2_moe":  # plus a shared expert behind a sigmoid gate (a Linear router, left alone)
+        return T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**_text(vocab, num_key_value_heads=2, max_position_embeddings=256,
+                                                              num_experts=4, shared_expert_intermediate_size=64,
+                                                              **moe, **tokens)))
+    if family == "qwen3_moe":
+        return T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**_text(vocab, num_key_value_heads=2, head_dim=16,
+                                                              max_position_embeddings=256, num_experts=4, **moe,
+                                                              **tokens)))
+    if family == "deepseek_v3":  # MLA attention (kv_b_proj reads 4-D latents), one dense layer then one MoE layer
+        return T.DeepseekV3ForCausalLM(T.DeepseekV3Config(**_text(
+            vocab, num_key_value_heads=4, max_position_embeddings=256, n_routed_experts=4, n_shared_experts=1,
+            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=16, n_group=2, topk_group=1, **moe, **tokens)))
     if family == "resnet":
         return T.ResNetForImageClassification(T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                              num_labels=3))
@@ -137,7 +155,8 @@ NOT_LAYERWISE = {"resnet": "its blocks hold convolutions, no nn.Linear for a lay
 # model_types without a family file, pruned through generic discovery -> the make_model name of their tiny model
 DISCOVERED = {"gemma2": "gemma2", "gemma3_text": "gemma3_text", "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gpt_neox",
               "falcon": "falcon", "roberta": "roberta", "modernbert": "modernbert", "distilbert": "distilbert",
-              "deit": "deit", "dinov2": "dinov2", "swin": "swin"}
+              "deit": "deit", "dinov2": "dinov2", "swin": "swin", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe",
+              "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3"}
 # the registered families every layer-wise method x pattern runs on (make_model names)
 FAMILIES = tuple(tiny for name, tiny in TINY_MODELS.items() if name not in NOT_LAYERWISE)
 # ... and with the discovered ones: the family matrix (tests/test_families.py)

@@ -11,7 +11,7 @@ import transformers as T
 from conftest import MATRIX, make_batches, make_model
 
 from hf_prune import CalibrationConfig, Pruner, SparseGPTConfig
-from hf_prune.models import as_matrix
+from hf_prune.engine.targets import target_weight
 from hf_prune.patterns import nm_violations, prune_count
 from hf_prune.registry import method_specs
 
@@ -47,7 +47,7 @@ def test_every_method_pattern_family(family, config_cls, pattern, tokenizer, cor
     linears_in_blocks = result.report["sparsity"]["overall"]["modules"]
     assert linears_in_blocks == len(per_module) > 0
     for name, entry in per_module.items():
-        weight = as_matrix(model.get_submodule(name))  # [out, in]; transposed view of a Conv1D's [in, out]
+        weight = target_weight(model, name)  # [out, in]: a Conv1D's transposed view, an expert's fused slice
         out_f, in_f = weight.shape
         if pattern == "unstructured":
             if getattr(config, "scope", "matrix") == "row":  # Wanda: every row loses exactly its share
@@ -59,10 +59,13 @@ def test_every_method_pattern_family(family, config_cls, pattern, tokenizer, cor
             assert nm_violations(weight, n, m) == 0, name
             assert entry["zeros"] == weight.numel() // 2, name
             assert entry["nm_violations"] == 0
-    # nothing outside the pruned Linears changed
+    # nothing outside the pruned Linears (and experts) changed; every expert of every fused experts module pruned
     for name, param in model.named_parameters():
         module = name.rsplit(".", 1)[0]
-        if module not in per_module or not name.endswith("weight"):
+        experts = [n for n in per_module if n.startswith(f"{module}.") and n.endswith("." + name.rsplit(".", 1)[1])]
+        if param.dim() == 3 and name.endswith(("gate_up_proj", "down_proj")):
+            assert len(experts) == param.shape[0], f"{name}: {len(experts)} of its {param.shape[0]} experts pruned"
+        elif module not in per_module or not name.endswith("weight"):
             assert torch.equal(param, before[name]), f"{name} changed but was not a pruning target"
 
 

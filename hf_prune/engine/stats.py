@@ -145,6 +145,8 @@ class StatsCollector:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             mask = self.token_mask
+            if mask is not None and x.dim() == 4 and x.shape[1] == 1 and (x.shape[0], x.shape[2]) == tuple(mask.shape):
+                x = x[:, 0]  # [batch, 1, tokens, features]: DeepSeek's MLA feeds kv_b_proj its latents so
             if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                 x = x[mask.to(x.device)]
             stats.update(input_rows(module, x.detach()))

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteWeightsError, OffloadError, RegexTimeoutError, did_you_mean
-from ..models import Stage, in_features, is_linear_like
+from ..models import Stage, as_matrix, in_features, is_linear_like
 from ..patterns import Pattern
 from ..registry import method_specs
+from .experts import ExpertSlice, expert_slices, is_router
 from .offload import check_placement, is_dispatched, iter_tensors
 
 
@@ -61,14 +62,27 @@ class BoundedRegex:
 
 def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, nn.Module, str, str]]:
     """(name, module, block name, stage name) of every linear-like layer (``nn.Linear``, transformers' ``Conv1D``)
-    inside the blocks, in walk order."""
+    inside the blocks, in walk order, and of every expert's projections in fused experts modules
+    (``engine.experts.ExpertSlice``, named ``<experts>.<index>.gate_up_proj``/``down_proj``). Routers stay out."""
     found = []
     for stage in stages:
         for block_name, block in zip(stage.block_names(model), stage.blocks(model)):
-            for sub, module in block.named_modules(prefix=block_name):
-                if is_linear_like(module):
+            parents = dict(block.named_modules(prefix=block_name))
+            for sub, module in parents.items():
+                if is_linear_like(module) and not is_router(sub, module, parents[sub.rsplit(".", 1)[0]]):
                     found.append((sub, module, block_name, stage.name))
+            found += [(name, piece, block_name, stage.name) for name, piece in expert_slices(block, block_name)]
     return found
+
+
+def target_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The ``[out, in]`` weight of the target called ``name``: a Linear's weight, a ``Conv1D``'s transposed view, or
+    one expert's slice of a fused experts parameter (``<experts>.<index>.gate_up_proj``)."""
+    try:
+        return as_matrix(model.get_submodule(name))
+    except AttributeError:
+        owner, expert, param = name.rsplit(".", 2)
+        return ExpertSlice(model.get_submodule(owner), param, int(expert)).weight
 
 
 def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[str] | None,

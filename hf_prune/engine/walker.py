@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import CalibrationDataError, DeviceError, NonFiniteStatisticsError, UnsupportedModelError
 from ..models import Stage
+from .experts import ExpertSlice, ExpertStatsCollector
 from .offload import hook_execution_device, is_dispatched, onloaded
 from .stats import LinearStats, StatsCollector
 
@@ -388,6 +389,36 @@ def _run_block(block: nn.Module, inputs: StageInputs, i: int, device: torch.devi
     return first_tensor(block(hidden, *to_device(args, device), **to_device(kwargs, device)))
 
 
+def _collect(block: nn.Module, index: int, inputs: StageInputs, wanted: dict, processor: BlockProcessor,
+             device: torch.device, dtype: torch.dtype) -> dict[str, LinearStats]:
+    """The statistics ``wanted`` of one block over every cached batch: Linear inputs by pre-hooks, fused experts'
+    inputs by the tokens their router sends them (``engine.experts``; an expert routed fewer than the processor's
+    ``min_tokens`` is recalibrated on all tokens, and each slice's ``report_info`` says which it got)."""
+    plain = {n: v for n, v in wanted.items() if not isinstance(v[0], ExpertSlice)}
+    experts = {n: v for n, v in wanted.items() if isinstance(v[0], ExpertSlice)}
+    mode, min_tokens = getattr(processor, "expert_calibration", ("routed", 1))
+
+    def run(*collectors) -> None:
+        for i in range(len(inputs.hidden)):
+            for collector in collectors:
+                collector.token_mask = inputs.masks[i]
+            _run_block(block, inputs, i, device, index)
+
+    with StatsCollector(plain, dtype) as linear, ExpertStatsCollector(experts, dtype, mode=mode) as routed:
+        run(linear, routed)
+    stats = {**linear.stats, **routed.stats}
+    starved = {n for n, count in routed.routed.items() if count < min_tokens} if mode == "routed" else set()
+    if starved:
+        with ExpertStatsCollector(experts, dtype, mode="all_tokens", experts=starved) as everything:
+            run(everything)
+        stats.update(everything.stats)
+    for name, (piece, _) in experts.items():
+        piece.report_info = {"expert_tokens": routed.routed[name],
+                             "calibrated_on": "routed tokens" if mode == "routed" and name not in starved else
+                             "all tokens"}
+    return stats
+
+
 def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, processor: BlockProcessor, *,
          device: torch.device, progress: bool = True, desc: str = "pruning",
          stats_dtype: torch.dtype = torch.float32, checkpoint: Any = None) -> None:
@@ -429,11 +460,7 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
                     if wanted:
                         if inputs is None:
                             raise CalibrationDataError(f"{block_name} needs calibration data, but none was given.")
-                        with StatsCollector(wanted, stats_dtype) as collector:
-                            for i in range(len(inputs.hidden)):
-                                collector.token_mask = inputs.masks[i]
-                                _run_block(block, inputs, i, device, index)
-                        stats = collector.stats
+                        stats = _collect(block, index, inputs, wanted, processor, device, stats_dtype)
                         for name, st in stats.items():
                             st.check(name)
                     processor.process(block_name, block, stats)

@@ -9,14 +9,14 @@ the report) is here, once.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..calibration.data import CalibrationSet
-from ..checks import check_choice, check_number, regex_list
+from ..checks import check_choice, check_int, check_number, regex_list
 from ..config import PrunerConfig
 from ..engine.offload import describe_offload, module_weight
 from ..engine.report import RunMeter, model_record, module_entry
@@ -50,6 +50,13 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
       by default every ``nn.Linear`` inside the transformer blocks is pruned (never embeddings/heads).
     - ``module_sparsity``: ``{module_name: sparsity}`` overrides, e.g. an allocation from ECoFLaP (an
       ``hf_prune.Allocation`` or the dict of a saved ``sparsity_allocation.json`` is taken as its map).
+    - ``expert_calibration``: how the experts of a mixture-of-experts model (fused 3-D ``gate_up_proj`` /
+      ``down_proj``, each expert pruned as its own Linear) are calibrated: ``"routed"`` (default) on the tokens the
+      router sends each expert, ``"all_tokens"`` on every token (every expert sees the whole calibration set, as
+      if the router sent it everything). ``min_expert_tokens``: with ``"routed"``, an expert routed fewer
+      calibration tokens than this is calibrated on all tokens instead; the report's entry of every expert
+      projection gives ``expert_tokens`` (how many the router sent it) and ``calibrated_on``. Routers are never
+      pruned.
     - ``channel_permutation``: with an N:M pattern, reorder the MLP hidden neurons of every block before its
       output Linear (``down_proj``/``fc2``) is pruned, so that each group of M input columns holds a balanced mix
       of important channels and N:M keeps more of the method's score (RIA's channel reallocation, Zhang et al.,
@@ -66,6 +73,8 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
     exclude_modules: list[str] | None = None
     module_sparsity: dict[str, float] | None = None
     channel_permutation: bool = False
+    expert_calibration: str = field(default="routed", metadata={"omit_default": True})
+    min_expert_tokens: int = field(default=16, metadata={"omit_default": True})
 
     statistics: ClassVar[frozenset] = frozenset()  # what the method reads: "sq_norm", "gram"
     # (in_features, out_features) -> (bytes, flops) of the per-Linear solve beyond the statistics, for the planner
@@ -97,6 +106,8 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
             raise ValueError(f"{owner} does not support channel_permutation: it defines no channel_scores.")
         check_number(owner, "sparsity", self.sparsity, 0.0, 1.0)
         self.sparsity = float(self.sparsity)
+        check_choice(owner, "expert_calibration", self.expert_calibration, ("routed", "all_tokens"))
+        check_int(owner, "min_expert_tokens", self.min_expert_tokens, 0)
         self.target_modules = regex_list(owner, "target_modules", self.target_modules)
         self.exclude_modules = regex_list(owner, "exclude_modules", self.exclude_modules)
         if self.module_sparsity is not None:
@@ -153,6 +164,7 @@ class LayerwiseProcessor:
         for t in targets:
             self.by_block.setdefault(t.block, []).append(t)
         self.permutable = permutable or {}  # MLP output Linear -> its producers (channel_permutation)
+        self.expert_calibration = (config.expert_calibration, config.min_expert_tokens)  # read by the walker
         self.info: dict[str, dict] = {}
 
     def statistics(self, block_name: str, block: nn.Module) -> dict[str, tuple[nn.Module, frozenset]]:
@@ -172,7 +184,7 @@ class LayerwiseProcessor:
             new[prune] = 0
             with torch.no_grad():
                 weight.copy_(new)
-            self.info[t.name] = {**info, **extra}
+            self.info[t.name] = {**info, **extra, **(getattr(t.module, "report_info", None) or {})}
 
     def permute_inputs(self, t: Target, block_name: str, block: nn.Module,
                        stat: LinearStats | None) -> tuple[LinearStats | None, dict]:
