@@ -18,6 +18,7 @@ from hf_prune.toy import train_tokenizer
 IMAGE = 32  # tiny image side
 IMAGE_TOKEN = 5  # BLIP-2 image placeholder id in the tiny vocabulary
 QUERY_TOKENS = 4
+MEL_BINS, FRAMES = 8, 32  # tiny Whisper's audio features
 
 
 @pytest.fixture(scope="session")
@@ -139,6 +140,20 @@ def make_model(family: str, vocab: int = 512, seed: int = 0) -> torch.nn.Module:
             vocab, num_key_value_heads=4, max_position_embeddings=256, n_routed_experts=4, n_shared_experts=1,
             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=16, n_group=2, topk_group=1, **moe, **tokens)))
+    # encoder-decoders: the encoder stack, then the decoder stack calibrated on the pruned encoder's outputs
+    if family == "t5":  # relative position bias computed by each stack's first block and handed on
+        return T.T5ForConditionalGeneration(T.T5Config(vocab_size=vocab, d_model=64, d_ff=128, num_layers=2, num_heads=4,
+                                                       d_kv=16, decoder_start_token_id=0, pad_token_id=3, eos_token_id=2))
+    if family == "bart":
+        return T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=vocab, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, max_position_embeddings=256, decoder_start_token_id=2,
+            **tokens))
+    if family == "whisper":  # audio features in, text out
+        return T.WhisperForConditionalGeneration(T.WhisperConfig(
+            vocab_size=vocab, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=MEL_BINS,
+            max_source_positions=FRAMES // 2, max_target_positions=64, decoder_start_token_id=1, **tokens))
     if family == "resnet":
         return T.ResNetForImageClassification(T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                              num_labels=3))
@@ -156,7 +171,7 @@ NOT_LAYERWISE = {"resnet": "its blocks hold convolutions, no nn.Linear for a lay
 DISCOVERED = {"gemma2": "gemma2", "gemma3_text": "gemma3_text", "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gpt_neox",
               "falcon": "falcon", "roberta": "roberta", "modernbert": "modernbert", "distilbert": "distilbert",
               "deit": "deit", "dinov2": "dinov2", "swin": "swin", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe",
-              "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3"}
+              "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3", "t5": "t5", "bart": "bart", "whisper": "whisper"}
 # the registered families every layer-wise method x pattern runs on (make_model names)
 FAMILIES = tuple(tiny for name, tiny in TINY_MODELS.items() if name not in NOT_LAYERWISE)
 # ... and with the discovered ones: the family matrix (tests/test_families.py)
@@ -179,7 +194,11 @@ def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch:
             if family == "blip2":  # image placeholders first, as Blip2Processor lays them out
                 ids = torch.cat([torch.full((ids.shape[0], QUERY_TOKENS), IMAGE_TOKEN), ids], 1)
                 mask = torch.cat([torch.ones(ids.shape[0], QUERY_TOKENS, dtype=mask.dtype), mask], 1)
-            b.update(input_ids=ids, attention_mask=mask)
+            if family == "whisper":  # the text is what the decoder reads; the encoder reads audio features
+                b.update(input_features=torch.randn(ids.shape[0], MEL_BINS, FRAMES, generator=g),
+                         decoder_input_ids=ids, decoder_attention_mask=mask)
+            else:
+                b.update(input_ids=ids, attention_mask=mask)
         if family in (*IMAGE_ONLY, "clip", "blip2"):
             b["pixel_values"] = torch.randn(min(batch, n - start), 3, IMAGE, IMAGE, generator=g)
         out.append(b)

@@ -168,22 +168,43 @@ def test_tp_plan_gives_the_mlp_spec_of_a_plain_gated_mlp():
 def test_discovered_stages_replay_every_block_of_the_real_forward(family, tokenizer, corpus):
     """Walking the blocks one at a time on the captured inputs gives the real forward's last block output; where
     blocks take their own extra inputs (Gemma 3's and ModernBERT's per-layer-type rotary tables and masks, Swin's
-    input resolution per stage) each block gets its own."""
+    input resolution per stage, T5's position bias handed on by the first block) each block gets its own."""
     model = make_model(family, vocab=len(tokenizer))
     batches = make_batches(family, tokenizer, corpus, n=4, batch=2)
     family_spec = get_family(model)
-    assert family_spec.generic
-    [stage] = family_spec.stages(model)
-    expected = []
-    handle = stage.blocks(model)[-1].register_forward_hook(lambda m, a, o: expected.append(first_tensor(o)))
-    with calibration_mode(model):
-        for batch in batches:
-            stage.run(model, batch)
-        handle.remove()
-        inputs = capture_stage_inputs(model, stage, [stage], batches, torch.device("cpu"))
-        for index, block in enumerate(stage.blocks(model)):
-            inputs.hidden = [_run_block(block, inputs, i, torch.device("cpu"), index) for i in range(len(batches))]
-    for got, want in zip(inputs.hidden, expected):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    own = any(inputs.own[i] for i in range(len(batches)))
-    assert own == (family in ("gemma3_text", "modernbert", "swin")), family
+    stages = family_spec.stages(model)
+    assert family_spec.generic and len(stages) == (2 if family in ("t5", "bart", "whisper") else 1)
+    own = set()
+    for stage in stages:
+        expected = []
+        handle = stage.blocks(model)[-1].register_forward_hook(lambda m, a, o: expected.append(first_tensor(o)))
+        with calibration_mode(model):
+            for batch in batches:
+                stage.run(model, batch)
+            handle.remove()
+            inputs = capture_stage_inputs(model, stage, stages, batches, torch.device("cpu"))
+            for index, block in enumerate(stage.blocks(model)):
+                inputs.hidden = [_run_block(block, inputs, i, torch.device("cpu"), index) for i in range(len(batches))]
+        for got, want in zip(inputs.hidden, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if any(inputs.own):
+            own.add(stage.name)
+    assert own == {"gemma3_text": {"decoder"}, "modernbert": {"encoder"}, "swin": {"encoder"},
+                   "t5": {"encoder", "decoder"}}.get(family, set()), family
+
+
+def test_the_replay_check_catches_t5s_position_bias_if_every_block_got_the_first_ones_inputs(tokenizer, corpus,
+                                                                                            monkeypatch):
+    """T5's first block computes the relative position bias and hands it on: were block 1 replayed with block 0's
+    inputs (no per-block inputs), the replay would differ from the real forward, and the run is refused."""
+    from hf_prune.engine import walker
+
+    monkeypatch.setattr(walker, "_differs", lambda first, other: [])
+    model = make_model("t5", vocab=len(tokenizer))
+    snap = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match=r"encoder stage at encoder\.block.*replaying encoder\.block\.1 with "
+                                                      r"the first block's output and its own captured inputs does not "
+                                                      r"reproduce the real forward"):
+        Pruner(model, tokenizer).prune(WandaConfig(calibration=CalibrationConfig(num_samples=8)),
+                                       calibration_dataset=make_batches("t5", tokenizer, corpus), progress=False)
+    assert unchanged(model, snap)

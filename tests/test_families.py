@@ -12,6 +12,7 @@ from conftest import MATRIX, make_batches, make_model
 
 from hf_prune import CalibrationConfig, Pruner, SparseGPTConfig
 from hf_prune.engine.targets import target_weight
+from hf_prune.models.discovery import decoder_inputs
 from hf_prune.patterns import nm_violations, prune_count
 from hf_prune.registry import method_specs
 
@@ -22,7 +23,7 @@ PATTERNS = ("unstructured", "2:4", "4:8")
 def _outputs(model, batch):
     model.eval()
     with torch.no_grad():
-        out = model(**batch)
+        out = model(**decoder_inputs(model, batch))  # an encoder-decoder gets its decoder inputs
     if hasattr(out, "logits") and out.logits is not None and not isinstance(model, T.CLIPModel):
         return out.logits
     if isinstance(model, T.CLIPModel):

@@ -157,6 +157,32 @@ def tp_mlp(model: nn.Module, path: str, blocks: nn.ModuleList, config: Any) -> M
     return None
 
 
+def decoder_inputs(model: nn.Module, batch: dict) -> dict:
+    """An encoder-decoder's batch with decoder inputs: given ones are kept; otherwise the decoder reads the batch's
+    ``labels`` or, failing those, its ``input_ids`` shifted right behind the decoder start token (the model's own
+    ``prepare_decoder_input_ids_from_labels`` where it has one), so plain text calibrates both stacks."""
+    if any(k in batch for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels")) or "input_ids" not in batch:
+        return batch
+    ids = batch["input_ids"]
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        try:
+            return {**batch, "decoder_input_ids": prepare(labels=ids)}
+        except (TypeError, ValueError, AttributeError):  # a model whose helper needs more than labels
+            pass
+    config = getattr(model, "config", None)
+    start = getattr(config, "decoder_start_token_id", None)
+    start = getattr(config, "bos_token_id", 0) if start is None else start
+    shifted = ids.new_full(ids.shape, int(start or 0))
+    shifted[:, 1:] = ids[:, :-1]
+    return {**batch, "decoder_input_ids": shifted}
+
+
+def run_encoder_decoder(model: nn.Module, batch: dict) -> Any:
+    """The forward pass of an encoder-decoder on ``batch`` (``decoder_inputs`` fills in the decoder's)."""
+    return model(**decoder_inputs(model, batch))
+
+
 def discover_stages(model: nn.Module, *, mlp: MLPSpec | None = None, attention: AttentionSpec | None = None,
                     name: str | None = None, causal: bool | None = None) -> list[Stage]:
     """The model's stages by generic discovery (empty when no block list is found). ``mlp``/``attention``: the
@@ -166,16 +192,23 @@ def discover_stages(model: nn.Module, *, mlp: MLPSpec | None = None, attention: 
     causal = _causal_type(model) if causal is None else causal
     root_input = getattr(model, "main_input_name", "input_ids")
     stages = []
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     for path, blocks in lists:
         owner = _owner(model, path)
         inputs = tuple(dict.fromkeys((root_input, getattr(owner, "main_input_name", root_input))))
+        mask_key = "attention_mask" if "input_ids" in inputs else None
+        if encoder_decoder:  # both stacks run from the model's own input; the decoder's may be derived from it
+            inputs = (root_input,)
+            decoder = owner is not model and owner is getattr(model, "get_decoder", lambda: None)()
+            mask_key = ("attention_mask" if root_input == "input_ids" else
+                        "decoder_attention_mask" if decoder else None)
         config_attr = ""
         if owner is not model:  # the sub-config of a nested pretrained model
             config_attr = next((k for k, v in vars(model.config).items() if v is owner.config), "")
         image = "pixel_values" in inputs and "input_ids" not in inputs
         stage_name = (name if name and len(lists) == 1 else _stage_name(path, len(lists) == 1, causal))
-        stage = Stage(stage_name, path, run=call_model, requires=inputs,
-                      mask_key="attention_mask" if "input_ids" in inputs else None,
+        run = run_encoder_decoder if encoder_decoder else call_model
+        stage = Stage(stage_name, path, run=run, requires=inputs, mask_key=mask_key,
                       config_attr=config_attr, tokens=patch_tokens if image else sequence_tokens,
                       origin=f"{origin}; {len(blocks)} at {path}")
         stage.mlp = mlp if mlp is not None else tp_mlp(model, path, blocks, stage.config(model))
