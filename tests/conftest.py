@@ -154,6 +154,23 @@ def make_model(family: str, vocab: int = 512, seed: int = 0) -> torch.nn.Module:
             vocab_size=vocab, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=MEL_BINS,
             max_source_positions=FRAMES // 2, max_target_positions=64, decoder_start_token_id=1, **tokens))
+    # vision-language models and two-tower models: each tower its own stage
+    if family == "siglip":
+        return T.SiglipModel(T.SiglipConfig(text_config=_text(vocab, max_position_embeddings=64, **tokens),
+                                            vision_config=_vision()))
+    if family == "llava":  # CLIP vision tower -> projector -> LLaMA, the image's patches at its placeholder tokens
+        return T.LlavaForConditionalGeneration(T.LlavaConfig(
+            vision_config=dict(model_type="clip_vision_model", **_vision(), projection_dim=32),
+            text_config=dict(model_type="llama", **_text(vocab, num_key_value_heads=2, max_position_embeddings=256,
+                                                         **tokens)),
+            image_token_index=IMAGE_TOKEN, projector_hidden_act="gelu"))
+    if family == "qwen2_vl":  # a 4x4-patch image merged 2x2 into 4 placeholder tokens; multimodal rotary positions
+        return T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(
+            vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+            text_config=_text(vocab, num_key_value_heads=2, max_position_embeddings=256,
+                              rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **tokens),
+            image_token_id=IMAGE_TOKEN, vision_start_token_id=6, vision_end_token_id=7))
     if family == "resnet":
         return T.ResNetForImageClassification(T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                              num_labels=3))
@@ -171,7 +188,10 @@ NOT_LAYERWISE = {"resnet": "its blocks hold convolutions, no nn.Linear for a lay
 DISCOVERED = {"gemma2": "gemma2", "gemma3_text": "gemma3_text", "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gpt_neox",
               "falcon": "falcon", "roberta": "roberta", "modernbert": "modernbert", "distilbert": "distilbert",
               "deit": "deit", "dinov2": "dinov2", "swin": "swin", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe",
-              "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3", "t5": "t5", "bart": "bart", "whisper": "whisper"}
+              "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3", "t5": "t5", "bart": "bart", "whisper": "whisper",
+              "siglip": "siglip", "llava": "llava", "qwen2_vl": "qwen2_vl"}
+# how many image placeholder tokens a batch of the VLMs carries per image (make_batches)
+IMAGE_TOKENS = {"blip2": QUERY_TOKENS, "llava": (IMAGE // 8) ** 2, "qwen2_vl": 4}
 # the registered families every layer-wise method x pattern runs on (make_model names)
 FAMILIES = tuple(tiny for name, tiny in TINY_MODELS.items() if name not in NOT_LAYERWISE)
 # ... and with the discovered ones: the family matrix (tests/test_families.py)
@@ -191,16 +211,21 @@ def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch:
             chunk = [" ".join(t.split()[: 3 + 5 * (j % 4)]) for j, t in enumerate(texts[start: start + batch])]
             enc = tokenizer(chunk, truncation=True, max_length=seq, padding=True, return_tensors="pt")
             ids, mask = enc["input_ids"], enc["attention_mask"]
-            if family == "blip2":  # image placeholders first, as Blip2Processor lays them out
-                ids = torch.cat([torch.full((ids.shape[0], QUERY_TOKENS), IMAGE_TOKEN), ids], 1)
-                mask = torch.cat([torch.ones(ids.shape[0], QUERY_TOKENS, dtype=mask.dtype), mask], 1)
+            if family in IMAGE_TOKENS:  # image placeholders first, as the processors lay them out
+                count = IMAGE_TOKENS[family]
+                ids = torch.cat([torch.full((ids.shape[0], count), IMAGE_TOKEN), ids], 1)
+                mask = torch.cat([torch.ones(ids.shape[0], count, dtype=mask.dtype), mask], 1)
             if family == "whisper":  # the text is what the decoder reads; the encoder reads audio features
                 b.update(input_features=torch.randn(ids.shape[0], MEL_BINS, FRAMES, generator=g),
                          decoder_input_ids=ids, decoder_attention_mask=mask)
             else:
                 b.update(input_ids=ids, attention_mask=mask)
-        if family in (*IMAGE_ONLY, "clip", "blip2"):
+        if family in (*IMAGE_ONLY, "clip", "blip2", "siglip", "llava"):
             b["pixel_values"] = torch.randn(min(batch, n - start), 3, IMAGE, IMAGE, generator=g)
+        if family == "qwen2_vl":  # flattened patches (channels x 2 frames x 4 x 4 each) of one 16x16 image per sample
+            images = min(batch, n - start)
+            b.update(pixel_values=torch.randn(images * 16, 3 * 2 * 4 * 4, generator=g),
+                     image_grid_thw=torch.tensor([[1, 4, 4]] * images), mm_token_type_ids=(ids == IMAGE_TOKEN).long())
         out.append(b)
     return out
 

@@ -24,10 +24,10 @@ def _outputs(model, batch):
     model.eval()
     with torch.no_grad():
         out = model(**decoder_inputs(model, batch))  # an encoder-decoder gets its decoder inputs
-    if hasattr(out, "logits") and out.logits is not None and not isinstance(model, T.CLIPModel):
-        return out.logits
-    if isinstance(model, T.CLIPModel):
+    if getattr(out, "logits_per_image", None) is not None:  # two towers (CLIP, SigLIP)
         return torch.cat([out.logits_per_image.flatten(), out.text_embeds.flatten(), out.image_embeds.flatten()])
+    if getattr(out, "logits", None) is not None:
+        return out.logits
     return out.last_hidden_state
 
 

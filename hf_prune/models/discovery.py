@@ -114,6 +114,8 @@ def _stage_name(path: str, single: bool, causal: bool) -> str:
     if single:
         return "decoder" if causal else "encoder"
     parts = [p for p in path.split(".") if p not in ("model", "layers", "layer", "block", "blocks", "h")]
+    if len(parts) > 1 and parts[-1] in ("encoder", "decoder"):  # vision_model.encoder -> vision_model
+        parts = parts[:-1]
     return ".".join(parts) or path
 
 
@@ -195,8 +197,11 @@ def discover_stages(model: nn.Module, *, mlp: MLPSpec | None = None, attention: 
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     for path, blocks in lists:
         owner = _owner(model, path)
-        inputs = tuple(dict.fromkeys((root_input, getattr(owner, "main_input_name", root_input))))
-        mask_key = "attention_mask" if "input_ids" in inputs else None
+        own_input = getattr(owner, "main_input_name", root_input)  # what the stage's own tower reads
+        if owner is not model and "vision" in type(owner).__name__.lower():  # Qwen2-VL's tower keeps the default
+            own_input = "pixel_values"
+        inputs = tuple(dict.fromkeys((root_input, own_input)))
+        mask_key = "attention_mask" if own_input == "input_ids" else None  # a vision tower's tokens are patches
         if encoder_decoder:  # both stacks run from the model's own input; the decoder's may be derived from it
             inputs = (root_input,)
             decoder = owner is not model and owner is getattr(model, "get_decoder", lambda: None)()
@@ -205,7 +210,7 @@ def discover_stages(model: nn.Module, *, mlp: MLPSpec | None = None, attention: 
         config_attr = ""
         if owner is not model:  # the sub-config of a nested pretrained model
             config_attr = next((k for k, v in vars(model.config).items() if v is owner.config), "")
-        image = "pixel_values" in inputs and "input_ids" not in inputs
+        image = own_input == "pixel_values"
         stage_name = (name if name and len(lists) == 1 else _stage_name(path, len(lists) == 1, causal))
         run = run_encoder_decoder if encoder_decoder else call_model
         stage = Stage(stage_name, path, run=run, requires=inputs, mask_key=mask_key,
