@@ -24,9 +24,11 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .layers import in_features, is_linear_like, out_features
+from .losses import seq2seq_loss
 from .spec import (
     AttentionSpec,
     Family,
+    FamilyLoss,
     MLPSpec,
     Stage,
     call_model,
@@ -231,6 +233,16 @@ def discovered(mlp: MLPSpec | None = None, attention: AttentionSpec | None = Non
     return resolve
 
 
+def _scores_seq2seq(model: nn.Module, batch: dict, scorer: str) -> bool:
+    """Text encoder-decoders with their LM head; others (Whisper's audio batches) take the generic losses."""
+    return model.get_output_embeddings() is not None and ("input_ids" in batch or "labels" in batch)
+
+
+SEQ2SEQ_LOSS = FamilyLoss("seq2seq_lm", "an encoder-decoder's loss: the decoder predicts the labels, or the input "
+                                        "text itself, from the encoder's reading of it (padding ignored)",
+                          value=seq2seq_loss, select=_scores_seq2seq, first=True)
+
+
 def generic_family(model: nn.Module) -> Family:
     """The family of a model no family file covers, found by generic discovery; an ``UnsupportedModelError``
     saying what was looked for when nothing is found."""
@@ -248,8 +260,9 @@ def generic_family(model: nn.Module) -> Family:
             f"(hf_prune.models.register_family) that names its block lists. Families with a file (model_type "
             f"values): {known}.")
     causal = _causal_type(model)
+    loss = SEQ2SEQ_LOSS if getattr(model.config, "is_encoder_decoder", False) else None
     return Family(str(model_type or type(model).__name__), (str(model_type),), causal_lm=is_causal_lm(model),
-                  resolve=lambda m: discover_stages(m, causal=causal), generic=True)
+                  resolve=lambda m: discover_stages(m, causal=causal), generic=True, loss=loss)
 
 
 def get_family(model: nn.Module) -> Family:

@@ -18,6 +18,7 @@ from ...engine.report import RunMeter, module_kind
 from ...engine.run import prepare
 from ...engine.stats import LinearStats
 from ...engine.targets import Target, select_modules
+from ...errors import UnsupportedModelError
 from ...models import Stage
 from . import ops
 from .config import SPPConfig
@@ -52,6 +53,14 @@ class PathProcessor:
 def plan_path_targets(model: nn.Module, stages: list[Stage], config: SPPConfig) -> list[Target]:
     """The Linears ``config`` selects inside ``stages`` (their weights were checked finite by ``prepare``)."""
     selected = select_modules(model, stages, config.target_modules, config.exclude_modules)
+    other = [(name, module) for name, module, *_ in selected if not isinstance(module, nn.Linear)]
+    if other:
+        kinds = sorted({"expert slices of fused MoE parameters" if type(m).__name__ == "ExpertSlice" else
+                        type(m).__name__ for _, m in other})
+        raise UnsupportedModelError(
+            f"SPP's solution path ranks and applies nn.Linear weights only, but {len(other)} selected layers are "
+            f"{' and '.join(kinds)} (e.g. {other[0][0]}); prune them with a layer-wise method (Wanda, SparseGPT, "
+            "RIA, Magnitude), or leave them out with exclude_modules.")
     return [Target(name, module, block, stage, config.sparsity) for name, module, block, stage in selected]
 
 
