@@ -22,8 +22,8 @@ from ..engine.offload import describe_offload, module_weight
 from ..engine.report import RunMeter, model_record, module_entry
 from ..engine.run import RunContext, changed_in_place, prepare
 from ..engine.stats import LinearStats
-from ..engine.targets import Target, plan_targets
-from ..models import as_matrix
+from ..engine.targets import Target, linear_candidates, plan_targets
+from ..models import as_matrix, get_family
 from ..patterns import Pattern, nm_channel_permutation, nm_kept_score
 from ..registry import MethodCost, register_method
 from ..result import PruningResult
@@ -279,6 +279,16 @@ def layerwise_report(run: RunContext, targets: list[Target], config: PrunerConfi
                       calibration=provenance, meter=meter, record=record, sections=sections)
 
 
+def layerwise_serves(model: nn.Module, config: Any = None) -> str | None:
+    """Why a layer-wise method cannot prune ``model`` (None: it can): its blocks must hold a linear-like layer
+    (``nn.Linear``, ``Conv1D``) or fused experts."""
+    stages = get_family(model).stages(model)
+    if linear_candidates(model, stages):
+        return None
+    return (f"{type(model).__name__}'s blocks ({', '.join(s.path for s in stages)}) hold no nn.Linear, Conv1D "
+            "or fused experts layer to prune")
+
+
 def layerwise_cost(config: LayerwiseConfig) -> MethodCost:
     """The planner's inputs for a layer-wise pruner: the statistics it reads and its per-Linear solve."""
     return MethodCost(statistics=frozenset(config.statistics), solve=config.solve_cost)
@@ -289,4 +299,4 @@ def register_layerwise(config_class: type, *, display_name: str, default: bool =
     takes an allocation's ``module_sparsity``."""
     register_method(config_class, run_layerwise, display_name=display_name, resumable=True, offload=True,
                     layerwise=True, needs_data=lambda config: bool(config.statistics), cost=layerwise_cost,
-                    default=default)
+                    default=default, serves=layerwise_serves)

@@ -19,7 +19,7 @@ from ...engine.run import prepare
 from ...engine.stats import LinearStats
 from ...engine.targets import Target, select_modules
 from ...errors import UnsupportedModelError
-from ...models import Stage
+from ...models import Stage, get_family
 from . import ops
 from .config import SPPConfig
 from .path import SolutionPath
@@ -48,6 +48,19 @@ class PathProcessor:
                                               step_fraction=self.config.step_fraction)
             self.ranks[t.name] = rank
             self.curves[t.name] = curve
+
+
+def serves(model: nn.Module, config: SPPConfig | None = None) -> str | None:
+    """Why SPP cannot prune ``model`` (None: it can): a path made here ranks ``nn.Linear`` weights only (a path
+    given in ``config.path`` was checked against the model it is applied to)."""
+    if config is not None and config.path is not None:
+        return None
+    config = config or SPPConfig()
+    try:
+        plan_path_targets(model, get_family(model).stages(model), config)
+    except ValueError as exc:  # no Linear in the blocks, or Linear-like layers it cannot rank
+        return str(exc)
+    return None
 
 
 def plan_path_targets(model: nn.Module, stages: list[Stage], config: SPPConfig) -> list[Target]:
