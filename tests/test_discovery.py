@@ -209,3 +209,16 @@ def test_the_replay_check_catches_t5s_position_bias_if_every_block_got_the_first
         Pruner(model, tokenizer).prune(WandaConfig(calibration=CalibrationConfig(num_samples=8)),
                                        calibration_dataset=make_batches("t5", tokenizer, corpus), progress=False)
     assert unchanged(model, snap)
+
+
+def test_cards_of_discovered_families_get_the_pipeline_tag_transformers_implies():
+    from hf_prune.artifacts.cards import pipeline_tag
+
+    expected = {"GPT2LMHeadModel": "text-generation", "MixtralForCausalLM": "text-generation",
+                "T5ForConditionalGeneration": "text2text-generation",
+                "WhisperForConditionalGeneration": "automatic-speech-recognition",
+                "LlavaForConditionalGeneration": "image-text-to-text", "SiglipModel": "zero-shot-image-classification",
+                "DeiTForImageClassification": "image-classification", "RobertaModel": "feature-extraction"}
+    for cls, tag in expected.items():
+        assert pipeline_tag(cls, "not-a-family-file") == tag, cls
+    assert pipeline_tag("BertModel", "bert") == "feature-extraction"  # family files keep theirs

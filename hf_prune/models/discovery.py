@@ -277,6 +277,33 @@ def get_family(model: nn.Module) -> Family:
     return generic_family(model)
 
 
+# transformers' Auto mappings -> the Hub pipeline tag of the classes they map to (the first match wins)
+AUTO_PIPELINES = (
+    ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "automatic-speech-recognition"),
+    ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "image-text-to-text"),
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text-generation"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "text2text-generation"),
+    ("MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES", "zero-shot-image-classification"),
+    ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "image-classification"),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "text-classification"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "token-classification"),
+    ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "fill-mask"),
+    ("MODEL_MAPPING_NAMES", "feature-extraction"),
+)
+
+
+def auto_pipeline_tag(model_class: str) -> str | None:
+    """The pipeline tag transformers' Auto mappings imply for a model class (``GPT2LMHeadModel`` ->
+    text-generation), for a model no family file covers; None when no mapping names the class."""
+    from transformers.models.auto import modeling_auto
+
+    for constant, tag in AUTO_PIPELINES:
+        for value in getattr(modeling_auto, constant, {}).values():
+            if model_class == value or (isinstance(value, (list, tuple)) and model_class in value):
+                return tag
+    return None
+
+
 def text_context(model: nn.Module, stages: list[Stage] | None = None) -> int | None:
     """The most tokens one sequence of ``input_ids`` may hold in ``model``: the shortest context of ``stages``
     (default: all of the family's stages) that read ``input_ids``; None when none does, or the family is unknown
