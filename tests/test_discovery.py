@@ -222,3 +222,15 @@ def test_cards_of_discovered_families_get_the_pipeline_tag_transformers_implies(
     for cls, tag in expected.items():
         assert pipeline_tag(cls, "not-a-family-file") == tag, cls
     assert pipeline_tag("BertModel", "bert") == "feature-extraction"  # family files keep theirs
+
+
+def test_a_walk_that_misses_selected_modules_is_an_error_not_a_partial_success(tokenizer, corpus, monkeypatch):
+    from hf_prune.methods import layerwise
+
+    process = layerwise.LayerwiseProcessor.process
+    monkeypatch.setattr(layerwise.LayerwiseProcessor, "process", lambda self, name, block, stats: (
+        None if name.endswith(".1") else process(self, name, block, stats)))
+    model = _user_model(len(tokenizer))
+    with pytest.raises(UnsupportedModelError, match=r"7 of the 14 selected modules were never reached by the block "
+                                                     r"walk \(e\.g\. model\.layers\.1\.q\)"):
+        Pruner(model, tokenizer).prune(MagnitudeConfig(), progress=False)

@@ -107,3 +107,19 @@ def test_deepseek_mla_latents_count_only_real_tokens(tokenizer, corpus):
         layerwise.LayerwiseProcessor = original
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     assert seen["model.layers.0.self_attn.kv_b_proj"] == seen["model.layers.0.self_attn.q_a_proj"] == real
+
+
+def test_first_order_ecoflap_refuses_expert_slices_and_takes_them_excluded(tokenizer, corpus):
+    from hf_prune import ECoFLaPConfig
+
+    batches = make_batches("mixtral", tokenizer, corpus)
+    model = make_model("mixtral", vocab=len(tokenizer))
+    snap = snapshot(model)
+    first_order = dict(sparsity=0.5, score="first_order", num_score_samples=4, granularity="layer", calibration=CAL)
+    with pytest.raises(UnsupportedModelError, match=r"first-order scores .* 16 targets are experts' slices .* "
+                                                    r"score='zeroth_order'"):
+        Pruner(model, tokenizer).prune(ECoFLaPConfig(**first_order), calibration_dataset=batches, progress=False)
+    assert unchanged(model, snap)
+    report = Pruner(model, tokenizer).prune(ECoFLaPConfig(**first_order, exclude_modules=["experts"]),
+                                            calibration_dataset=batches, progress=False).report
+    assert report["sparsity"]["per_module"] and not _experts_entries(report)

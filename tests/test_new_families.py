@@ -46,10 +46,13 @@ OFFLOAD = {  # half of each model's blocks on disk, half in CPU weights maps; ev
               "transformer.ln_f": "cpu", "lm_head": "cpu"}, "transformer.h.0.attn.c_attn.weight"),
     "roberta": ({"embeddings": "cpu", "encoder.layer.0": "disk", "encoder.layer.1": "cpu", "pooler": "cpu"},
                 "encoder.layer.0.attention.self.query.weight"),
+    "mixtral": ({"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
+                 "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"},
+                "model.layers.0.mlp.experts.gate_up_proj"),
 }
 
 
-@pytest.mark.parametrize("family", ["gpt2", "roberta"])
+@pytest.mark.parametrize("family", ["gpt2", "roberta", "mixtral"])
 def test_offloaded_new_family_prunes_bit_identical(family, saved, tokenizer, corpus, tmp_path):
     batches = make_batches(family, tokenizer, corpus)
     config = WandaConfig(pattern="2:4", calibration=CAL)

@@ -17,7 +17,7 @@ from ..models import Stage, as_matrix, in_features, is_linear_like
 from ..patterns import Pattern
 from ..registry import method_specs
 from .experts import ExpertSlice, expert_slices, is_router
-from .offload import check_placement, is_dispatched, iter_tensors
+from .offload import check_placement, is_dispatched, iter_tensors, module_weight, read_tensor
 
 
 def offload_methods() -> list[str]:
@@ -83,6 +83,13 @@ def target_weight(model: nn.Module, name: str) -> torch.Tensor:
     except AttributeError:
         owner, expert, param = name.rsplit(".", 2)
         return ExpertSlice(model.get_submodule(owner), param, int(expert)).weight
+
+
+def stored_matrix(module: Any) -> torch.Tensor:
+    """A target's ``[out, in]`` weight as stored, read from accelerate's weights map when it is offloaded."""
+    if isinstance(module, ExpertSlice):
+        return read_tensor(module.owner, module.param)[module.expert]
+    return as_matrix(module, module_weight(module))
 
 
 def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[str] | None,

@@ -18,11 +18,12 @@ from torch import nn
 from ..calibration.data import CalibrationSet
 from ..checks import check_choice, check_int, check_number, regex_list
 from ..config import PrunerConfig
-from ..engine.offload import describe_offload, module_weight
+from ..engine.offload import describe_offload
 from ..engine.report import RunMeter, model_record, module_entry
 from ..engine.run import RunContext, changed_in_place, prepare
 from ..engine.stats import LinearStats
-from ..engine.targets import Target, linear_candidates, plan_targets
+from ..engine.targets import Target, linear_candidates, plan_targets, stored_matrix
+from ..errors import UnsupportedModelError
 from ..models import as_matrix, get_family
 from ..patterns import Pattern, nm_channel_permutation, nm_kept_score
 from ..registry import MethodCost, register_method
@@ -247,6 +248,11 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
                                                              "{n} of {total} modules were already pruned",
                                                              total=len(targets)):
             run.walk(batches, processor, progress=progress, desc=config.method, checkpoint=checkpoint)
+        missed = [t.name for t in targets if t.name not in processor.info]
+        if missed:  # never a silent partial run
+            raise UnsupportedModelError(
+                f"{len(missed)} of the {len(targets)} selected modules were never reached by the block walk (e.g. "
+                f"{missed[0]}), so they were not pruned; the model's blocks do not run as its family says.")
     sections = None
     if config.channel_permutation:
         sections = {"channel_permutation": {
@@ -268,7 +274,7 @@ def layerwise_report(run: RunContext, targets: list[Target], config: PrunerConfi
     pattern = Pattern.parse(getattr(config, "pattern", "unstructured"))
     entries = {}
     for t in targets:
-        entry = module_entry(as_matrix(t.module, module_weight(t.module)).detach(), t.sparsity, pattern)
+        entry = module_entry(stored_matrix(t.module).detach(), t.sparsity, pattern)
         entry.update({k: v for k, v in info.get(t.name, {}).items()})
         entries[t.name] = entry
     record = model_record(run.model, run.family.name, run.stages)
