@@ -193,7 +193,8 @@ def discover_stages(model: nn.Module, *, mlp: MLPSpec | None = None, attention: 
     family's specs of its blocks (default: the MLP spec ``base_model_tp_plan`` implies, no attention spec);
     ``name``: the name of a single stage (default ``decoder`` for a causal LM, else ``encoder``)."""
     lists, origin = block_lists(model)
-    causal = _causal_type(model) if causal is None else causal
+    if causal is None and not (name and len(lists) == 1):  # only a stage's default name needs it
+        causal = _causal_type(model)
     root_input = getattr(model, "main_input_name", "input_ids")
     stages = []
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
