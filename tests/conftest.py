@@ -171,6 +171,11 @@ def make_model(family: str, vocab: int = 512, seed: int = 0) -> torch.nn.Module:
             text_config=_text(vocab, num_key_value_heads=2, max_position_embeddings=256,
                               rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **tokens),
             image_token_id=IMAGE_TOKEN, vision_start_token_id=6, vision_end_token_id=7))
+    if family == "gemma3":  # Gemma 3 with vision: a SigLIP tower, pooled to 4 soft tokens per image
+        return T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+            text_config=_text(vocab, num_key_value_heads=2, head_dim=16, max_position_embeddings=256, **tokens),
+            vision_config=dict(**_vision(), vision_use_head=False), mm_tokens_per_image=4,
+            image_token_index=IMAGE_TOKEN, boi_token_index=6, eoi_token_index=7))
     if family == "resnet":
         return T.ResNetForImageClassification(T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                              num_labels=3))
@@ -189,9 +194,9 @@ DISCOVERED = {"gemma2": "gemma2", "gemma3_text": "gemma3_text", "phi3": "phi3", 
               "falcon": "falcon", "roberta": "roberta", "modernbert": "modernbert", "distilbert": "distilbert",
               "deit": "deit", "dinov2": "dinov2", "swin": "swin", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe",
               "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3", "t5": "t5", "bart": "bart", "whisper": "whisper",
-              "siglip": "siglip", "llava": "llava", "qwen2_vl": "qwen2_vl"}
+              "siglip": "siglip", "llava": "llava", "qwen2_vl": "qwen2_vl", "gemma3": "gemma3"}
 # how many image placeholder tokens a batch of the VLMs carries per image (make_batches)
-IMAGE_TOKENS = {"blip2": QUERY_TOKENS, "llava": (IMAGE // 8) ** 2, "qwen2_vl": 4}
+IMAGE_TOKENS = {"blip2": QUERY_TOKENS, "llava": (IMAGE // 8) ** 2, "qwen2_vl": 4, "gemma3": 4}
 # the registered families every layer-wise method x pattern runs on (make_model names)
 FAMILIES = tuple(tiny for name, tiny in TINY_MODELS.items() if name not in NOT_LAYERWISE)
 # ... and with the discovered ones: the family matrix (tests/test_families.py)
@@ -220,7 +225,9 @@ def make_batches(family: str, tokenizer, texts: list[str], *, n: int = 8, batch:
                          decoder_input_ids=ids, decoder_attention_mask=mask)
             else:
                 b.update(input_ids=ids, attention_mask=mask)
-        if family in (*IMAGE_ONLY, "clip", "blip2", "siglip", "llava"):
+        if family == "gemma3":  # which tokens are the image's (they attend to each other both ways)
+            b["token_type_ids"] = (ids == IMAGE_TOKEN).long()
+        if family in (*IMAGE_ONLY, "clip", "blip2", "siglip", "llava", "gemma3"):
             b["pixel_values"] = torch.randn(min(batch, n - start), 3, IMAGE, IMAGE, generator=g)
         if family == "qwen2_vl":  # flattened patches (channels x 2 frames x 4 x 4 each) of one 16x16 image per sample
             images = min(batch, n - start)
