@@ -89,7 +89,7 @@ def run_cell(name: str, method: str, tokenizer, corpus) -> dict:
     try:
         result = Pruner(model, tokenizer).prune(config, calibration_dataset=batches, progress=False)
     except Exception as exc:  # a refusal is a result here
-        return {"status": f"refused: {type(exc).__name__}: {str(exc)[:90]}"}
+        return {"status": f"refused: {type(exc).__name__}: {str(exc)[:60]}..."}
     seconds = time.perf_counter() - start
     overall = result.report["sparsity"]["overall"]
     exact = _exact(model, result.report, config) if method != "ecoflap" else None
