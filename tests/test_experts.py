@@ -123,3 +123,19 @@ def test_first_order_ecoflap_refuses_expert_slices_and_takes_them_excluded(token
     report = Pruner(model, tokenizer).prune(ECoFLaPConfig(**first_order, exclude_modules=["experts"]),
                                             calibration_dataset=batches, progress=False).report
     assert report["sparsity"]["per_module"] and not _experts_entries(report)
+
+
+def test_mask_keeping_covers_the_fused_experts(tokenizer, corpus):
+    from hf_prune.training.weight_masks import WeightMasks
+
+    model = make_model("mixtral", vocab=len(tokenizer))
+    Pruner(model, tokenizer).prune(WandaConfig(pattern="2:4", calibration=CAL),
+                                   calibration_dataset=make_batches("mixtral", tokenizer, corpus), progress=False)
+    masks = WeightMasks.from_model(model)
+    assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= set(masks.masks)
+    experts = model.model.layers[0].mlp.experts
+    zeros = experts.down_proj == 0
+    with torch.no_grad():  # a training step that moved every weight
+        experts.down_proj.add_(0.1)
+    masks.apply_(model)
+    assert torch.equal(experts.down_proj == 0, zeros)
