@@ -32,9 +32,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from oneshot import rss_bytes  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 from hf_prune import CalibrationConfig, ECoFLaPConfig, Pruner, WandaConfig  # noqa: E402
 from hf_prune.engine.report import _reset_vm_hwm, _vm_hwm_bytes, format_table  # noqa: E402
-from oneshot import rss_bytes  # noqa: E402  (this folder is on sys.path when a script here runs)
 
 SCORERS = {  # name -> ECoFLaPConfig overrides
     "zeroth_order/tensor": dict(score="zeroth_order", zo_perturb="tensor"),

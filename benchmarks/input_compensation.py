@@ -31,13 +31,20 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hf_prune import (CalibrationConfig, InputCompensatedModel, InputCompensationConfig, MagnitudeConfig,  # noqa: E402
-                      Pruner, SparseGPTConfig, WandaConfig)
+from hf_prune import (  # noqa: E402
+    CalibrationConfig,
+    InputCompensatedModel,
+    InputCompensationConfig,
+    MagnitudeConfig,
+    Pruner,
+    SparseGPTConfig,
+    WandaConfig,
+)
 from hf_prune.callbacks import InputCompensationCallback  # noqa: E402
-from hf_prune.evaluation import perplexity, perplexity_windows  # noqa: E402
-from hf_prune.training.weight_masks import WeightMasks  # noqa: E402
-from hf_prune.methods.input_compensation.ops import kd_kl_loss  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
+from hf_prune.evaluation import perplexity, perplexity_windows  # noqa: E402
+from hf_prune.methods.input_compensation.ops import kd_kl_loss  # noqa: E402
+from hf_prune.training.weight_masks import WeightMasks  # noqa: E402
 
 METHODS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

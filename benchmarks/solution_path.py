@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hf_prune import CalibrationConfig, Pruner, RIAConfig, SPPConfig  # noqa: E402
+from hf_prune.engine.report import format_table  # noqa: E402
 from hf_prune.engine.stats import LinearStats  # noqa: E402
 from hf_prune.engine.walker import walk  # noqa: E402
-from hf_prune.engine.report import format_table  # noqa: E402
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 TRAIN = 1400
@@ -189,8 +189,8 @@ class StructuredBaseline:
 
 
 def structured_baseline(model, config, x, sparsity: float, use_data: bool):
-    from hf_prune.models import get_family
     from hf_prune.methods.spp import build_units
+    from hf_prune.models import get_family
 
     model = copy.deepcopy(model)
     start = time.perf_counter()

@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from hf_prune import CalibrationConfig, ModHiFiConfig, Pruner  # noqa: E402
 from hf_prune.calibration import builtin_texts  # noqa: E402
-from hf_prune.evaluation import perplexity  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
+from hf_prune.evaluation import perplexity  # noqa: E402
 
 VARIANTS = {
     "modhifi": {},

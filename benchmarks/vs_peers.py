@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from hf_prune import CalibrationConfig  # noqa: E402
 from hf_prune.calibration import build_calibration  # noqa: E402
-from hf_prune.evaluation import perplexity, sparsity_report  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
+from hf_prune.evaluation import perplexity, sparsity_report  # noqa: E402
 
 PEER_VERSION = "llmcompressor==0.14.0.1"
 TP_VERSION = "torch-pruning==1.6.1"

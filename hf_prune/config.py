@@ -48,6 +48,8 @@ class PrunerConfig:
         out: dict[str, Any] = {"method": self.method, "hf_prune_version": __version__}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.metadata.get("omit_default") and value == f.default:
+                continue  # an option of some models only (e.g. MoE experts): written once it is set
             if isinstance(value, CalibrationConfig):
                 value = value.to_dict()
             elif isinstance(value, tuple):

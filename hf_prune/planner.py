@@ -33,7 +33,7 @@ from torch import nn
 from .engine.report import format_table
 from .engine.targets import linear_candidates
 from .engine.walker import first_tensor
-from .models import get_family
+from .models import get_family, in_features, out_features
 from .registry import MethodCost, default_method, get_method
 
 GIB = 2 ** 30
@@ -227,13 +227,13 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
         linears = [m for n, m, *_ in linear_candidates(model, [stage]) if n.startswith(f"{stage.path}.0.")]
         stats = 0
         if "sq_norm" in statistics:
-            stats += sum(m.in_features for m in linears) * 4
+            stats += sum(in_features(m) for m in linears) * 4
         if "gram" in statistics:
-            stats += sum(m.in_features ** 2 for m in linears) * 4
-        solves = [cost.solve(m.in_features, m.out_features) for m in linears] if cost.solve is not None else []
+            stats += sum(in_features(m) ** 2 for m in linears) * 4
+        solves = [cost.solve(in_features(m), out_features(m)) for m in linears] if cost.solve is not None else []
         solve = max(b for b, _ in solves) if solves else 0
         hidden = stage.config(model).hidden_size  # the residual width: what the walker caches per token
-        widest = max(max(m.out_features for m in linears), max(m.in_features for m in linears))
+        widest = max(max(out_features(m) for m in linears), max(in_features(m) for m in linears))
         tokens = stage.tokens_per_sample(model, seq_len)
         # one batch through the block: a few tensors of the widest activation, plus attention scores
         forward = batch_size * tokens * widest * width * 4 + batch_size * tokens * tokens * width

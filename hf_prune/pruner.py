@@ -22,7 +22,7 @@ from .config import PrunerConfig
 from .engine import distributed
 from .engine.checkpoint import RunCheckpoint, resumable_methods
 from .engine.offload import module_weight
-from .errors import CheckpointError, HFPruneError, ModelLoadError
+from .errors import CheckpointError, HFPruneError, ModelLoadError, UnsupportedModelError
 from .models import text_context
 from .registry import get_method
 from .result import PruningResult
@@ -252,6 +252,9 @@ class Pruner:
         if spec.kind == "trained":
             raise HFPruneError(spec.how_to_run or f"{config.method} is trained with transformers.Trainer, not run by "
                                "Pruner.prune. The model was not changed.")
+        reason = spec.serves(self.model, config) if spec.serves is not None else None
+        if reason:  # what the README's family x method table says, checked before anything changes
+            raise UnsupportedModelError(reason if reason.rstrip().endswith(".") else f"{reason}.")
         if (resume or restart) and checkpoint_dir is None:
             raise ValueError(f"{'resume' if resume else 'restart'}=True needs checkpoint_dir: the folder the "
                              "interrupted run checkpointed into.")

@@ -45,6 +45,10 @@ class MethodSpec:
     - ``card_template``: the template in ``model_cards/`` for the pruned model's card.
     - ``how_to_run``: for a trained method, what ``Pruner.prune`` tells the user to do instead.
     - ``default``: the method used where none is named (``hf-prune plan``, an allocator's stage 2); one method.
+    - ``serves(model, config) -> str | None``: None when the method can prune ``model`` (with ``config``; None: its
+      default config), else the reason it cannot. ``Pruner.prune`` refuses with that reason before anything
+      changes, and the README's table of families x methods (``hf_prune.support``) is made from it. None: the
+      method serves every model whose blocks are found.
     """
 
     name: str
@@ -60,6 +64,7 @@ class MethodSpec:
     card_template: str = DEFAULT_CARD
     how_to_run: str = ""
     default: bool = False
+    serves: Callable[[Any, Any], str | None] | None = None
 
     @property
     def summary(self) -> str:

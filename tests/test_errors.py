@@ -67,8 +67,10 @@ def test_nm_pattern_needs_divisible_width(tokenizer):
 
 
 def test_unsupported_family_names_the_known_ones(tokenizer):
-    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(UnsupportedModelError, match=r"model_type='gpt2'.*llama \(llama, mistral, qwen2, qwen3\).*opt"):
+    """A model without a family file whose blocks generic discovery cannot find either (T5's blocks are found but
+    its configuration here has none: zero layers)."""
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=0, n_head=2))
+    with pytest.raises(UnsupportedModelError, match=r"model_type='gpt2'.*no blocks.*llama \(llama, mistral, qwen2, qwen3\).*opt"):
         Pruner(model, tokenizer).prune(MagnitudeConfig(), progress=False)
 
 

@@ -8,9 +8,11 @@ import itertools
 import pytest
 import torch
 import transformers as T
-from conftest import FAMILIES, make_batches, make_model
+from conftest import MATRIX, make_batches, make_model
 
 from hf_prune import CalibrationConfig, Pruner, SparseGPTConfig
+from hf_prune.engine.targets import target_weight
+from hf_prune.models.discovery import decoder_inputs
 from hf_prune.patterns import nm_violations, prune_count
 from hf_prune.registry import method_specs
 
@@ -21,11 +23,11 @@ PATTERNS = ("unstructured", "2:4", "4:8")
 def _outputs(model, batch):
     model.eval()
     with torch.no_grad():
-        out = model(**batch)
-    if hasattr(out, "logits") and out.logits is not None and not isinstance(model, T.CLIPModel):
-        return out.logits
-    if isinstance(model, T.CLIPModel):
+        out = model(**decoder_inputs(model, batch))  # an encoder-decoder gets its decoder inputs
+    if getattr(out, "logits_per_image", None) is not None:  # two towers (CLIP, SigLIP)
         return torch.cat([out.logits_per_image.flatten(), out.text_embeds.flatten(), out.image_embeds.flatten()])
+    if getattr(out, "logits", None) is not None:
+        return out.logits
     return out.last_hidden_state
 
 
@@ -33,7 +35,7 @@ def test_the_matrix_covers_every_layerwise_method():
     assert {c.method for c in METHODS} >= {"magnitude", "wanda", "sparsegpt", "ria"}
 
 
-@pytest.mark.parametrize("family,config_cls,pattern", list(itertools.product(FAMILIES, METHODS, PATTERNS)))
+@pytest.mark.parametrize("family,config_cls,pattern", list(itertools.product(MATRIX, METHODS, PATTERNS)))
 def test_every_method_pattern_family(family, config_cls, pattern, tokenizer, corpus):
     model = make_model(family, vocab=len(tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -46,7 +48,7 @@ def test_every_method_pattern_family(family, config_cls, pattern, tokenizer, cor
     linears_in_blocks = result.report["sparsity"]["overall"]["modules"]
     assert linears_in_blocks == len(per_module) > 0
     for name, entry in per_module.items():
-        weight = model.get_submodule(name).weight
+        weight = target_weight(model, name)  # [out, in]: a Conv1D's transposed view, an expert's fused slice
         out_f, in_f = weight.shape
         if pattern == "unstructured":
             if getattr(config, "scope", "matrix") == "row":  # Wanda: every row loses exactly its share
@@ -58,14 +60,17 @@ def test_every_method_pattern_family(family, config_cls, pattern, tokenizer, cor
             assert nm_violations(weight, n, m) == 0, name
             assert entry["zeros"] == weight.numel() // 2, name
             assert entry["nm_violations"] == 0
-    # nothing outside the pruned Linears changed
+    # nothing outside the pruned Linears (and experts) changed; every expert of every fused experts module pruned
     for name, param in model.named_parameters():
         module = name.rsplit(".", 1)[0]
-        if module not in per_module or not name.endswith("weight"):
+        experts = [n for n in per_module if n.startswith(f"{module}.") and n.endswith("." + name.rsplit(".", 1)[1])]
+        if param.dim() == 3 and name.endswith(("gate_up_proj", "down_proj")):
+            assert len(experts) == param.shape[0], f"{name}: {len(experts)} of its {param.shape[0]} experts pruned"
+        elif module not in per_module or not name.endswith("weight"):
             assert torch.equal(param, before[name]), f"{name} changed but was not a pruning target"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MATRIX)
 def test_save_and_stock_reload_identical(family, tokenizer, corpus, tmp_path):
     model = make_model(family, vocab=len(tokenizer))
     batches = make_batches(family, tokenizer, corpus)

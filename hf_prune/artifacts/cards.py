@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 from ..allocation import PLOT_NAME as ALLOCATION_PLOT
 from ..models import family_for_type
+from ..models.discovery import auto_pipeline_tag
 from ..registry import DEFAULT_CARD, card_template, display_name
 from ..structured.layout import auto_classes
 from .plots import PLOT_EXTRA_HINT, SPARSITY_PICTURE, plot_layer_sparsity
@@ -57,6 +58,8 @@ def pipeline_tag(model_class: str, model_type: str | None = None) -> str | None:
     """The Hub pipeline tag of a model class: its family's own tag for it (``model_type`` names the family), else
     the one its class-name suffix implies, else None."""
     family = family_for_type(model_type)
+    if family is None and auto_pipeline_tag(model_class):  # a model found by generic discovery
+        return auto_pipeline_tag(model_class)
     for suffix, tag in (*(family.pipeline_tags.items() if family is not None else ()), *_PIPELINES):
         if model_class.endswith(suffix):
             return tag

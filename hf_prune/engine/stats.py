@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteStatisticsError
+from ..models import in_features
 
 KINDS = ("sq_norm", "gram", "sum")
 
@@ -111,7 +112,7 @@ def input_width(module: nn.Module) -> int:
                              f"padding_mode={module.padding_mode!r}: only groups=1 with numeric zero padding is "
                              "supported for input statistics.")
         return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-    return module.in_features
+    return in_features(module)  # a Linear, or transformers' Conv1D (weight [in, out])
 
 
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +145,8 @@ class StatsCollector:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             mask = self.token_mask
+            if mask is not None and x.dim() == 4 and x.shape[1] == 1 and (x.shape[0], x.shape[2]) == tuple(mask.shape):
+                x = x[:, 0]  # [batch, 1, tokens, features]: DeepSeek's MLA feeds kv_b_proj its latents so
             if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                 x = x[mask.to(x.device)]
             stats.update(input_rows(module, x.detach()))

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteWeightsError, OffloadError, RegexTimeoutError, did_you_mean
-from ..models import Stage
+from ..models import Stage, as_matrix, in_features, is_linear_like
 from ..patterns import Pattern
 from ..registry import method_specs
-from .offload import check_placement, is_dispatched, iter_tensors
+from .experts import ExpertSlice, expert_slices, is_router
+from .offload import check_placement, is_dispatched, iter_tensors, module_weight, read_tensor
 
 
 def offload_methods() -> list[str]:
@@ -27,7 +28,7 @@ def offload_methods() -> list[str]:
 @dataclass
 class Target:
     name: str
-    module: nn.Linear
+    module: nn.Module  # an nn.Linear or transformers' Conv1D (models.layers: as_matrix gives its [out, in] weight)
     block: str
     stage: str
     sparsity: float
@@ -59,15 +60,36 @@ class BoundedRegex:
             self.left -= time.monotonic() - start
 
 
-def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, nn.Linear, str, str]]:
-    """(name, module, block name, stage name) of every nn.Linear inside the blocks, in walk order."""
+def linear_candidates(model: nn.Module, stages: list[Stage]) -> list[tuple[str, nn.Module, str, str]]:
+    """(name, module, block name, stage name) of every linear-like layer (``nn.Linear``, transformers' ``Conv1D``)
+    inside the blocks, in walk order, and of every expert's projections in fused experts modules
+    (``engine.experts.ExpertSlice``, named ``<experts>.<index>.gate_up_proj``/``down_proj``). Routers stay out."""
     found = []
     for stage in stages:
         for block_name, block in zip(stage.block_names(model), stage.blocks(model)):
-            for sub, module in block.named_modules(prefix=block_name):
-                if isinstance(module, nn.Linear):
+            parents = dict(block.named_modules(prefix=block_name))
+            for sub, module in parents.items():
+                if is_linear_like(module) and not is_router(sub, module, parents[sub.rsplit(".", 1)[0]]):
                     found.append((sub, module, block_name, stage.name))
+            found += [(name, piece, block_name, stage.name) for name, piece in expert_slices(block, block_name)]
     return found
+
+
+def target_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The ``[out, in]`` weight of the target called ``name``: a Linear's weight, a ``Conv1D``'s transposed view, or
+    one expert's slice of a fused experts parameter (``<experts>.<index>.gate_up_proj``)."""
+    try:
+        return as_matrix(model.get_submodule(name))
+    except AttributeError:
+        owner, expert, param = name.rsplit(".", 2)
+        return ExpertSlice(model.get_submodule(owner), param, int(expert)).weight
+
+
+def stored_matrix(module: Any) -> torch.Tensor:
+    """A target's ``[out, in]`` weight as stored, read from accelerate's weights map when it is offloaded."""
+    if isinstance(module, ExpertSlice):
+        return read_tensor(module.owner, module.param)[module.expert]
+    return as_matrix(module, module_weight(module))
 
 
 def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[str] | None,
@@ -78,7 +100,7 @@ def select_modules(model: nn.Module, stages: list[Stage], target_modules: list[s
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer inside its blocks "
                          f"({', '.join(s.path for s in stages)}); the layer-wise pruners prune Linear layers only.")
     names = [c[0] for c in candidates]
-    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(names)]
+    outside = [n for n, m in model.named_modules() if is_linear_like(m) and n not in set(names)]
     examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
     def check_matches(pattern: BoundedRegex) -> None:
@@ -119,7 +141,7 @@ def plan_targets(model: nn.Module, stages: list[Stage], config: Any) -> list[Tar
     targets = [Target(n, m, b, s, overrides.get(n, config.sparsity)) for n, m, b, s in selected]
     pattern = Pattern.parse(config.pattern)
     if pattern.is_nm:
-        bad = [f"{t.name} (in_features={t.module.in_features})" for t in targets if t.module.in_features % pattern.m]
+        bad = [f"{t.name} (in_features={in_features(t.module)})" for t in targets if in_features(t.module) % pattern.m]
         if bad:
             raise ValueError(f"pattern {pattern} needs every pruned layer's input width to be a multiple of "
                              f"{pattern.m}, but {len(bad)} are not: {', '.join(bad[:3])}. Exclude them with "

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..errors import CalibrationDataError, DeviceError, HFPruneError, NonFiniteStatisticsError
+from ..errors import CalibrationDataError, DeviceError, HFPruneError, NonFiniteStatisticsError, UnsupportedModelError
 from ..models import Stage
 from . import distributed
+from .experts import ExpertSlice, ExpertStatsCollector
 from .offload import hook_execution_device, is_dispatched, onloaded
 from .stats import LinearStats, StatsCollector
 
@@ -71,12 +72,22 @@ def first_tensor(output: Any) -> torch.Tensor:
 
 @dataclass
 class StageInputs:
-    """Cached inputs of the current block, one entry per calibration batch (all on CPU)."""
+    """Cached inputs of the current block, one entry per calibration batch (all on CPU).
+
+    ``args``/``kwargs`` are what the stage's first block receives besides its hidden states; ``own`` holds, per
+    batch, the (args, kwargs) of every later block whose extra inputs differ from the first block's (Gemma's and
+    ModernBERT's per-layer-type masks and rotary tables, T5's position bias handed on by its first block)."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
+    own: list[dict[int, tuple[tuple, dict]]] = field(default_factory=list)
+
+    def extra(self, i: int, index: int = 0) -> tuple[tuple, dict]:
+        """(args, kwargs) of block ``index`` of the stage for batch ``i``."""
+        own = self.own[i].get(index) if i < len(self.own) else None
+        return own if own is not None else (self.args[i], self.kwargs[i])
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -197,61 +208,219 @@ def _streamed(model: nn.Module, stages: list[Stage], device: torch.device):
             tensor.data = tensor.data.to(home)
 
 
+def _split_inputs(stage: Stage, index: int, args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """(hidden states, other positional args, keyword args) of a block call; caches dropped, use_cache off."""
+    args = list(args)
+    if args:
+        hidden = args.pop(0)
+    elif "hidden_states" in kwargs:
+        kwargs = dict(kwargs)
+        hidden = kwargs.pop("hidden_states")
+    else:
+        raise RuntimeError(f"cannot find the hidden states among the inputs of {stage.path}.{index}")
+    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return hidden, tuple(args), kwargs
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two block inputs hold the same values (the same object, or equal tensors / containers / scalars)."""
+    if a is b:
+        return True
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype
+                and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a usable equality: treat as different (per-block inputs are kept)
+        return False
+
+
+def _differs(first: tuple[tuple, dict], other: tuple[tuple, dict]) -> list[str]:
+    """Names of the extra inputs in which ``other`` (a later block's) differs from ``first`` (the first block's)."""
+    (args0, kwargs0), (args, kwargs) = first, other
+    names = [f"positional argument {j + 1}" for j in range(max(len(args0), len(args)))
+             if j >= len(args0) or j >= len(args) or not _same(args0[j], args[j])]
+    names += [k for k in sorted(set(kwargs0) | set(kwargs)) if k not in kwargs0 or k not in kwargs
+              or not _same(kwargs0[k], kwargs[k])]
+    return names
+
+
+REPLAY_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2}  # relative to the output's largest value; else 1e-4
+
+
+def _replay_context(block: nn.Module, device: torch.device):
+    """Run ``block`` on ``device`` for a replay: accelerate's own hooks place a dispatched block (nothing written
+    back), a plain one is moved there and back."""
+    return contextlib.nullcontext() if is_dispatched(block) else placed(block, device)
+
+
+def verify_replay(stage: Stage, blocks: nn.ModuleList, captured: StageInputs, real: dict[int, torch.Tensor],
+                  device: torch.device) -> None:
+    """The check behind block-by-block calibration: block 0 run on the inputs captured from the first batch's
+    real forward gives that forward's output of block 0, and block 1 run on that and its own captured inputs gives
+    the real output of block 1. A block that reads anything else (state its model sets around the forward, an
+    input recomputed between blocks) would be calibrated on wrong activations: it is refused."""
+    hidden = captured.hidden[0]
+    for index in sorted(real):
+        block = blocks[index]
+        with _replay_context(block, device):
+            out = _run_block(block, captured, 0, device, index=index, hidden=hidden).detach().cpu()
+        want = real[index]
+        origin = f" ({stage.origin})" if stage.origin else ""
+        where = (f"the {stage.name} stage at {stage.path}{origin}, {len(blocks)} blocks of "
+                 f"{type(blocks[0]).__name__}")
+        if out.shape != want.shape:
+            raise UnsupportedModelError(
+                f"{where}: replaying {stage.path}.{index} on the inputs captured from the real forward gives an "
+                f"output of shape {tuple(out.shape)}, the real forward {tuple(want.shape)}; hf_prune cannot "
+                "calibrate these blocks one at a time. Nothing was changed. Register a family for this model "
+                "(hf_prune.models.register_family) whose stages say how to drive its blocks.")
+        # an overflow of the real forward (NaN/inf) is the statistics check's to report: compare the finite values,
+        # and require the replay to overflow in the same places
+        finite = torch.isfinite(want.float())
+        same_places = bool(torch.equal(finite, torch.isfinite(out.float())))
+        scale = float(want.float()[finite].abs().max()) if bool(finite.any()) else 0.0
+        diff = float((out.float() - want.float())[finite].abs().max()) if bool(finite.any()) else 0.0
+        tolerance = REPLAY_TOLERANCE.get(want.dtype, 1e-4) * max(scale, 1.0)
+        if not (same_places and diff <= tolerance):
+            extra = (" with the first block's output and its own captured inputs" if index else
+                     " with the inputs captured from the real forward")
+            raise UnsupportedModelError(
+                f"{where}: replaying {stage.path}.{index}{extra} does not reproduce the real forward (largest "
+                f"difference {diff:.3g}, outputs up to {scale:.3g}). The block reads something besides its "
+                "arguments (state its model sets around the forward, an input recomputed between blocks), so "
+                "calibrating it block by block would use wrong activations. Nothing was changed. Register a "
+                "family for this model (hf_prune.models.register_family) whose stages say how to drive its "
+                "blocks.")
+        hidden = out
+
+
 def capture_stage_inputs(model: nn.Module, stage: Stage, all_stages: list[Stage], batches: list[dict],
-                         device: torch.device) -> StageInputs:
-    first = stage.blocks(model)[0]
+                         device: torch.device, *, verify: bool = True) -> StageInputs:
+    """The inputs of the stage's first block for every batch (see ``StageInputs``).
+
+    The first batch runs through the whole stage: every block's extra inputs are compared with the first block's
+    (where some differ, e.g. per-layer-type rotary tables, every batch keeps every block's own), and with
+    ``verify`` the first two blocks are replayed against the real forward (``verify_replay``). Later batches stop
+    at the first block when all blocks take the same extra inputs."""
+    blocks = stage.blocks(model)
+    first, last = blocks[0], len(blocks) - 1
     captured = StageInputs()
+    state: dict[str, Any] = {"full": True, "per_block": False, "raw": {}, "real": {}}
 
     def grab(module, args, kwargs):
-        args = list(args)
-        if args:
-            hidden = args.pop(0)
-        elif "hidden_states" in kwargs:
-            kwargs = dict(kwargs)
-            hidden = kwargs.pop("hidden_states")
-        else:
-            raise RuntimeError(f"cannot find the hidden states among the inputs of {stage.path}.0")
-        kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
+        hidden, args, kwargs = _split_inputs(stage, 0, args, kwargs)
         captured.hidden.append(hidden.detach().cpu())
-        captured.args.append(to_device(tuple(args), "cpu"))
+        captured.args.append(to_device(args, "cpu"))
         captured.kwargs.append(to_device(kwargs, "cpu"))
-        raise _StopForward
+        captured.own.append({})
+        if not state["full"]:
+            raise _StopForward
+        state["raw"][0] = (args, kwargs)
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    def record(index: int):
+        def hook(module, args, kwargs):
+            if state["full"]:
+                state["raw"][index] = _split_inputs(stage, index, args, kwargs)[1:]
+        return hook
+
+    def finish(index: int):
+        def hook(module, args, output):
+            if state["full"] and verify and index < 2 and len(captured.hidden) == 1:
+                state["real"][index] = first_tensor(output).detach().cpu()
+            if state["full"] and index == last:
+                raise _StopForward
+        return hook
+
+    handles = [first.register_forward_pre_hook(grab, with_kwargs=True)]
     try:
         with _streamed(model, all_stages, device):
-            for batch in batches:
+            handles += [blocks[k].register_forward_pre_hook(record(k), with_kwargs=True) for k in range(1, last + 1)]
+            handles += [blocks[k].register_forward_hook(finish(k)) for k in range(last + 1)]
+            for number, batch in enumerate(batches):
                 missing = [k for k in stage.requires if k not in batch]
                 if missing:
                     raise CalibrationDataError(
                         f"the {stage.name} stage ({stage.path}) needs {', '.join(stage.requires)} in every "
                         f"calibration batch, but a batch has only {', '.join(sorted(batch))}.")
+                state["raw"] = {}
+                reached = len(captured.hidden)
                 try:
                     stage.run(model, to_device(batch, device))
                 except _StopForward:
                     pass
-                else:
-                    raise RuntimeError(f"the forward pass never reached {stage.path}.0; cannot calibrate it.")
+                if len(captured.hidden) == reached or (state["full"] and len(state["raw"]) < last + 1):
+                    raise RuntimeError(f"the forward pass never reached {stage.path}.{len(state['raw'])}; cannot "
+                                       "calibrate it.")
+                if state["full"]:
+                    raw = state["raw"]
+                    if number == 0:
+                        state["per_block"] = any(_differs(raw[0], raw[k]) for k in range(1, last + 1))
+                    if state["per_block"]:
+                        captured.own[-1] = {k: to_device(raw[k], "cpu") for k in range(1, last + 1)
+                                            if _differs(raw[0], raw[k])}
+                    state["full"] = state["per_block"]
+                    state["raw"] = {}
                 mask = batch.get(stage.mask_key) if stage.mask_key else None
                 captured.masks.append(None if mask is None else mask.detach().cpu().bool())
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     for hidden in captured.hidden:
         if not bool(torch.isfinite(hidden.float()).all()):  # the weights are finite (checked up front): an overflow
             fix = "load it in float32 or bfloat16" if hidden.dtype == torch.float16 else "check the inputs"
             raise NonFiniteStatisticsError(
                 f"NaN/inf in the inputs of {stage.path}.0 before it was pruned; the model's forward pass "
                 f"overflows in {hidden.dtype} on these inputs ({fix}).")
+    if verify and state["real"]:
+        verify_replay(stage, blocks, captured, state["real"], device)
     return captured
 
 
-def _run_block(block: nn.Module, inputs: StageInputs, i: int, device: torch.device) -> torch.Tensor:
-    hidden = inputs.hidden[i].to(device)
-    args = to_device(inputs.args[i], device)
-    kwargs = to_device(inputs.kwargs[i], device)
-    return first_tensor(block(hidden, *args, **kwargs))
+def _run_block(block: nn.Module, inputs: StageInputs, i: int, device: torch.device, index: int = 0,
+               hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Block ``index`` of the stage on batch ``i`` (``hidden``: its hidden states, default the cached ones)."""
+    hidden = (inputs.hidden[i] if hidden is None else hidden).to(device)
+    args, kwargs = inputs.extra(i, index)
+    return first_tensor(block(hidden, *to_device(args, device), **to_device(kwargs, device)))
+
+
+def _collect(block: nn.Module, index: int, inputs: StageInputs, wanted: dict, processor: BlockProcessor,
+             device: torch.device, dtype: torch.dtype) -> dict[str, LinearStats]:
+    """The statistics ``wanted`` of one block over every cached batch: Linear inputs by pre-hooks, fused experts'
+    inputs by the tokens their router sends them (``engine.experts``; an expert routed fewer than the processor's
+    ``min_tokens`` is recalibrated on all tokens, and each slice's ``report_info`` says which it got)."""
+    plain = {n: v for n, v in wanted.items() if not isinstance(v[0], ExpertSlice)}
+    experts = {n: v for n, v in wanted.items() if isinstance(v[0], ExpertSlice)}
+    mode, min_tokens = getattr(processor, "expert_calibration", ("routed", 1))
+
+    def run(*collectors) -> None:
+        for i in range(len(inputs.hidden)):
+            for collector in collectors:
+                collector.token_mask = inputs.masks[i]
+            _run_block(block, inputs, i, device, index)
+
+    with StatsCollector(plain, dtype) as linear, ExpertStatsCollector(experts, dtype, mode=mode) as routed:
+        run(linear, routed)
+    stats = {**linear.stats, **routed.stats}
+    counts = distributed.reduce_floats(routed.routed)  # every rank decides on the tokens of all batches
+    counts = {n: int(c) for n, c in counts.items()}
+    starved = {n for n, count in counts.items() if count < min_tokens} if mode == "routed" else set()
+    if starved:
+        with ExpertStatsCollector(experts, dtype, mode="all_tokens", experts=starved) as everything:
+            run(everything)
+        stats.update(everything.stats)
+    for name, (piece, _) in experts.items():
+        piece.report_info = {"expert_tokens": counts[name],
+                             "calibrated_on": "routed tokens" if mode == "routed" and name not in starved else
+                             "all tokens"}
+    return stats
 
 
 def _resume_inputs(done: list[nn.Module], inputs: StageInputs, checkpoint: Any, lo: int, hi: int,
@@ -263,9 +432,10 @@ def _resume_inputs(done: list[nn.Module], inputs: StageInputs, checkpoint: Any, 
     if saved is not None:
         inputs.hidden = saved[lo:hi] if distributed.active() else saved
         return
-    for block in done:
+    for index, block in enumerate(done):
         with placed(block, device):
-            inputs.hidden = [_run_block(block, inputs, i, device).detach().cpu() for i in range(len(inputs.hidden))]
+            inputs.hidden = [_run_block(block, inputs, i, device, index).detach().cpu()
+                             for i in range(len(inputs.hidden))]
 
 
 def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, processor: BlockProcessor, *,
@@ -325,11 +495,7 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
                     if wanted:
                         if inputs is None:
                             raise CalibrationDataError(f"{block_name} needs calibration data, but none was given.")
-                        with StatsCollector(wanted, stats_dtype) as collector:
-                            for i in range(len(inputs.hidden)):
-                                collector.token_mask = inputs.masks[i]
-                                _run_block(block, inputs, i, device)
-                        stats = collector.stats
+                        stats = _collect(block, index, inputs, wanted, processor, device, stats_dtype)
                         distributed.reduce_statistics(stats)  # every rank: the statistics of all batches
                         for name, st in stats.items():
                             st.check(name)
@@ -340,7 +506,7 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
                                       "rank 0's tensors were copied to every rank.", stacklevel=2)
                     last = index + 1 == len(blocks)
                     if inputs is not None and not last:
-                        inputs.hidden = [_run_block(block, inputs, i, device).detach().cpu()
+                        inputs.hidden = [_run_block(block, inputs, i, device, index).detach().cpu()
                                          for i in range(len(inputs.hidden))]
                     if checkpoint is not None:
                         keep = inputs is not None and not last and not distributed.active()  # a share: recomputed

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..calibration.data import CalibrationSet
-from ..checks import check_choice, check_number, regex_list
+from ..checks import check_choice, check_int, check_number, regex_list
 from ..config import PrunerConfig
-from ..engine.offload import describe_offload, module_weight
+from ..engine.offload import describe_offload
 from ..engine.report import RunMeter, model_record, module_entry
 from ..engine.run import RunContext, changed_in_place, prepare
 from ..engine.stats import LinearStats
-from ..engine.targets import Target, plan_targets
+from ..engine.targets import Target, linear_candidates, plan_targets, stored_matrix
+from ..errors import UnsupportedModelError
+from ..models import as_matrix, get_family
 from ..patterns import Pattern, nm_channel_permutation, nm_kept_score
 from ..registry import MethodCost, register_method
 from ..result import PruningResult
@@ -50,6 +52,13 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
       by default every ``nn.Linear`` inside the transformer blocks is pruned (never embeddings/heads).
     - ``module_sparsity``: ``{module_name: sparsity}`` overrides, e.g. an allocation from ECoFLaP (an
       ``hf_prune.Allocation`` or the dict of a saved ``sparsity_allocation.json`` is taken as its map).
+    - ``expert_calibration``: how the experts of a mixture-of-experts model (fused 3-D ``gate_up_proj`` /
+      ``down_proj``, each expert pruned as its own Linear) are calibrated: ``"routed"`` (default) on the tokens the
+      router sends each expert, ``"all_tokens"`` on every token (every expert sees the whole calibration set, as
+      if the router sent it everything). ``min_expert_tokens``: with ``"routed"``, an expert routed fewer
+      calibration tokens than this is calibrated on all tokens instead; the report's entry of every expert
+      projection gives ``expert_tokens`` (how many the router sent it) and ``calibrated_on``. Routers are never
+      pruned.
     - ``channel_permutation``: with an N:M pattern, reorder the MLP hidden neurons of every block before its
       output Linear (``down_proj``/``fc2``) is pruned, so that each group of M input columns holds a balanced mix
       of important channels and N:M keeps more of the method's score (RIA's channel reallocation, Zhang et al.,
@@ -73,6 +82,8 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
     module_sparsity: dict[str, float] | None = None
     channel_permutation: bool = False
     accum_dtype: str = "float32"
+    expert_calibration: str = field(default="routed", metadata={"omit_default": True})
+    min_expert_tokens: int = field(default=16, metadata={"omit_default": True})
 
     statistics: ClassVar[frozenset] = frozenset()  # what the method reads: "sq_norm", "gram"
     # (in_features, out_features) -> (bytes, flops) of the per-Linear solve beyond the statistics, for the planner
@@ -105,6 +116,8 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
         check_number(owner, "sparsity", self.sparsity, 0.0, 1.0)
         self.sparsity = float(self.sparsity)
         check_choice(owner, "accum_dtype", self.accum_dtype, tuple(ACCUM_DTYPES))
+        check_choice(owner, "expert_calibration", self.expert_calibration, ("routed", "all_tokens"))
+        check_int(owner, "min_expert_tokens", self.min_expert_tokens, 0)
         self.target_modules = regex_list(owner, "target_modules", self.target_modules)
         self.exclude_modules = regex_list(owner, "exclude_modules", self.exclude_modules)
         if self.module_sparsity is not None:
@@ -173,6 +186,7 @@ class LayerwiseProcessor:
         for t in targets:
             self.by_block.setdefault(t.block, []).append(t)
         self.permutable = permutable or {}  # MLP output Linear -> its producers (channel_permutation)
+        self.expert_calibration = (config.expert_calibration, config.min_expert_tokens)  # read by the walker
         self.info: dict[str, dict] = {}
 
     def statistics(self, block_name: str, block: nn.Module) -> dict[str, tuple[nn.Module, frozenset]]:
@@ -182,7 +196,7 @@ class LayerwiseProcessor:
 
     def process(self, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
         for t in self.by_block.get(block_name, []):
-            weight = t.module.weight
+            weight = as_matrix(t.module)  # [out, in], a view of a Conv1D's [in, out] weight
             stat, extra = as_float32(stats.get(t.name)), {}
             if t.name in self.permutable:
                 stat, extra = self.permute_inputs(t, block_name, block, stat)
@@ -190,14 +204,15 @@ class LayerwiseProcessor:
                                                         t.sparsity, self.pattern)
             new = new.to(weight.dtype)
             new[prune] = 0
-            weight.data.copy_(new)
-            self.info[t.name] = {**info, **extra}
+            with torch.no_grad():
+                weight.copy_(new)
+            self.info[t.name] = {**info, **extra, **(getattr(t.module, "report_info", None) or {})}
 
     def permute_inputs(self, t: Target, block_name: str, block: nn.Module,
                        stat: LinearStats | None) -> tuple[LinearStats | None, dict]:
         """Reorder the hidden neurons feeding ``t`` (its input columns, its producers' rows and biases) so that the
         coming N:M mask keeps more of the method's score; its statistics are reordered to match."""
-        weight = t.module.weight
+        weight = as_matrix(t.module)
         scores = self.config.channel_scores(weight.detach().to(torch.float32), stat)
         perm = nm_channel_permutation(scores, self.pattern.n, self.pattern.m)
         before = nm_kept_score(scores, self.pattern.n, self.pattern.m)
@@ -209,7 +224,7 @@ class LayerwiseProcessor:
                 weight.copy_(weight.index_select(1, perm.to(weight.device)))
                 for name in producers:
                     linear = block.get_submodule(name[len(block_name) + 1:])
-                    for tensor in (linear.weight, linear.bias):
+                    for tensor in (as_matrix(linear), linear.bias):
                         if tensor is not None:
                             tensor.copy_(tensor.index_select(0, perm.to(tensor.device)))
             stat = None if stat is None else stat.permuted(perm)
@@ -255,6 +270,11 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
                                                              total=len(targets)):
             run.walk(batches, processor, progress=progress, desc=config.method, checkpoint=checkpoint,
                      stats_dtype=ACCUM_DTYPES[config.accum_dtype])
+        missed = [t.name for t in targets if t.name not in processor.info]
+        if missed:  # never a silent partial run
+            raise UnsupportedModelError(
+                f"{len(missed)} of the {len(targets)} selected modules were never reached by the block walk (e.g. "
+                f"{missed[0]}), so they were not pruned; the model's blocks do not run as its family says.")
     sections = None
     if config.channel_permutation:
         sections = {"channel_permutation": {
@@ -276,7 +296,7 @@ def layerwise_report(run: RunContext, targets: list[Target], config: PrunerConfi
     pattern = Pattern.parse(getattr(config, "pattern", "unstructured"))
     entries = {}
     for t in targets:
-        entry = module_entry(module_weight(t.module).detach(), t.sparsity, pattern)
+        entry = module_entry(stored_matrix(t.module).detach(), t.sparsity, pattern)
         entry.update({k: v for k, v in info.get(t.name, {}).items()})
         entries[t.name] = entry
     record = model_record(run.model, run.family.name, run.stages)
@@ -285,6 +305,16 @@ def layerwise_report(run: RunContext, targets: list[Target], config: PrunerConfi
         record["offload"] = offload
     return run.report(config, pattern=str(pattern), entries=entries, block_of={t.name: t.block for t in targets},
                       calibration=provenance, meter=meter, record=record, sections=sections)
+
+
+def layerwise_serves(model: nn.Module, config: Any = None) -> str | None:
+    """Why a layer-wise method cannot prune ``model`` (None: it can): its blocks must hold a linear-like layer
+    (``nn.Linear``, ``Conv1D``) or fused experts."""
+    stages = get_family(model).stages(model)
+    if linear_candidates(model, stages):
+        return None
+    return (f"{type(model).__name__}'s blocks ({', '.join(s.path for s in stages)}) hold no nn.Linear, Conv1D "
+            "or fused experts layer to prune")
 
 
 def layerwise_cost(config: LayerwiseConfig) -> MethodCost:
@@ -297,4 +327,4 @@ def register_layerwise(config_class: type, *, display_name: str, default: bool =
     takes an allocation's ``module_sparsity``."""
     register_method(config_class, run_layerwise, display_name=display_name, resumable=True, offload=True,
                     layerwise=True, needs_data=lambda config: bool(config.statistics), cost=layerwise_cost,
-                    default=default)
+                    default=default, serves=layerwise_serves)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
-
-from .spec import AttentionSpec, Family, MLPSpec, Stage, first_existing, register_family
+from .discovery import discovered
+from .spec import AttentionSpec, Family, MLPSpec, register_family
 
 MLP = MLPSpec(("intermediate.dense",), "output.dense", "intermediate_size")
 ATTENTION = AttentionSpec("attention.self.query", "attention.self.key", "attention.self.value",
@@ -12,9 +11,4 @@ ATTENTION = AttentionSpec("attention.self.query", "attention.self.key", "attenti
                           heads_attr="num_attention_heads", total_attr="all_head_size")
 
 
-def _stages(model: nn.Module) -> list[Stage]:
-    path = first_existing(model, ("bert.encoder.layer", "encoder.layer"))
-    return [Stage("encoder", path, mlp=MLP, attention=ATTENTION)] if path else []
-
-
-FAMILY = register_family(Family("bert", ("bert",), resolve=_stages))
+FAMILY = register_family(Family("bert", ("bert",), resolve=discovered(MLP, ATTENTION, name="encoder")))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .spec import get_family
+from .discovery import get_family
 
 
 @dataclass(frozen=True)

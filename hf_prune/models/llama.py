@@ -5,7 +5,8 @@ cos/sin from ``config.head_dim``."""
 
 from __future__ import annotations
 
-from .spec import AttentionSpec, Family, MLPSpec, decoder_stage, register_family
+from .discovery import discovered
+from .spec import AttentionSpec, Family, MLPSpec, register_family
 
 MLP = MLPSpec(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size")
 ATTENTION = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -13,4 +14,4 @@ ATTENTION = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_p
 
 FAMILY = register_family(Family(
     "llama", ("llama", "mistral", "qwen2", "qwen3"), causal_lm=True,
-    resolve=decoder_stage(("model.layers", "layers"), MLP, ATTENTION)))
+    resolve=discovered(MLP, ATTENTION, name="decoder")))

@@ -46,3 +46,19 @@ def language_model_loss(model: nn.Module, batch: dict, ignore_token: int | None 
     logits = model(**without_labels(batch)).logits
     labels = batch["labels"] if "labels" in batch else token_labels(batch, ignore_token)
     return next_token_loss(logits, labels)
+
+
+def seq2seq_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """An encoder-decoder's loss on ``batch``: the decoder predicts the batch's ``labels`` or, without them, its
+    own ``input_ids`` (padding ignored) from the encoder's reading of them, with teacher forcing (the model shifts
+    the labels into decoder inputs itself); per-token NLL in float32, its mean in float64."""
+    labels = batch["labels"] if "labels" in batch else token_labels(batch)
+    logits = model(**without_labels(batch), labels=labels).logits.float()
+    target = labels.to(logits.device).reshape(-1)
+    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=-100,
+                                      reduction="none")
+    count = int((target != -100).sum())
+    if count == 0:
+        raise CalibrationDataError("a scoring batch has no token to predict (all padding); give longer calibration "
+                                   "texts.")
+    return nll.double().sum() / count

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .spec import AttentionSpec, Family, MLPSpec, decoder_stage, register_family
+from .discovery import discovered
+from .spec import AttentionSpec, Family, MLPSpec, register_family
 
 MLP = MLPSpec(("fc1",), "fc2", "ffn_dim")
 ATTENTION = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
@@ -10,4 +11,4 @@ ATTENTION = AttentionSpec("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_p
 
 FAMILY = register_family(Family(
     "opt", ("opt",), causal_lm=True,
-    resolve=decoder_stage(("model.decoder.layers", "decoder.layers"), MLP, ATTENTION)))
+    resolve=discovered(MLP, ATTENTION, name="decoder")))

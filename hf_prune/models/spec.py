@@ -113,6 +113,7 @@ class Stage:
     config_attr: str = ""  # attribute of model.config holding this stage's sub-config ("" = model.config)
     tokens: TokenCount = sequence_tokens  # tokens per sample through each block (the planner's memory and time)
     context_key: str = "max_position_embeddings"  # field of the stage's config: the most tokens a sequence may hold
+    origin: str = ""  # how the stage was found (generic discovery says what it read), for error messages
 
     def context(self, model: nn.Module) -> int | None:
         """The most tokens of ``input_ids`` one sequence may hold for this stage (its config's ``context_key``);
@@ -170,6 +171,7 @@ class FamilyLoss:
 class Family:
     """How to find and drive the blocks of one model family.
 
+    ``resolve``: the model's stages (``hf_prune.models.discovery.discovered`` finds them generically);
     ``causal_lm``: a decoder-only language-model family (next-token calibration text, packed windows);
     ``loss``: the family's own scoring loss, if the generic ones do not fit it; ``pipeline_tags``: Hub pipeline
     tags of the family's classes that the generic class-name suffixes (``...ForCausalLM``, ``...Model``) would get
@@ -183,6 +185,7 @@ class Family:
     normalization: str = "layer"  # inside the blocks: "layer" (LayerNorm/RMSNorm + residual) or "batch" (BatchNorm)
     loss: FamilyLoss | None = None
     pipeline_tags: Mapping[str, str] = field(default_factory=dict)
+    generic: bool = False  # made by generic discovery for a model_type no family file covers
 
     def stages(self, model: nn.Module) -> list[Stage]:
         stages = self.resolve(model)
@@ -214,29 +217,6 @@ def supported_families() -> dict[str, tuple[str, ...]]:
     return families
 
 
-def get_family(model: nn.Module) -> Family:
-    model_type = model_type_of(model)
-    if model_type in _FAMILIES:
-        return _FAMILIES[model_type]
-    known = "; ".join(f"{name} ({', '.join(types)})" for name, types in sorted(supported_families().items()))
-    raise UnsupportedModelError(
-        f"{type(model).__name__} (model_type={model_type!r}) is not a family the block walker knows. "
-        f"Supported families (model_type values): {known}.")
-
-
-def text_context(model: nn.Module, stages: list[Stage] | None = None) -> int | None:
-    """The most tokens one sequence of ``input_ids`` may hold in ``model``: the shortest context of ``stages``
-    (default: all of the family's stages) that read ``input_ids``; None when none does, or the family is unknown
-    (the run itself then says so)."""
-    if stages is None:
-        try:
-            stages = get_family(model).stages(model)
-        except UnsupportedModelError:
-            return None
-    contexts = [c for c in (stage.context(model) for stage in stages) if c is not None]
-    return min(contexts) if contexts else None
-
-
 def registered_families() -> list[Family]:
     """Every registered family, once each."""
     return list({id(f): f for f in _FAMILIES.values()}.values())
@@ -264,13 +244,3 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 # shared by several families: the fc1/fc2 MLP of ViT, CLIP and BLIP-2's vision tower
 FC_MLP = MLPSpec(("mlp.fc1",), "mlp.fc2", "intermediate_size")
-
-
-def decoder_stage(paths: tuple[str, ...], mlp: MLPSpec,
-                  attention: AttentionSpec) -> Callable[[nn.Module], list[Stage]]:
-    """The one stage of a decoder-only language model: the first of ``paths`` that holds its blocks."""
-    def resolve(model: nn.Module) -> list[Stage]:
-        path = first_existing(model, paths)
-        return [Stage("decoder", path, mlp=mlp, attention=attention)] if path else []
-
-    return resolve

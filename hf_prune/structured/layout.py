@@ -87,7 +87,8 @@ def _reference(model: nn.Module) -> nn.Module:
 
 def layout_of(model: nn.Module) -> dict:
     """Linear shapes and numeric module attributes (widths, head counts) that differ from what ``model.config``
-    builds. Strings (e.g. a ``name_or_path`` a user set on the model) are not part of the layout."""
+    builds. Strings (e.g. a ``name_or_path`` a user set on the model) are not part of the layout, nor attributes of
+    modules none of whose Linears was resized."""
     reference = dict(_reference(model).named_modules())
     linears, attributes = {}, {}
     for name, module in model.named_modules():
@@ -103,6 +104,10 @@ def layout_of(model: nn.Module) -> dict:
                    and k in vars(ref) and vars(ref)[k] != v}
         if changed:
             attributes[name] = changed
+    # an attribute counts only on a module holding a resized Linear: slicing changes both, whereas some forwards
+    # set plain attributes themselves (Swin's layers fit their window and shift to the input resolution)
+    attributes = {name: changed for name, changed in attributes.items()
+                  if any(not name or linear.startswith(f"{name}.") for linear in linears)}
     return {"linears": linears, "attributes": attributes}
 
 

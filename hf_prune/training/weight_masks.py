@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.targets import linear_candidates
-from ..models import get_family
+from ..models import get_family, is_linear_like
 
 
 def _peft_submodules(model: torch.nn.Module) -> set[int]:
@@ -49,11 +49,14 @@ class WeightMasks:
         the model after ``merge_and_unload()`` and to the unwrapped model alike."""
         base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
         peft_parts = _peft_submodules(base)
+        fused: set[str] = set()  # fused MoE experts modules: their 3-D parameters are masked whole
         if modules is None:
-            inside = {name for name, *_ in linear_candidates(base, get_family(base).stages(base))}
+            candidates = linear_candidates(base, get_family(base).stages(base))
+            inside = {name for name, *_ in candidates}
+            fused = {name.rsplit(".", 2)[0] for name, module, *_ in candidates if not is_linear_like(module)}
         masks = {}
         for name, module in base.named_modules():
-            if not isinstance(module, torch.nn.Linear) or id(module) in peft_parts:
+            if not is_linear_like(module) or id(module) in peft_parts:
                 continue
             plain = name.replace(".base_layer", "")
             if modules is not None:
@@ -62,6 +65,11 @@ class WeightMasks:
             elif name not in inside or not bool((module.weight == 0).any()):
                 continue
             masks[f"{plain}.weight"] = (module.weight.detach() != 0)
+        for owner in sorted(fused):
+            for param_name in ("gate_up_proj", "down_proj"):
+                param = getattr(base.get_submodule(owner), param_name)
+                if bool((param == 0).any()):
+                    masks[f"{owner}.{param_name}"] = param.detach() != 0
         if modules is not None and len(masks) != len(set(modules)):
             missing = sorted(set(modules) - {k[: -len(".weight")] for k in masks})
             raise ValueError(f"WeightMasks.from_model: no nn.Linear named {missing[0]!r} in the model.")

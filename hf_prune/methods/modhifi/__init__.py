@@ -7,7 +7,7 @@ from typing import Any
 
 from ...registry import register_method
 from .config import ModHiFiConfig
-from .prune import run_prune
+from .prune import run_prune, serves
 from .result import ModHiFiResult
 from .unlearn import run_unlearn
 
@@ -18,6 +18,6 @@ def run_modhifi(pruner: Any, config: ModHiFiConfig, *, device: Any = None, progr
 
 
 register_method(ModHiFiConfig, run_modhifi, display_name="ModHiFi",
-                needs_data=lambda config: config.needs_statistics)
+                needs_data=lambda config: config.needs_statistics, serves=serves)
 
 __all__ = ["ModHiFiConfig", "ModHiFiResult", "run_modhifi"]

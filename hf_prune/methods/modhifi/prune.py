@@ -26,6 +26,7 @@ from ...engine.report import RunMeter
 from ...engine.run import RunContext, changed_in_place, prepare
 from ...engine.stats import LinearStats
 from ...errors import CalibrationDataError, UnsupportedModelError
+from ...models import get_family
 from ...patterns import prune_count
 from ...structured import MLPGroup, mlp_groups, set_mlp_width, shrink_mlp
 from . import ops
@@ -188,14 +189,24 @@ def _stage_keep_counts(plans: dict[str, BlockPlan], scores: dict[str, torch.Tens
     return counts
 
 
+def serves(model: nn.Module, config: ModHiFiConfig | None = None) -> str | None:
+    """Why ModHiFi cannot prune ``model`` (None: it can): pruning needs MLP blocks of a known neuron layout
+    (a stage's ``MLPSpec``); unlearning works on any model whose blocks are found."""
+    if config is not None and config.mode == "unlearn":
+        return None
+    if any(s.mlp is not None for s in get_family(model).stages(model)):
+        return None
+    return (f"{type(model).__name__} has no transformer MLP blocks that ModHiFi can prune (it prunes MLP hidden "
+            "neurons); mode='unlearn' works on it.")
+
+
 def run_prune(pruner: Any, config: ModHiFiConfig, *, device: str | torch.device | None = None,
               progress: bool = True) -> ModHiFiResult:
     model = pruner.model
     run = prepare(model, device)
     run = run.with_stages([s for s in run.stages if s.mlp is not None])
     if not run.stages:
-        raise UnsupportedModelError(f"{type(model).__name__} has no transformer MLP blocks that ModHiFi can prune "
-                                    "(it prunes MLP hidden neurons); mode='unlearn' works on it.")
+        raise UnsupportedModelError(serves(model, config))
     groups = mlp_groups(model, run.stages)
     _validate(config, groups)
     plans = {g.block: BlockPlan(g, g.width) for g in groups}

@@ -18,7 +18,8 @@ from ...engine.report import RunMeter, module_kind
 from ...engine.run import prepare
 from ...engine.stats import LinearStats
 from ...engine.targets import Target, select_modules
-from ...models import Stage
+from ...errors import UnsupportedModelError
+from ...models import Stage, get_family
 from . import ops
 from .config import SPPConfig
 from .path import SolutionPath
@@ -49,9 +50,30 @@ class PathProcessor:
             self.curves[t.name] = curve
 
 
+def serves(model: nn.Module, config: SPPConfig | None = None) -> str | None:
+    """Why SPP cannot prune ``model`` (None: it can): a path made here ranks ``nn.Linear`` weights only (a path
+    given in ``config.path`` was checked against the model it is applied to)."""
+    if config is not None and config.path is not None:
+        return None
+    config = config or SPPConfig()
+    try:
+        plan_path_targets(model, get_family(model).stages(model), config)
+    except ValueError as exc:  # no Linear in the blocks, or Linear-like layers it cannot rank
+        return str(exc)
+    return None
+
+
 def plan_path_targets(model: nn.Module, stages: list[Stage], config: SPPConfig) -> list[Target]:
     """The Linears ``config`` selects inside ``stages`` (their weights were checked finite by ``prepare``)."""
     selected = select_modules(model, stages, config.target_modules, config.exclude_modules)
+    other = [(name, module) for name, module, *_ in selected if not isinstance(module, nn.Linear)]
+    if other:
+        kinds = sorted({"expert slices of fused MoE parameters" if type(m).__name__ == "ExpertSlice" else
+                        type(m).__name__ for _, m in other})
+        raise UnsupportedModelError(
+            f"SPP's solution path ranks and applies nn.Linear weights only, but {len(other)} selected layers are "
+            f"{' and '.join(kinds)} (e.g. {other[0][0]}); prune them with a layer-wise method (Wanda, SparseGPT, "
+            "RIA, Magnitude), or leave them out with exclude_modules.")
     return [Target(name, module, block, stage, config.sparsity) for name, module, block, stage in selected]
 
 
