@@ -298,7 +298,7 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
                                 collector.token_mask = inputs.masks[i]
                                 _run_block(block, inputs, i, device)
                         stats = collector.stats
-                        for name, st in stats.items():
+                        for name, st in collector.distinct().items():  # a shared accumulator is checked once
                             st.check(name)
                     processor.process(block_name, block, stats)
                     del stats

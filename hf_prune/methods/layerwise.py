@@ -111,7 +111,10 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
     def prune_weight(self, weight: torch.Tensor, stats: LinearStats | None, sparsity: float,
                      pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Return ``(new_weight_fp32, prune_mask, info)`` for one Linear weight ``[out, in]`` (fp32);
-        a method implements it with a call into its ``ops.py``."""
+        a method implements it with a call into its ``ops.py``. The engine zeroes ``prune_mask`` in the model's
+        weight in place, so a method that only chooses a mask returns ``weight`` itself (no copy): for a float32
+        model it *is* the model's weight. ``stats`` may be shared with other Linears reading the same input; a
+        method caches what it derives from them in ``stats.derived``."""
 
     def channel_scores(self, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor:
         """Per-weight importance ``[out, in]`` (higher = keep, non-negative) that ``channel_permutation`` maximises
@@ -160,17 +163,31 @@ class LayerwiseProcessor:
         return {t.name: (t.module, self.config.statistics) for t in self.by_block.get(block_name, [])}
 
     def process(self, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
-        for t in self.by_block.get(block_name, []):
+        targets = self.by_block.get(block_name, [])
+        # Linears reading the same input share one statistics object (the engine's one statistic per distinct
+        # input); what a method derives from it is dropped once its last reader is pruned
+        readers: dict[int, int] = {}
+        for t in targets:
+            if stats.get(t.name) is not None:
+                readers[id(stats[t.name])] = readers.get(id(stats[t.name]), 0) + 1
+        for t in targets:
             weight = t.module.weight
             stat, extra = stats.get(t.name), {}
+            shared = stat
             if t.name in self.permutable:
                 stat, extra = self.permute_inputs(t, block_name, block, stat)
             new, prune, info = self.config.prune_weight(weight.detach().to(torch.float32), stat,
                                                         t.sparsity, self.pattern)
-            new = new.to(weight.dtype)
-            new[prune] = 0
-            weight.data.copy_(new)
+            with torch.no_grad():
+                if new.data_ptr() != weight.data_ptr():  # a method that worked on a copy (or a half-precision model)
+                    weight.copy_(new)
+                weight.masked_fill_(prune, 0)  # the one zeroing of the pruned weights, in place
+            del new
             self.info[t.name] = {**info, **extra}
+            if shared is not None:
+                readers[id(shared)] -= 1
+                if not readers[id(shared)]:
+                    shared.derived.clear()
 
     def permute_inputs(self, t: Target, block_name: str, block: nn.Module,
                        stat: LinearStats | None) -> tuple[LinearStats | None, dict]:

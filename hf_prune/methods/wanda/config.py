@@ -29,4 +29,4 @@ class WandaConfig(LayerwiseConfig):
 
     def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
         mask = wanda_prune_mask(weight, stats.col_sq_mean, sparsity, pattern, self.scope)
-        return weight.masked_fill(mask, 0.0), mask, {}
+        return weight, mask, {}  # the engine zeroes the mask in place
