@@ -20,7 +20,7 @@ from hf_prune.patterns import Pattern
 CAL = CalibrationConfig(num_samples=8)
 
 
-def reference_factor(hessian, damp, max_damp=1.0, factorization="cholesky_inverse"):
+def reference_factor(hessian, damp, max_damp=1.0, factorization="cholesky_inverse", overwrite=False):
     """The reference code's factor, written out plainly: Cholesky, cholesky_inverse, Cholesky of the inverse."""
     H = hessian.clone()
     dead = torch.diag(H) == 0

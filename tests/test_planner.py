@@ -26,7 +26,8 @@ def test_parameter_counts_of_real_shapes(name, params):
 def test_sparsegpt_statistics_and_solve_memory_match_the_arithmetic():
     p = plan(_cfg("llama-2-7b"), "sparsegpt", throughput=1e12, num_samples=128, seq_len=2048)
     stage = p.stages[0]
-    assert stage.stats_bytes == 4 * (6 * 4096 ** 2 + 11008 ** 2)  # q,k,v,o,gate,up read 4096; down reads 11008
+    # one Gram per distinct input: q/k/v share one (4096), o has its own (4096), gate/up share one (4096), down 11008
+    assert stage.stats_bytes == 4 * (3 * 4096 ** 2 + 11008 ** 2)
     assert stage.solve_bytes == 4 * (4096 * 11008 + 3 * 11008 ** 2)  # the widest solve: down_proj
     assert stage.hidden == 4096 and stage.activation_cache == 2 * 128 * 2048 * 4096 * 2  # in + out, float16
     assert p.dtype == "float16" and p.weight_bytes == 2 * p.parameters

@@ -69,6 +69,12 @@ class LinearStats:
             self.xtx.addmm_(x.t(), x)
         self.tokens += x.shape[0]
 
+    def release(self) -> None:
+        """Drop the accumulated tensors and what was derived from them (after their last reader used them), so a
+        block's statistics do not all stay alive until the block is done."""
+        self.sq_sum = self.xtx = self.x_sum = None
+        self.derived.clear()
+
     # ---- derived statistics (all float) ------------------------------------------------------
     @property
     def col_sq_mean(self) -> torch.Tensor:

@@ -165,7 +165,7 @@ class LayerwiseProcessor:
     def process(self, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
         targets = self.by_block.get(block_name, [])
         # Linears reading the same input share one statistics object (the engine's one statistic per distinct
-        # input); what a method derives from it is dropped once its last reader is pruned
+        # input); it and what a method derives from it are released once its last reader is pruned
         readers: dict[int, int] = {}
         for t in targets:
             if stats.get(t.name) is not None:
@@ -187,7 +187,7 @@ class LayerwiseProcessor:
             if shared is not None:
                 readers[id(shared)] -= 1
                 if not readers[id(shared)]:
-                    shared.derived.clear()
+                    shared.release()
 
     def permute_inputs(self, t: Target, block_name: str, block: nn.Module,
                        stat: LinearStats | None) -> tuple[LinearStats | None, dict]:

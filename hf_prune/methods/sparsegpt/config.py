@@ -55,7 +55,8 @@ class SparseGPTConfig(LayerwiseConfig):
         key = ("inverse_hessian_factor", self.damp, self.max_damp, self.factorization)
         factor = stats.derived.get(key)
         if factor is None:
+            # stats.hessian is a fresh scaled copy of the Gram: the factorisation may work in it
             factor = stats.derived[key] = inverse_hessian_factor(stats.hessian, self.damp, self.max_damp,
-                                                                 self.factorization)
+                                                                 self.factorization, overwrite=True)
         return sparsegpt_prune(weight, None, sparsity, pattern, block_size=self.block_size, damp=self.damp,
                                max_damp=self.max_damp, factor=factor)

@@ -56,7 +56,8 @@ FACTORIZATIONS = ("cholesky_inverse", "triangular_inverse")
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float = 1.0,
-                           factorization: str = "cholesky_inverse") -> tuple[torch.Tensor, float, torch.Tensor]:
+                           factorization: str = "cholesky_inverse",
+                           overwrite: bool = False) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Upper Cholesky factor of the dampened inverse Hessian, the dampening used, and the dead inputs.
 
     Returns ``(U, damp_used, dead)`` where ``U^T U = (H + damp_used * mean(diag H) * I)^-1``.
@@ -73,12 +74,13 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float =
 
     Either way the dampening is written on the diagonal of the one working copy (no identity matrix), a matrix that
     is not positive definite (or holds NaN) is caught by the factorisation's own error code, and the factor's
-    finiteness is checked by one reduction.
+    finiteness is checked by one reduction. ``overwrite=True``: ``hessian`` is a temporary the caller gives up, used
+    as the working copy of the default factorisation (one n x n buffer less); its contents are then undefined.
     """
     if factorization not in FACTORIZATIONS:
         raise ValueError(f"factorization={factorization!r} is not known; choose one of {', '.join(FACTORIZATIONS)}.")
     reverse = factorization == "triangular_inverse"
-    H = hessian.flip(0, 1) if reverse else hessian.clone()  # the one n x n working copy
+    H = hessian.flip(0, 1) if reverse else (hessian if overwrite else hessian.clone())  # the one working copy
     diag = H.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
@@ -92,7 +94,10 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float =
             if reverse:
                 U = lower_triangular_inverse(L).flip(0, 1)
             else:
-                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+                inverse = torch.cholesky_inverse(L)
+                del L  # at most three n x n buffers at once: H, the inverse, its factor
+                U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
             # one reduction; a sum can overflow where no entry does, so only then look at every entry
             if int(info) == 0 and (bool(torch.isfinite(U.sum())) or bool(torch.isfinite(U).all())):
                 return U, current, dead.flip(0) if reverse else dead
