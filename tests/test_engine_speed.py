@@ -206,3 +206,30 @@ def test_half_precision_models_prune_with_float32_statistics(dtype, tokenizer, c
         from hf_prune.methods.wanda.ops import wanda_prune_mask
         expected = wanda_prune_mask(before.float(), c.stats[n].col_sq_mean, 0.5, Pattern.parse("unstructured"))
         assert torch.equal(~kept, expected | (before == 0)), n
+
+
+def test_report_totals_reuse_the_counted_zeros_and_equal_a_full_count(tokenizer, corpus, one_thread):
+    model = make_model("bert", vocab=len(tokenizer))  # its embeddings hold zeros of their own (the padding row)
+    result = Pruner(model, tokenizer).prune(WandaConfig(calibration=CAL), calibration_dataset=make_batches(
+        "bert", tokenizer, corpus), progress=False)
+    totals = result.report["model_totals"]
+    assert totals["parameters"] == sum(p.numel() for p in model.parameters())
+    assert totals["zeros"] == sum(int((p == 0).sum()) for p in model.parameters())
+
+
+def test_finiteness_checks_by_one_reduction_keep_their_answers():
+    from hf_prune.engine.targets import check_finite
+    from hf_prune.errors import NonFiniteWeightsError
+
+    big = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        big.weight.fill_(3e38)  # finite entries whose sum overflows: not an error
+    check_finite(big)
+    with torch.no_grad():
+        big.weight[3, 5] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="holds 1 NaN/inf"):
+        check_finite(big)
+    stats = LinearStats(4, frozenset({"gram"}))
+    stats.update(torch.full((2, 4), 1e20))  # squares overflow to inf in float32: an error
+    with pytest.raises(Exception, match="NaN/inf in the input Gram"):
+        stats.check("layer")
