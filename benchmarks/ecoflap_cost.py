@@ -29,7 +29,9 @@ PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 SETTINGS = {  # name -> ECoFLaPConfig overrides
     "tensor/32": dict(zo_perturb="tensor", num_score_samples=32),
+    "tensor/16": dict(zo_perturb="tensor", num_score_samples=16),
     "tensor/8": dict(zo_perturb="tensor", num_score_samples=8),
+    "tensor/4": dict(zo_perturb="tensor", num_score_samples=4),
     "block/32": dict(zo_perturb="block", num_score_samples=32),
     "block/16": dict(zo_perturb="block", num_score_samples=16),
     "block/8": dict(zo_perturb="block", num_score_samples=8),

@@ -78,7 +78,8 @@ def test_zeroth_order_leaves_weights_bit_identical_and_global_rng_untouched(pert
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(g["raw_score"] > 0 for g in allocation.groups.values())
     units = 4 if perturb == "tensor" else 2  # 2 Linears in each of 2 blocks, or one unit per block
-    assert allocation.provenance["passes"]["forward"] == units * 2 * 2  # 1 batch x units x noises x (+/-)
+    # 1 batch x units x noises x (+/-), plus the unperturbed forward that records the blocks' outputs
+    assert allocation.provenance["passes"]["forward"] == units * 2 * 2 + 1
     assert allocation.provenance["loss"]["kind"] == "causal_lm"
 
 

@@ -233,3 +233,35 @@ def test_finiteness_checks_by_one_reduction_keep_their_answers():
     stats.update(torch.full((2, 4), 1e20))  # squares overflow to inf in float32: an error
     with pytest.raises(Exception, match="NaN/inf in the input Gram"):
         stats.check("layer")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "clip"])
+def test_zeroth_order_scores_replaying_the_blocks_before_the_perturbed_one_are_the_same(family, tokenizer, corpus,
+                                                                                        one_thread):
+    """ECoFLaP's zeroth-order passes replay the recorded outputs of the blocks that ran before the perturbed unit's
+    block: every score is bit-identical to full passes (real loss, label-free loss, two towers), with fewer block
+    forwards."""
+    from hf_prune.methods.ecoflap.losses import choose_loss
+    from hf_prune.methods.ecoflap.scores import Unit, zeroth_order_scores
+
+    model = make_model(family, vocab=len(tokenizer))
+    batches = make_batches(family, tokenizer, corpus, n=4)
+    family_spec = __import__("hf_prune.models", fromlist=["get_family"]).get_family(model)
+    blocks = [b for stage in family_spec.stages(model) for b in stage.blocks(model)]
+    units = [Unit(n, n, [m.weight]) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and any(m is x for b in blocks for x in b.modules())]
+    loss = choose_loss(model, family_spec, batches[0])
+    calls = []
+    # the blocks' Linears count the block work actually done (a replayed block still passes through its __call__)
+    handles = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for b in blocks for m in b.modules()
+               if isinstance(m, torch.nn.Linear)]
+    full = zeroth_order_scores(model, units, batches, loss, eps=1e-3, num_noise=1, seed=0, device=torch.device("cpu"),
+                               progress=False)
+    full_calls, calls[:] = len(calls), []
+    fast = zeroth_order_scores(model, units, batches, loss, eps=1e-3, num_noise=1, seed=0, device=torch.device("cpu"),
+                               progress=False, blocks=blocks)
+    for h in handles:
+        h.remove()
+    assert fast == full
+    assert len(calls) < 0.8 * full_calls, (len(calls), full_calls)
+    assert all("forward" not in b.__dict__ for b in blocks)  # every block's own forward is back
