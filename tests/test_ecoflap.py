@@ -485,7 +485,9 @@ def test_planner_adds_the_scoring_stage_with_the_whole_model_on_the_device():
     scores, decoder = eco.stages
     assert scores.name == "ecoflap scores (zeroth_order)" and decoder == wanda.stages[0]  # then Wanda as usual
     assert scores.device_peak > eco.weight_bytes and eco.device_peak == scores.device_peak
-    forward = 2 * 8 * (decoder.block_params * 32 * 2048 + 32000 * 4096 * 2048)  # blocks + lm_head, one batch
-    assert scores.flops == 4 * (7 * 32) * 2 * forward  # 32 samples / 8 x 7 Linears x 32 blocks x (+eps, -eps)
+    blocks, head = 2 * 8 * decoder.block_params * 32 * 2048, 2 * 8 * 32000 * 4096 * 2048  # one batch of 8
+    perturbed = head + blocks * 33 / 64  # the blocks before the perturbed one are replayed: (32 + 1) / (2 x 32)
+    # 8 samples = 1 batch: 7 Linears x 32 blocks x (+eps, -eps) perturbed passes and one recording pass
+    assert scores.flops == pytest.approx((7 * 32) * 2 * perturbed + blocks + head)
     assert eco.flops == scores.flops + wanda.flops
 
