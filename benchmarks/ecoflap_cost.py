@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/ecoflap_cost.py              # ../shared/models/pylm, 60%, 64 x 256 tokens
 
-One process, one thread: uniform Wanda first (the cost reference), then ECoFLaP + Wanda with each zeroth-order
+One process, one thread: uniform Wanda first (the cost reference, after one unmeasured warm-up run), then ECoFLaP + Wanda with each zeroth-order
 setting (perturbation unit x scoring samples), each from a fresh copy of the dense model. For each: the whole run's
 time over uniform Wanda's, the per-block sparsities it allocated, Spearman's rank correlation of its per-module
 sparsities with the first (most expensive) setting's, their largest difference, and perplexity on
@@ -76,6 +76,9 @@ def main() -> None:
         return perplexity(model, base.tokenizer, heldout, seq_len=args.seq_len, max_windows=args.eval_windows)
 
     rows = [["dense", "-", "-", "-", "-", "-", f"{ppl(base.model):.3f}"]]
+    # a first Wanda run warms what every later run reuses (the calibration text read and tokenized), unmeasured
+    Pruner(copy.deepcopy(base.model), base.tokenizer).prune(WandaConfig(sparsity=args.sparsity, calibration=cal),
+                                                            progress=False)
     pruner = Pruner(copy.deepcopy(base.model), base.tokenizer)
     start = time.perf_counter()
     pruner.prune(WandaConfig(sparsity=args.sparsity, calibration=cal), progress=False)

@@ -52,7 +52,7 @@ class ECoFLaPConfig(PrunerConfig):
     - ``num_score_samples``: calibration samples used for the scores (default 8; stage 2 uses
       ``calibration.num_samples``); both are drawn from ``calibration``'s source and seed. On the shared trained
       decoder at 60% (``benchmarks/ecoflap_cost.py``) 8 samples allocated every block within 0.012 of what 32 did,
-      with the same held-out perplexity, for a third of the run time; raise it for a steadier allocation.
+      with the same held-out perplexity, for under a quarter of the run time; raise it for a steadier allocation.
     - ``layer_pruner``: stage 2, one of the registered layer-wise methods (``"wanda"``, ``"sparsegpt"``,
       ``"ria"``, ``"magnitude"``); ``layer_pruner_kwargs``: its own options, e.g. ``{"block_size": 64}``.
     - ``pattern``: only ``"unstructured"``: an N:M pattern fixes every module's sparsity, leaving nothing
