@@ -4,12 +4,15 @@ The model is built from its config on the ``meta`` device (no weights, no memory
 plans on a laptop. The memory model follows what the engine does (``calibration/walker.py``):
 
 - execution device, per block: the block's weights, the statistics the method accumulates for all of the
-  block's targeted Linears at once (``sq_norm``: in floats; ``gram``: in x in floats, fp32), the forward
+  block's targeted Linears at once, one per distinct input tensor (q/k/v share one, so do gate/up; found by a
+  ``meta`` forward of the block) (``sq_norm``: in floats; ``gram``: in x in floats, fp32), the forward
   working set of one calibration batch, and the method's per-layer solve (SparseGPT: an fp32 copy of the
   weight and three in x in matrices);
 - host: the model's weights unless offloaded (CPU offload keeps them in RAM; disk offload keeps what
   ``max_memory`` lets accelerate hold in RAM plus the one block being pruned), plus the cached activations of
-  every calibration sample (inputs and outputs of the current block);
+  every calibration sample (inputs and outputs of the current block), plus the Python process itself
+  (``RUNTIME_BYTES``); when the execution device is the CPU, the block's working set above (statistics, solve,
+  forward) is host memory too;
 - disk: the saved model, plus the offloaded weights for disk offload.
 
 Time: FLOPs of the block passes (statistics, then pruned outputs, plus the capture forward) and of the
@@ -37,6 +40,9 @@ from .models import get_family, in_features, out_features
 from .registry import MethodCost, default_method, get_method
 
 GIB = 2 ** 30
+# resident memory of the process before any model: Python 3.11 with torch 2.13 (CPU), transformers 5.24 and hf_prune
+# imported measured 0.37-0.44 GiB on Linux (VmRSS); it is part of every measured peak RSS
+RUNTIME_BYTES = int(0.4 * GIB)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -225,11 +231,13 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
         block_params = sum(p.numel() for p in block.parameters())
         largest_block = max(largest_block, block_params)
         linears = [m for n, m, *_ in linear_candidates(model, [stage]) if n.startswith(f"{stage.path}.0.")]
+        # one statistic per distinct input (the engine shares it between Linears reading the same tensor)
+        readers = distinct_inputs(model, stage, linears)
         stats = 0
         if "sq_norm" in statistics:
-            stats += sum(in_features(m) for m in linears) * 4
+            stats += sum(in_features(m) for m in readers) * 4
         if "gram" in statistics:
-            stats += sum(in_features(m) ** 2 for m in linears) * 4
+            stats += sum(in_features(m) ** 2 for m in readers) * 4
         solves = [cost.solve(in_features(m), out_features(m)) for m in linears] if cost.solve is not None else []
         solve = max(b for b, _ in solves) if solves else 0
         hidden = stage.config(model).hidden_size  # the residual width: what the walker caches per token
@@ -247,12 +255,15 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
     if cost.extra_stage is not None:  # a stage that runs before the walk (an allocator's scoring)
         result.stages.insert(0, cost.extra_stage(model, stages, result.stages, width, batch_size, seq_len))
     result.device_peak = max(s.device_peak for s in result.stages)
+    exec_device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resident = result.weight_bytes if offload != "disk" else \
         min(result.weight_bytes, max_memory or 0) + largest_block * width
-    result.host_peak = resident + max(s.activation_cache for s in result.stages)
+    # on the CPU the block's statistics, solve and forward working set live in host memory as well
+    working = max(s.stats_bytes + s.solve_bytes + s.forward_bytes for s in result.stages) \
+        if exec_device.type == "cpu" else 0
+    result.host_peak = RUNTIME_BYTES + resident + max(s.activation_cache for s in result.stages) + working
     result.disk = result.weight_bytes * (2 if offload == "disk" else 1)
     result.flops = sum(s.flops for s in result.stages)
-    exec_device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if throughput is not None:
         result.throughput, result.throughput_source = throughput, "given"
     elif measure_block:
@@ -267,7 +278,8 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
     fraction = share / batches
     result.num_processes, result.batches_per_process, result.bandwidth = num_processes, share, bandwidth
     result.process_device_peak = result.device_peak
-    result.process_host_peak = resident + max(int(s.activation_cache * fraction) for s in result.stages)
+    result.process_host_peak = RUNTIME_BYTES + resident + max(int(s.activation_cache * fraction) for s in result.stages) \
+        + working
     result.node_host_peak = num_processes * result.process_host_peak
     if num_processes > 1:
         reduced = sum(s.blocks * s.stats_bytes for s in result.stages)
@@ -276,6 +288,48 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
         solves = sum(s.solve_flops for s in result.stages)
         result.seconds = (passes * fraction + solves) / result.throughput + result.allreduce_bytes / bandwidth
     return result
+
+
+def distinct_inputs(model: nn.Module, stage, linears: list[nn.Module]) -> list[nn.Module]:
+    """One Linear per distinct input tensor of the stage's first block (q/k/v read one tensor, so do gate/up): found
+    by running the block once on ``meta`` tensors (no memory, no compute) and comparing the Linears' inputs by
+    identity, as the statistics engine does. A block that cannot run from its hidden states alone (it needs other
+    inputs) is counted with one input per Linear, the most memory the statistics can take."""
+    import inspect
+
+    block = stage.blocks(model)[0]
+    inputs: dict[int, torch.Tensor] = {}
+
+    def keep(module: nn.Module, args: tuple) -> None:
+        inputs.setdefault(id(module), args[0])  # the tensor itself (free on meta), so identities stay distinct
+
+    handles = [m.register_forward_pre_hook(keep) for m in linears]
+    try:
+        config = stage.config(model)
+        hidden = config.hidden_size
+        device = next(block.parameters()).device
+        x = torch.empty(1, 8, hidden, device=device)
+        kwargs = {}
+        if "position_embeddings" in inspect.signature(block.forward).parameters:  # rotary models
+            head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+            kwargs["position_embeddings"] = (torch.empty(1, 8, head_dim, device=device),
+                                             torch.empty(1, 8, head_dim, device=device))
+        if device.type != "meta":
+            return linears
+        with torch.no_grad():
+            block(x, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure only means the sharing is unknown
+        return linears
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(inputs) != len(linears):
+        return linears
+    out: list[nn.Module] = []
+    for m in linears:
+        if not any(inputs[id(m)] is inputs[id(o)] for o in out):
+            out.append(m)
+    return out
 
 
 def _measure_block(model: nn.Module, stage, device: torch.device, dtype: torch.dtype, batch_size: int,

@@ -26,7 +26,8 @@ def test_parameter_counts_of_real_shapes(name, params):
 def test_sparsegpt_statistics_and_solve_memory_match_the_arithmetic():
     p = plan(_cfg("llama-2-7b"), "sparsegpt", throughput=1e12, num_samples=128, seq_len=2048)
     stage = p.stages[0]
-    assert stage.stats_bytes == 4 * (6 * 4096 ** 2 + 11008 ** 2)  # q,k,v,o,gate,up read 4096; down reads 11008
+    # one Gram per distinct input: q/k/v share one (4096), o has its own (4096), gate/up share one (4096), down 11008
+    assert stage.stats_bytes == 4 * (3 * 4096 ** 2 + 11008 ** 2)
     assert stage.solve_bytes == 4 * (4096 * 11008 + 3 * 11008 ** 2)  # the widest solve: down_proj
     assert stage.hidden == 4096 and stage.activation_cache == 2 * 128 * 2048 * 4096 * 2  # in + out, float16
     assert p.dtype == "float16" and p.weight_bytes == 2 * p.parameters
@@ -82,7 +83,8 @@ def test_num_processes_plans_memory_per_process_and_time():
     stage = four.stages[0]
     assert four.batches_per_process == 4
     assert four.process_device_peak == one.device_peak  # every process: the block, the full statistics, one batch
-    assert four.process_host_peak == one.weight_bytes + stage.activation_cache // 4  # its share of the activations
+    # the same runtime, weights and block working set, and its share of the cached activations
+    assert four.process_host_peak == one.host_peak - stage.activation_cache + stage.activation_cache // 4
     assert four.node_host_peak == 4 * four.process_host_peak
     assert four.allreduce_bytes == int(32 * stage.stats_bytes * 2 * 3 / 4)  # ring all-reduce of every block's Gram
     passes, solves = stage.flops - stage.solve_flops, stage.solve_flops

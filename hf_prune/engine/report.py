@@ -109,8 +109,13 @@ def environment(device: torch.device | str | None = None) -> dict:
     }
 
 
+def count_zeros(tensor: torch.Tensor) -> int:
+    """Exact zeros of a tensor by one reduction (``count_nonzero``: no temporary of the tensor's size)."""
+    return tensor.numel() - int(torch.count_nonzero(tensor))
+
+
 def module_entry(weight: torch.Tensor, target: float | None, pattern: Pattern | None) -> dict:
-    zeros = int((weight == 0).sum())
+    zeros = count_zeros(weight)
     numel = weight.numel()
     entry = {"shape": list(weight.shape), "numel": numel, "zeros": zeros, "achieved": zeros / max(1, numel)}
     if target is not None:
@@ -142,12 +147,18 @@ def module_kind(name: str) -> str:
     return name
 
 
-def model_totals(model: nn.Module) -> dict:
+def model_totals(model: nn.Module, counted: dict[str, dict] | None = None) -> dict:
+    """Parameters and zeros of the whole model. ``counted``: ``{module_name: entry}`` of modules whose weight's zeros
+    the report already counted (``module_entry``); their weights are not read again, every other parameter is
+    counted by one reduction."""
+    known = {f"{name}.weight": entry for name, entry in (counted or {}).items()}
     params = zeros = 0
     # offloaded weights are read from their maps, one at a time
-    for _, p in iter_tensors(model):
+    for name, p in iter_tensors(model):
         params += p.numel()
-        zeros += int((p == 0).sum())
+        entry = known.get(name)
+        reuse = (entry is not None and entry.get("shape") == list(p.shape) and "stored_zeros" not in entry)
+        zeros += entry["zeros"] if reuse else count_zeros(p)
     return {"parameters": params, "zeros": zeros, "sparsity": zeros / max(1, params)}
 
 
@@ -190,7 +201,7 @@ def run_report(model: nn.Module, family: str, stages: list, config: Any, *, patt
         "model": record if record is not None else model_record(model, family, stages),
         "calibration": calibration,
         "sparsity": sparsity_section(entries, block_of),
-        "model_totals": model_totals(model),
+        "model_totals": model_totals(model, counted=entries),  # the modules' zeros are counted once
         **(sections or {}),
         "run": meter.to_dict(),
         "environment": environment(device),

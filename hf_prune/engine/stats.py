@@ -8,6 +8,13 @@ Kinds:
 Padding tokens never count: the walker sets ``token_mask`` ([B, T] bool) before each batch, and an
 input whose leading dims match it is filtered to the real tokens first.
 
+One statistic per distinct input: Linears that read the very same tensor (q/k/v of an attention, gate/up of a
+gated MLP, in any family) share one ``LinearStats`` object, so its Gram and norms are accumulated once and
+whatever a method derives from it (SparseGPT's inverse-Hessian factor, in ``LinearStats.derived``) is computed
+once. Sharing is decided by tensor identity of the hook input (``x is y``, tracked through weak references, so no
+activation is kept alive), never by module names: on the first batch a module whose first input is a tensor that
+another module with the same statistic kinds already accumulated joins that module's accumulator.
+
 A ``nn.Conv2d`` (``groups=1``) is treated as the Linear it computes on image patches: its input is
 unfolded (im2col with the layer's kernel, stride, padding and dilation) into rows of
 ``in_channels * kh * kw`` features, one row per output position, so the same kinds apply.
@@ -16,6 +23,7 @@ unfolded (im2col with the layer's kernel, stride, padding and dilation) into row
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +48,9 @@ class LinearStats:
     xtx: torch.Tensor | None = None
     x_sum: torch.Tensor | None = None
     _finite: bool = field(default=True, repr=False)
+    # quantities a method derives from these statistics (e.g. a factor of the Hessian), computed once for all the
+    # Linears sharing this object; a copy (``dataclasses.replace``, ``permuted``) starts empty
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.in_features)
@@ -58,6 +69,12 @@ class LinearStats:
                 self.xtx = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=x.device)
             self.xtx.addmm_(x.t(), x)
         self.tokens += x.shape[0]
+
+    def release(self) -> None:
+        """Drop the accumulated tensors and what was derived from them (after their last reader used them), so a
+        block's statistics do not all stay alive until the block is done."""
+        self.sq_sum = self.xtx = self.x_sum = None
+        self.derived.clear()
 
     # ---- derived statistics (all float) ------------------------------------------------------
     @property
@@ -96,7 +113,9 @@ class LinearStats:
                 "batches carry an attention_mask with ones for real tokens.")
         for label, tensor in (("squared input norms", self.sq_sum), ("input Gram/Hessian", self.xtx),
                               ("input sums", self.x_sum)):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            # one reduction: NaN/inf in any entry makes the sum non-finite; a sum that overflows on finite entries
+            # is told apart by the full scan, run only then
+            if tensor is not None and not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
                 fix = ("Load the model in float32 or bfloat16 (not float16), or check the calibration inputs"
                        if self.input_dtype == torch.float16 else "Check the calibration inputs")
                 raise NonFiniteStatisticsError(
@@ -124,29 +143,87 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def distinct(stats: dict[str, LinearStats]) -> dict[str, LinearStats]:
+    """One entry per distinct accumulator of ``{name: LinearStats}``, under the name of its first module."""
+    out: dict[str, LinearStats] = {}
+    ids: set[int] = set()
+    for name, st in stats.items():
+        if id(st) not in ids:
+            ids.add(id(st))
+            out[name] = st
+    return out
+
+
 class StatsCollector:
-    """Registers pre-hooks on the given Linear (or Conv2d) modules for the duration of a ``with`` block."""
+    """Registers pre-hooks on the given Linear (or Conv2d) modules for the duration of a ``with`` block.
+
+    ``stats`` maps every module name to its ``LinearStats``; modules that read the same input tensor map to the
+    same object (see the module docstring). Setting ``token_mask`` starts a new batch."""
 
     def __init__(self, modules: dict[str, tuple[nn.Module, frozenset]], dtype: torch.dtype = torch.float32):
         self.modules = modules
         self.dtype = dtype
-        self.token_mask: torch.Tensor | None = None
+        self._token_mask: torch.Tensor | None = None
         self.stats: dict[str, LinearStats] = {}
         self._handles: list = []
+        self._seen: dict[int, tuple[weakref.ref, LinearStats]] = {}  # id(input) -> (the input, its accumulator)
+        self._batches = 0
+        self._called: set[str] = set()  # modules whose hook ran during the first batch
+        self._followers: set[str] = set()  # modules that joined another module's accumulator
         for name, (module, kinds) in modules.items():
             unknown = set(kinds) - set(KINDS)
             if unknown:
                 raise ValueError(f"unknown statistic kinds {sorted(unknown)} for {name}; known: {KINDS}.")
             self.stats[name] = LinearStats(input_width(module), frozenset(kinds), dtype)
 
-    def _hook(self, name: str):
-        stats = self.stats[name]
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        return self._token_mask
 
+    @token_mask.setter
+    def token_mask(self, mask: torch.Tensor | None) -> None:
+        """The next batch's padding mask; the inputs seen so far belong to the previous batch."""
+        self._token_mask = mask
+        if self._seen or self._called:
+            self._batches += 1
+        self._seen.clear()
+
+    def distinct(self) -> dict[str, LinearStats]:
+        """One entry per distinct accumulator, under the name of its first module."""
+        return distinct(self.stats)
+
+    def _accumulator(self, name: str, module: nn.Module, x: torch.Tensor) -> LinearStats | None:
+        """The accumulator ``x`` must be added to, or None when it already holds ``x`` (a shared input)."""
+        stats = self.stats[name]
+        seen = self._seen.get(id(x))
+        owner = seen[1] if seen is not None and seen[0]() is x else None
+        first_call = self._batches == 0 and name not in self._called
+        self._called.add(name)
+        if owner is stats:
+            return None
+        if (owner is not None and first_call and stats.tokens == 0 and owner.kinds == stats.kinds
+                and owner.in_features == stats.in_features and not isinstance(module, nn.Conv2d)):
+            self.stats[name] = owner  # same tensor, same statistics: share the accumulator from now on
+            self._followers.add(name)
+            return None
+        if name in self._followers:
+            # a module that joined another's accumulator reads a tensor the other never read: the sharing decided
+            # on the first batch does not hold, and the shared statistics would be wrong
+            raise RuntimeError(f"{name} shares its input statistics with another Linear that read the same tensor on "
+                               "the first calibration batch, but reads a different tensor now; the block's forward "
+                               "routes its inputs differently per call, which the statistics engine does not support.")
+        self._seen[id(x)] = (weakref.ref(x), stats)
+        return stats
+
+    def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            mask = self.token_mask
+            stats = self._accumulator(name, module, x)
+            if stats is None:
+                return
+            mask = self._token_mask
             if mask is not None and x.dim() == 4 and x.shape[1] == 1 and (x.shape[0], x.shape[2]) == tuple(mask.shape):
-                x = x[:, 0]  # [batch, 1, tokens, features]: DeepSeek's MLA feeds kv_b_proj its latents so
+                x = x[:, 0]  # [batch, 1, tokens, features]: DeepSeek's MLA feeds kv_b_proj its latents with a head axis of 1
             if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                 x = x[mask.to(x.device)]
             stats.update(input_rows(module, x.detach()))
@@ -162,4 +239,5 @@ class StatsCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.token_mask = None
+        self._token_mask = None
+        self._seen.clear()

@@ -27,7 +27,7 @@ from ..models import Stage
 from . import distributed
 from .experts import ExpertSlice, ExpertStatsCollector
 from .offload import hook_execution_device, is_dispatched, onloaded
-from .stats import LinearStats, StatsCollector
+from .stats import LinearStats, StatsCollector, distinct
 
 
 class BlockProcessor(Protocol):
@@ -497,7 +497,7 @@ def walk(model: nn.Module, stages: list[Stage], batches: list[dict] | None, proc
                             raise CalibrationDataError(f"{block_name} needs calibration data, but none was given.")
                         stats = _collect(block, index, inputs, wanted, processor, device, stats_dtype)
                         distributed.reduce_statistics(stats)  # every rank: the statistics of all batches
-                        for name, st in stats.items():
+                        for name, st in distinct(stats).items():  # a shared accumulator is checked once
                             st.check(name)
                     processor.process(block_name, block, stats)
                     del stats

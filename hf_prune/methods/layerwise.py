@@ -133,7 +133,10 @@ class LayerwiseConfig(PrunerConfig, abc.ABC):
     def prune_weight(self, weight: torch.Tensor, stats: LinearStats | None, sparsity: float,
                      pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Return ``(new_weight_fp32, prune_mask, info)`` for one Linear weight ``[out, in]`` (fp32);
-        a method implements it with a call into its ``ops.py``."""
+        a method implements it with a call into its ``ops.py``. The engine zeroes ``prune_mask`` in the model's
+        weight in place, so a method that only chooses a mask returns ``weight`` itself (no copy): for a float32
+        model it *is* the model's weight. ``stats`` may be shared with other Linears reading the same input; a
+        method caches what it derives from them in ``stats.derived``."""
 
     def channel_scores(self, weight: torch.Tensor, stats: LinearStats | None) -> torch.Tensor:
         """Per-weight importance ``[out, in]`` (higher = keep, non-negative) that ``channel_permutation`` maximises
@@ -195,18 +198,37 @@ class LayerwiseProcessor:
         return {t.name: (t.module, self.config.statistics) for t in self.by_block.get(block_name, [])}
 
     def process(self, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
-        for t in self.by_block.get(block_name, []):
+        targets = self.by_block.get(block_name, [])
+        # Linears reading the same input share one statistics object (the engine's one statistic per distinct
+        # input); it and what a method derives from it are released once its last reader is pruned
+        readers: dict[int, int] = {}
+        for t in targets:
+            if stats.get(t.name) is not None:
+                readers[id(stats[t.name])] = readers.get(id(stats[t.name]), 0) + 1
+        rounded: dict[int, LinearStats] = {}  # float64 sums rounded once per shared object, so it stays shared
+        for t in targets:
             weight = as_matrix(t.module)  # [out, in], a view of a Conv1D's [in, out] weight
-            stat, extra = as_float32(stats.get(t.name)), {}
+            shared, extra = stats.get(t.name), {}
+            stat = shared
+            if shared is not None:
+                if id(shared) not in rounded:
+                    rounded[id(shared)] = as_float32(shared)
+                stat = rounded[id(shared)]
             if t.name in self.permutable:
                 stat, extra = self.permute_inputs(t, block_name, block, stat)
             new, prune, info = self.config.prune_weight(weight.detach().to(torch.float32), stat,
                                                         t.sparsity, self.pattern)
-            new = new.to(weight.dtype)
-            new[prune] = 0
             with torch.no_grad():
-                weight.copy_(new)
+                if new.data_ptr() != weight.data_ptr():  # a method that worked on a copy (or a half-precision model)
+                    weight.copy_(new)
+                weight.masked_fill_(prune, 0)  # the one zeroing of the pruned weights, in place
+            del new
             self.info[t.name] = {**info, **extra, **(getattr(t.module, "report_info", None) or {})}
+            if shared is not None:
+                readers[id(shared)] -= 1
+                if not readers[id(shared)]:
+                    shared.release()
+                    rounded.pop(id(shared)).release()
 
     def permute_inputs(self, t: Target, block_name: str, block: nn.Module,
                        stat: LinearStats | None) -> tuple[LinearStats | None, dict]:

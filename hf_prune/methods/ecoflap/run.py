@@ -99,16 +99,18 @@ def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[s
             units = [Unit(t.name, group, [t.module.weight]) for group, ts in groups.items() for t in ts]
         else:
             units = [Unit(group, group, [t.module.weight for t in ts]) for group, ts in groups.items()]
+        blocks = [block for stage in plan.stages for block in stage.blocks(model)]
         unit_scores = _summed(lambda: zeroth_order_scores(
             model, units, share, loss, eps=config.zo_eps, num_noise=config.zo_num_noise, seed=seed,
-            device=plan.score_device, progress=show, batch_offset=lo, total_batches=len(batches)))
+            device=plan.score_device, progress=show, batch_offset=lo, total_batches=len(batches), blocks=blocks))
         raw = {group: 0.0 for group in groups}
         for unit in units:
             raw[unit.group] += unit_scores[unit.name]
         per_direction = 1 if loss.label_free else 2
-        passes = {"forward": len(batches) * (len(units) * config.zo_num_noise * per_direction
-                                             + (1 if loss.label_free else 0)), "backward": 0,
-                  "perturbation_units": len(units)}
+        passes = {"forward": len(batches) * (len(units) * config.zo_num_noise * per_direction + 1), "backward": 0,
+                  "perturbation_units": len(units),
+                  "note": "one unperturbed forward per batch records the blocks' outputs; a perturbed pass replays "
+                          "those of the blocks before the perturbed one"}
     else:
         weights = {t.name: t.module.weight for ts in groups.values() for t in ts}
         blocks = [block for stage in plan.stages for block in stage.blocks(model)]

@@ -6,7 +6,11 @@ Zeroth order (forward passes only). For a perturbation *unit* (one weight tensor
     real loss:    |L(W + eps z) - L(W - eps z)| / (2 eps)      ~ |<grad_W L, z>|, mean sqrt(2/pi) ||grad_W L||
     label-free:   ||f(W + eps z) - f(W)|| / eps                ~ ||J_W z||   (see ``losses``)
 
-averaged over batches and ``zo_num_noise`` directions. The perturbed weights are computed in float32 from
+averaged over batches and ``zo_num_noise`` directions. A perturbation of a block's weights cannot change what the
+blocks that ran before it computed: one unperturbed forward per batch records every block's output, and while a
+unit of block ``b`` is perturbed the blocks that ran before ``b`` return those recorded outputs (copies) instead of
+recomputing them, so the passes start, in effect, at ``b`` (the same numbers, about half the block work on a
+decoder; memory: one batch's block outputs). The perturbed weights are computed in float32 from
 a snapshot and cast once; afterwards the snapshot is copied back, so every weight is bit-identical to
 before (add-then-subtract in bf16/fp16 is not). Losses are reduced to Python floats (float64) before
 they are subtracted. No autograd graph is built, no ``.grad`` is touched, the global RNG is not used.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,12 +95,80 @@ def _check_finite(value: float, what: str) -> float:
     return value
 
 
+def _copy(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.clone()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_copy(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    return obj
+
+
+class _BlockPrefix:
+    """The recorded outputs of one unperturbed forward, and the blocks that replay them (see the module docstring).
+
+    ``record()`` runs around the unperturbed forward of a batch: every block's output and its call position are kept
+    (a block called more than once disables the replay for that batch). ``replay(block)`` makes every block that
+    ran before ``block`` return a copy of its recorded output; ``replay(None)`` recomputes everything."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.blocks = blocks
+        self.outputs: dict[int, Any] = {}
+        self.position: dict[int, int] = {}
+        self.valid = False
+        self._replaying: list[tuple[nn.Module, bool, Any]] = []
+
+    @contextlib.contextmanager
+    def record(self):
+        self.restore()
+        self.outputs, self.position, calls = {}, {}, {}
+
+        def hook(module, args, output):
+            calls[id(module)] = calls.get(id(module), 0) + 1
+            self.position.setdefault(id(module), len(self.position))
+            self.outputs[id(module)] = output
+
+        handles = [block.register_forward_hook(hook) for block in self.blocks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        self.valid = bool(calls) and all(c == 1 for c in calls.values())
+
+    def replay(self, block: nn.Module | None) -> None:
+        self.restore()
+        if block is None or not self.valid or id(block) not in self.position:
+            return
+        before = self.position[id(block)]
+        for other in self.blocks:
+            if self.position.get(id(other), before) < before:
+                had_own = "forward" in other.__dict__
+                self._replaying.append((other, had_own, other.__dict__.get("forward")))
+                recorded = self.outputs[id(other)]
+                other.forward = lambda *args, _out=recorded, **kwargs: _copy(_out)
+
+    def restore(self) -> None:
+        for block, had_own, own in self._replaying:
+            if had_own:
+                block.forward = own
+            else:
+                del block.forward
+        self._replaying = []
+
+    def clear(self) -> None:
+        self.restore()
+        self.outputs, self.position, self.valid = {}, {}, False
+
+
 def zeroth_order_scores(model: nn.Module, units: list[Unit], batches: list[dict], loss: ScoringLoss, *,
                         eps: float, num_noise: int, seed: int, device: torch.device,
-                        progress: bool = True, batch_offset: int = 0,
-                        total_batches: int | None = None) -> dict[str, float]:
+                        progress: bool = True, batch_offset: int = 0, total_batches: int | None = None,
+                        blocks: list[nn.Module] | None = None) -> dict[str, float]:
     """Mean zeroth-order estimate per unit (see the module docstring). Weights are restored exactly,
-    also when a forward pass fails half-way.
+    also when a forward pass fails half-way. ``blocks``: the model's transformer blocks, whose recorded outputs
+    are replayed for the blocks that run before a perturbed unit's block (None: every pass runs in full).
 
     ``batches`` may be one process's share of the calibration set: ``batch_offset`` is the global index of its
     first batch (the perturbations are seeded by it) and ``total_batches`` the size of the whole set (the mean's
@@ -104,36 +177,58 @@ def zeroth_order_scores(model: nn.Module, units: list[Unit], batches: list[dict]
 
     generators = _Generators()
     totals = {u.name: 0.0 for u in units}
+    prefix = _BlockPrefix(blocks or [])
+    owner = {id(p): block for block in (blocks or []) for p in block.parameters()}
+    unit_block = {unit.name: owner.get(id(unit.params[0])) if unit.params else None for unit in units}
+    if any(len({id(owner.get(id(p))) for p in unit.params}) > 1 for unit in units):
+        unit_block = {unit.name: None for unit in units}  # a unit spanning blocks: no replay at all
     bar = tqdm(total=len(batches) * len(units), desc="ecoflap scores (zeroth order)", unit="unit",
                disable=not progress, leave=False)
     with calibration_mode(model):
-        for b, batch in enumerate(batches):
-            batch = to_device(batch, device)
-            reference = loss.outputs(model, batch) if loss.label_free else None
-            for u, unit in enumerate(units):
-                for k in range(num_noise):
-                    seeds = [derive_seed(seed, unit.name, batch_offset + b, k, j) for j in range(len(unit.params))]
-                    perturbation = _Perturbation(unit.params, seeds, eps, generators)
-                    try:
-                        if loss.label_free:
-                            perturbation.set(+1.0)
-                            diff = loss.outputs(model, batch) - reference
-                            distance = float(diff.double().pow(2).sum().div(diff.shape[0]).sqrt())
-                            estimate = _check_finite(distance, unit.name) / eps
-                        else:
-                            perturbation.set(+1.0)
-                            plus = _check_finite(float(loss.value(model, batch)), unit.name)
-                            perturbation.set(-1.0)
-                            minus = _check_finite(float(loss.value(model, batch)), unit.name)
-                            estimate = abs(plus - minus) / (2.0 * eps)
-                    finally:
-                        perturbation.restore()
-                    del perturbation
-                    totals[unit.name] += estimate
-                bar.update(1)
+        try:
+            for b, batch in enumerate(batches):
+                batch = to_device(batch, device)
+                reference = None
+                if loss.label_free or blocks:
+                    with prefix.record():
+                        reference = loss.outputs(model, batch) if loss.label_free else loss.value(model, batch)
+                for unit in units:
+                    prefix.replay(unit_block[unit.name])
+                    totals[unit.name] += _unit_estimate(model, unit, batch, batch_offset + b, loss, reference, eps, num_noise, seed,
+                                                        generators)
+                    bar.update(1)
+                prefix.clear()
+        finally:
+            prefix.clear()
     bar.close()
     count = (len(batches) if total_batches is None else total_batches) * num_noise
     return {name: total / count for name, total in totals.items()}
+
+
+def _unit_estimate(model: nn.Module, unit: Unit, batch: dict, b: int, loss: ScoringLoss, reference: Any, eps: float,
+                   num_noise: int, seed: int, generators: _Generators) -> float:
+    """The sum over ``num_noise`` directions of one unit's estimate on one batch."""
+    total = 0.0
+    for k in range(num_noise):
+        seeds = [derive_seed(seed, unit.name, b, k, j) for j in range(len(unit.params))]
+        perturbation = _Perturbation(unit.params, seeds, eps, generators)
+        try:
+            if loss.label_free:
+                perturbation.set(+1.0)
+                diff = loss.outputs(model, batch) - reference
+                distance = float(diff.double().pow(2).sum().div(diff.shape[0]).sqrt())
+                estimate = _check_finite(distance, unit.name) / eps
+            else:
+                perturbation.set(+1.0)
+                plus = _check_finite(float(loss.value(model, batch)), unit.name)
+                perturbation.set(-1.0)
+                minus = _check_finite(float(loss.value(model, batch)), unit.name)
+                estimate = abs(plus - minus) / (2.0 * eps)
+        finally:
+            perturbation.restore()
+        del perturbation
+        total += estimate
+    return total
 
 
 @contextlib.contextmanager

@@ -29,4 +29,4 @@ class MagnitudeConfig(LayerwiseConfig):
 
     def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
         mask = magnitude_prune_mask(weight, sparsity, pattern, self.scope)
-        return weight.masked_fill(mask, 0.0), mask, {}
+        return weight, mask, {}  # the engine zeroes the mask in place

@@ -34,4 +34,4 @@ class RIAConfig(LayerwiseConfig):
 
     def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
         mask = ria_prune_mask(weight, stats.col_sq_mean, sparsity, pattern, self.alpha, self.scope)
-        return weight.masked_fill(mask, 0.0), mask, {}
+        return weight, mask, {}  # the engine zeroes the mask in place

@@ -24,9 +24,16 @@ class WandaConfig(LayerwiseConfig):
         super().__post_init__()
         check_scope(type(self).__name__, self.scope)
 
+    @staticmethod
+    def solve_cost(in_features: int, out_features: int) -> tuple[int, float]:
+        """The mask's working set per Linear, for the planner's memory: float32 scores (4 bytes a weight), the
+        per-row ``topk`` of half the columns (4-byte values and 8-byte indices for half the weights) and the bool
+        mask; no matrix products to speak of."""
+        return 11 * in_features * out_features, 0.0
+
     def channel_scores(self, weight, stats):
         return wanda_scores(weight, stats.col_sq_mean)
 
     def prune_weight(self, weight, stats, sparsity: float, pattern: Pattern):
         mask = wanda_prune_mask(weight, stats.col_sq_mean, sparsity, pattern, self.scope)
-        return weight.masked_fill(mask, 0.0), mask, {}
+        return weight, mask, {}  # the engine zeroes the mask in place

@@ -12,7 +12,7 @@ def wanda_scores(weight: torch.Tensor, col_sq_mean: torch.Tensor) -> torch.Tenso
 
     Any positive per-layer constant (sum vs mean over tokens) leaves the ranking unchanged.
     """
-    return weight.detach().to(torch.float32).abs() * col_sq_mean.to(torch.float32).sqrt().unsqueeze(0)
+    return weight.detach().to(torch.float32).abs().mul_(col_sq_mean.to(torch.float32).sqrt().unsqueeze(0))
 
 
 def wanda_prune_mask(weight: torch.Tensor, col_sq_mean: torch.Tensor, sparsity: float, pattern: Pattern,

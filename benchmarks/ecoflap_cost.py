@@ -1,0 +1,112 @@
+"""ECoFLaP's zeroth-order allocation: its cost against its stability, on the shared trained decoder.
+
+    OMP_NUM_THREADS=1 python benchmarks/ecoflap_cost.py              # ../shared/models/pylm, 60%, 64 x 256 tokens
+
+One process, one thread: uniform Wanda first (the cost reference, after one unmeasured warm-up run), then ECoFLaP + Wanda with each zeroth-order
+setting (perturbation unit x scoring samples), each from a fresh copy of the dense model. For each: the whole run's
+time over uniform Wanda's, the per-block sparsities it allocated, Spearman's rank correlation of its per-module
+sparsities with the first (most expensive) setting's, their largest difference, and perplexity on
+``pylm-data/heldout.txt``. Prints; never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from hf_prune import CalibrationConfig, ECoFLaPConfig, Pruner, WandaConfig  # noqa: E402
+from hf_prune.engine.report import format_table  # noqa: E402
+from hf_prune.evaluation import perplexity  # noqa: E402
+
+PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
+PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
+SETTINGS = {  # name -> ECoFLaPConfig overrides
+    "tensor/32": dict(zo_perturb="tensor", num_score_samples=32),
+    "tensor/16": dict(zo_perturb="tensor", num_score_samples=16),
+    "tensor/8": dict(zo_perturb="tensor", num_score_samples=8),
+    "tensor/4": dict(zo_perturb="tensor", num_score_samples=4),
+    "block/32": dict(zo_perturb="block", num_score_samples=32),
+    "block/16": dict(zo_perturb="block", num_score_samples=16),
+    "block/8": dict(zo_perturb="block", num_score_samples=8),
+}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):  # average ranks over ties
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return torch.tensor(r, dtype=torch.float64)
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-30))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=PYLM)
+    parser.add_argument("--sparsity", type=float, default=0.6)
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=48)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    base = Pruner.from_pretrained(args.model, dtype=torch.float32)
+    cal = CalibrationConfig(dataset=f"{PYLM_DATA}/calibration.txt", num_samples=args.num_samples,
+                            seq_len=args.seq_len, seed=0)
+    heldout = f"{PYLM_DATA}/heldout.txt"
+
+    def ppl(model):
+        return perplexity(model, base.tokenizer, heldout, seq_len=args.seq_len, max_windows=args.eval_windows)
+
+    rows = [["dense", "-", "-", "-", "-", "-", f"{ppl(base.model):.3f}"]]
+    # a first Wanda run warms what every later run reuses (the calibration text read and tokenized), unmeasured
+    Pruner(copy.deepcopy(base.model), base.tokenizer).prune(WandaConfig(sparsity=args.sparsity, calibration=cal),
+                                                            progress=False)
+    pruner = Pruner(copy.deepcopy(base.model), base.tokenizer)
+    start = time.perf_counter()
+    pruner.prune(WandaConfig(sparsity=args.sparsity, calibration=cal), progress=False)
+    wanda = time.perf_counter() - start
+    rows.append(["uniform Wanda", f"{wanda:.1f}", "1.0", "-", "-", "-", f"{ppl(pruner.model):.3f}"])
+    first = None
+    for name in args.settings:
+        pruner = Pruner(copy.deepcopy(base.model), base.tokenizer)
+        config = ECoFLaPConfig(sparsity=args.sparsity, calibration=cal, **SETTINGS[name])
+        start = time.perf_counter()
+        result = pruner.prune(config, progress=False)
+        seconds = time.perf_counter() - start
+        per_module = result.report["sparsity"]["per_module"]
+        names = sorted(per_module)
+        values = [per_module[n]["achieved"] for n in names]
+        blocks = " ".join(f"{b['achieved']:.3f}" for b in result.report["sparsity"]["per_block"].values())
+        if first is None:
+            first = values
+        rho = spearman(values, first)
+        worst = max(abs(a - b) for a, b in zip(values, first))
+        rows.append([f"ECoFLaP ZO {name} + Wanda", f"{seconds:.1f}", f"{seconds / wanda:.1f}", blocks,
+                     f"{rho:.3f}", f"{worst:.3f}", f"{ppl(pruner.model):.3f}"])
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print(f"{args.model}, {args.sparsity:g} sparsity, {args.num_samples} x {args.seq_len} calibration tokens "
+          f"(calibration.txt), perplexity over {args.eval_windows} windows of heldout.txt, 1 thread")
+    print(format_table(rows, ["run", "time s", "x Wanda", "per-block sparsity", "rho vs first", "max |d|",
+                              "perplexity"]))
+
+
+if __name__ == "__main__":
+    main()

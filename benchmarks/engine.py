@@ -1,0 +1,173 @@
+"""The engine at real layer widths: each method's time over one forward of the blocks, peak RSS over the weights,
+the planner's host estimate next to the measurement, and the profile's top entries.
+
+    python benchmarks/engine.py                                       # hidden 512 and 1024, 2 blocks, 4 x 512 tokens
+    python benchmarks/engine.py --hidden 2048 --layers 1 --tokens 256 --samples 2
+    python benchmarks/engine.py --hidden 4096 --layers 1 --tokens 128 --samples 1 --methods sparsegpt --profile
+
+Models are random LLaMAs with the real widths (intermediate = 2.6875 x hidden as in LLaMA-2: 512 -> 1376,
+4096 -> 11008; heads of 128; a 512-token vocabulary so the blocks dominate), fp32 on the CPU. Every
+(width, method) runs in a fresh subprocess so that its peak RSS is its own; inside it, one forward of the blocks
+over the calibration batches is timed first (median of 3) and the prune after it, so ``x fwd`` is a ratio
+within one process. The floor for Wanda and SparseGPT is 2.0 x fwd (a statistics pass and a pass of the pruned
+block per block) plus, for SparseGPT, its solves. ``peak/W``: the process's peak RSS during the prune over the
+weights' bytes; ``+peak/W``: the same above the RSS just before the prune. ``plan``: ``hf_prune.planner.plan``'s
+host peak for the same model and data, ``plan/meas``: it over the measured peak RSS. Prints; never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-2:4", "ria")
+GIB = 2 ** 30
+
+
+def intermediate_of(hidden: int) -> int:
+    return int(round(hidden * 2.6875 / 16)) * 16
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(args: argparse.Namespace) -> None:
+    """One (width, method) measurement; prints one JSON line."""
+    import torch
+    import transformers as T
+
+    from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, RIAConfig, SparseGPTConfig, WandaConfig
+    from hf_prune.engine.report import _reset_vm_hwm, _vm_hwm_bytes
+    from hf_prune.engine.walker import calibration_mode, capture_stage_inputs
+    from hf_prune.models import get_family
+    from hf_prune.planner import plan
+
+    torch.set_num_threads(args.threads)
+    hidden = args.hidden[0]
+    config = T.LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate_of(hidden),
+                           num_hidden_layers=args.layers, num_attention_heads=max(1, hidden // 128),
+                           num_key_value_heads=max(1, hidden // 128), max_position_embeddings=max(2048, args.tokens),
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(config)  # transformers' own initialisation (std 0.02), buffers included
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(3, 512, (1, args.tokens), generator=g),
+                "attention_mask": torch.ones(1, args.tokens, dtype=torch.long)} for _ in range(args.samples)]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    # one forward of the blocks over the calibration batches
+    stages = get_family(model).stages(model)
+    with calibration_mode(model):
+        inputs = capture_stage_inputs(model, stages[0], stages, batches, torch.device("cpu"))
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for i in range(len(inputs.hidden)):
+                h = inputs.hidden[i]
+                for block in stages[0].blocks(model):
+                    h = block(h, *inputs.args[i], **inputs.kwargs[i])
+                    h = h[0] if isinstance(h, tuple) else h
+            times.append(time.perf_counter() - start)
+        forward = statistics.median(times)
+    del inputs, h
+
+    name, _, pattern = args.method.partition("-")
+    classes = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig, "ria": RIAConfig}
+    extra = {"factorization": args.factorization} if name == "sparsegpt" and args.factorization else {}
+    cfg = classes[name](pattern=pattern or "unstructured",
+                        calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.tokens), **extra)
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        planned = plan(tmp, name, num_samples=args.samples, seq_len=args.tokens, batch_size=1, dtype="float32",
+                       throughput=1e12).host_peak
+    pruner = Pruner(model, None)
+    before = _rss()
+    _reset_vm_hwm()
+    profile = []
+    start = time.perf_counter()
+    if args.profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            pruner.prune(cfg, calibration_dataset=batches, progress=False)
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+        profile = [(e.key, e.count, round(100 * e.self_cpu_time_total / max(total, 1), 1)) for e in top]
+    else:
+        pruner.prune(cfg, calibration_dataset=batches, progress=False)
+    seconds = time.perf_counter() - start
+    peak = _vm_hwm_bytes()
+    print(json.dumps({"hidden": hidden, "method": args.method, "forward": forward, "seconds": seconds,
+                      "weights": weight_bytes, "peak": peak, "before": before, "planned": planned,
+                      "profile": profile}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per calibration sample")
+    parser.add_argument("--samples", type=int, default=4, help="calibration samples (batches of one)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt", "sparsegpt-2:4"], choices=METHODS)
+    parser.add_argument("--factorization", default=None,
+                        help="SparseGPT's factorization (default: the config's); ignored by checkouts without it")
+    parser.add_argument("--profile", action="store_true", help="print the top torch profiler entries per run")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.method = args.child
+        child(args)
+        return
+    from hf_prune.engine.report import format_table
+
+    rows, profiles = [], []
+    for hidden in args.hidden:
+        for method in args.methods:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--hidden", str(hidden),
+                   "--layers", str(args.layers), "--tokens", str(args.tokens), "--samples", str(args.samples),
+                   "--threads", str(args.threads)]
+            if args.factorization:
+                cmd += ["--factorization", args.factorization]
+            if args.profile:
+                cmd.append("--profile")
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                print(out.stderr[-3000:], file=sys.stderr)
+                rows.append([hidden, method, "failed", "", "", "", "", "", ""])
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append([hidden, intermediate_of(hidden), method, f"{r['seconds']:.2f}", f"{r['forward']:.2f}",
+                         f"{r['seconds'] / r['forward']:.2f}", f"{r['peak'] / r['weights']:.2f}",
+                         f"{(r['peak'] - r['before']) / r['weights']:.2f}",
+                         f"{r['planned'] / GIB:.2f} / {r['peak'] / GIB:.2f} = {r['planned'] / r['peak']:.2f}"])
+            print("  ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
+            if r["profile"]:
+                profiles.append((hidden, method, r["profile"]))
+    print(f"{args.layers} block(s), {args.samples} x {args.tokens} calibration tokens, {args.threads} thread(s), fp32")
+    print(format_table(rows, ["hidden", "intermediate", "method", "prune s", "fwd s", "x fwd", "peak/W", "+peak/W",
+                              "plan / measured GiB"]))
+    for hidden, method, profile in profiles:
+        print(f"\nprofile, hidden {hidden}, {method} (self CPU time):")
+        print(format_table([[k, c, f"{p}%"] for k, c, p in profile], ["op", "calls", "share"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The engine's speed work keeps results: one statistic per distinct input (shared by tensor identity, in every
+family), SparseGPT's shared factor against a straightforward per-Linear reference kept here, the cheaper
+triangular-inverse factor, in-place zeroing, and half-precision models with float32 statistics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, make_batches, make_model
+
+from hf_prune import CalibrationConfig, Pruner, SparseGPTConfig, WandaConfig
+from hf_prune.engine.stats import LinearStats, StatsCollector
+from hf_prune.engine.walker import calibration_mode
+from hf_prune.methods.sparsegpt import config as sparsegpt_config
+from hf_prune.methods.sparsegpt.ops import inverse_hessian_factor, lower_triangular_inverse, sparsegpt_prune
+from hf_prune.patterns import Pattern
+
+CAL = CalibrationConfig(num_samples=8)
+
+
+def reference_factor(hessian, damp, max_damp=1.0, factorization="cholesky_inverse", overwrite=False):
+    """The reference code's factor, written out plainly: Cholesky, cholesky_inverse, Cholesky of the inverse."""
+    H = hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    current = damp
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + current * torch.mean(torch.diag(H)) * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, current, dead
+        current *= 10
+
+
+def per_linear_accumulator(self, name, module, x):
+    """StatsCollector without sharing: every Linear accumulates its own statistics."""
+    return self.stats[name]
+
+
+def linear_names(model, *parts):
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and any(p in n for p in parts)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linears_reading_one_tensor_share_one_accumulator(family, tokenizer, corpus, one_thread):
+    """Sharing is found by tensor identity in every family: the sharing groups are exactly the Linears that read
+    the same input tensor, and each shared statistic equals what the Linear accumulates on its own."""
+    model = make_model(family, vocab=len(tokenizer))
+    batches = make_batches(family, tokenizer, corpus)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    inputs: dict[str, list] = {n: [] for n in linears}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0])) for n, m in linears.items()]
+    kinds = frozenset({"gram", "sq_norm"})
+    with calibration_mode(model), StatsCollector({n: (m, kinds) for n, m in linears.items()}) as collector:
+        for batch in batches:
+            collector.token_mask = None
+            model(**batch)
+    for h in handles:
+        h.remove()
+    groups: dict[int, set] = {}
+    for n, st in collector.stats.items():
+        groups.setdefault(id(st), set()).add(n)
+    for names in groups.values():  # members read the same tensors, one by one
+        first = sorted(names)[0]
+        for other in names:
+            assert len(inputs[other]) == len(inputs[first])
+            assert all(a is b for a, b in zip(inputs[other], inputs[first])), (first, other)
+    for n in linears:  # and no Linear reading the same tensors as another was left alone
+        mates = {o for o in linears if o != n and len(inputs[o]) == len(inputs[n])
+                 and all(a is b for a, b in zip(inputs[o], inputs[n]))}
+        assert mates <= {o for o in linears if collector.stats[o] is collector.stats[n]}, n
+    shared = [names for names in groups.values() if len(names) > 1]
+    assert shared, f"{family}: q/k/v (and gate/up) read one tensor and should share"
+    for n, m in linears.items():
+        own = LinearStats(m.in_features, kinds)
+        for x in inputs[n]:
+            own.update(x)
+        torch.testing.assert_close(collector.stats[n].xtx, own.xtx, rtol=0, atol=0)
+        torch.testing.assert_close(collector.stats[n].sq_sum, own.sq_sum, rtol=0, atol=0)
+
+
+def test_different_kinds_or_different_tensors_are_not_shared():
+    a, b, c = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    x = torch.randn(5, 4)
+    with StatsCollector({"a": (a, frozenset({"gram"})), "b": (b, frozenset({"sq_norm"})),
+                         "c": (c, frozenset({"gram"}))}) as collector:
+        for _ in range(2):
+            collector.token_mask = None
+            a(x), b(x), c(x.clone())
+    assert collector.stats["a"] is not collector.stats["b"]  # other kinds
+    assert collector.stats["a"] is not collector.stats["c"]  # an equal tensor, not the same one
+    assert collector.stats["a"].tokens == collector.stats["c"].tokens == 10
+
+
+def test_a_shared_input_that_stops_being_shared_is_an_error():
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)
+    x = torch.randn(5, 4)
+    with StatsCollector({"a": (a, frozenset({"gram"})), "b": (b, frozenset({"gram"}))}) as collector:
+        collector.token_mask = None
+        a(x), b(x)
+        assert collector.stats["a"] is collector.stats["b"]
+        collector.token_mask = None
+        a(x)
+        with pytest.raises(RuntimeError, match="reads a different tensor"):
+            b(x + 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "bert"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_with_shared_statistics_and_factor_matches_a_per_linear_reference(family, pattern, tokenizer, corpus,
+                                                                                     monkeypatch, one_thread):
+    """The engine (one Gram and one factor per distinct input, in-place zeroing) against the straightforward run:
+    every Linear its own Gram and its own factor from the reference code's three factorisations."""
+    base = make_model(family, vocab=len(tokenizer))
+    batches = make_batches(family, tokenizer, corpus)
+    fast = Pruner(copy.deepcopy(base), tokenizer)
+    fast.prune(SparseGPTConfig(pattern=pattern, calibration=CAL), calibration_dataset=batches, progress=False)
+    factors = []
+    with monkeypatch.context() as m:
+        m.setattr(StatsCollector, "_accumulator", per_linear_accumulator)
+        m.setattr(sparsegpt_config, "inverse_hessian_factor",
+                  lambda *a, **k: factors.append(1) or reference_factor(*a, **k))
+        slow = Pruner(base, tokenizer)
+        slow.prune(SparseGPTConfig(pattern=pattern, calibration=CAL), calibration_dataset=batches, progress=False)
+    assert len(factors) == len(linear_names(base, "layer"))  # the reference really ran one factor per Linear
+    fast_params = dict(fast.model.named_parameters())
+    for name, ref in slow.model.named_parameters():
+        got, ref = fast_params[name].detach(), ref.detach()
+        assert torch.equal(got == 0, ref == 0), f"{name}: masks differ"
+        assert float((got - ref).abs().max()) <= 1e-6 * float(ref.abs().max()), name
+
+
+def test_sparsegpt_computes_one_factor_per_distinct_input(tokenizer, corpus, monkeypatch, one_thread):
+    model = make_model("llama", vocab=len(tokenizer))
+    calls = []
+    real = sparsegpt_config.inverse_hessian_factor
+    monkeypatch.setattr(sparsegpt_config, "inverse_hessian_factor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    Pruner(model, tokenizer).prune(SparseGPTConfig(calibration=CAL),
+                                   calibration_dataset=make_batches("llama", tokenizer, corpus), progress=False)
+    blocks = model.config.num_hidden_layers
+    assert len(calls) == 4 * blocks  # q/k/v, o, gate/up, down: 4 distinct inputs of 7 Linears per block
+
+
+def test_triangular_inverse_factor_is_the_same_factor():
+    g = torch.Generator().manual_seed(0)
+    for n in (8, 136, 304):
+        A = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+        L = torch.linalg.cholesky(A.t() @ A)
+        torch.testing.assert_close(lower_triangular_inverse(L), torch.linalg.inv(L), rtol=1e-9, atol=1e-9)
+        X = torch.randn(4 * n, n, generator=g) * torch.logspace(0, 2, n)  # ill-conditioned, like activations
+        X[:, 3] = 0  # a dead input
+        H = X.t() @ X / (4 * n)
+        truth = reference_factor(H.double(), 0.01)[0]
+        ref, damp_ref, dead_ref = inverse_hessian_factor(H, 0.01)
+        tri, damp_tri, dead_tri = inverse_hessian_factor(H, 0.01, factorization="triangular_inverse")
+        assert damp_ref == damp_tri and torch.equal(dead_ref, dead_tri) and bool(dead_tri[3])
+        assert torch.equal(ref, reference_factor(H, 0.01)[0])  # the default is the reference, bit for bit
+        err_ref = float((ref.double() - truth).abs().max())
+        err_tri = float((tri.double() - truth).abs().max())
+        assert err_tri <= 3 * err_ref + 1e-12, (n, err_tri, err_ref)  # as close to float64 as the reference
+        W = torch.randn(8, n, generator=g)
+        for pattern in ("unstructured", "2:4"):
+            a = sparsegpt_prune(W, H, 0.5, Pattern.parse(pattern), factorization="triangular_inverse")[0]
+            b = sparsegpt_prune(W, H, 0.5, Pattern.parse(pattern))[0]
+            assert float((a - b).abs().max()) <= 1e-3 * float(b.abs().max())
+
+
+def test_factorization_is_validated():
+    with pytest.raises(ValueError, match="factorization"):
+        SparseGPTConfig(factorization="lu")
+    with pytest.raises(ValueError, match="factorization"):
+        inverse_hessian_factor(torch.eye(3), 0.01, factorization="lu")
+
+
+def test_a_nan_hessian_is_caught_by_the_factorisation():
+    H = torch.eye(4)
+    H[1, 2] = H[2, 1] = float("nan")
+    with pytest.raises(Exception, match="not positive definite"):
+        inverse_hessian_factor(H, 0.01, factorization="triangular_inverse")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_prune_with_float32_statistics(dtype, tokenizer, corpus, one_thread):
+    """Wanda on a half-precision model: the statistics are float32 sums of the half-precision activations, the kept
+    weights are bit-identical to the original ones, and the mask is Wanda's on those float32 statistics."""
+    model = make_model("llama", vocab=len(tokenizer)).to(dtype)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = make_batches("llama", tokenizer, corpus)
+    names = linear_names(model, "layers.0.")
+    modules = dict(model.named_modules())
+    with calibration_mode(model), StatsCollector({n: (modules[n], frozenset({"sq_norm"})) for n in names}) as c:
+        for batch in batches:  # the first block's statistics, before anything is pruned
+            c.token_mask = batch["attention_mask"].bool()
+            model(**batch)
+    assert all(c.stats[n].sq_sum.dtype == torch.float32 and c.stats[n].input_dtype == dtype for n in names)
+    Pruner(model, tokenizer).prune(WandaConfig(calibration=CAL), calibration_dataset=batches, progress=False)
+    for n in names:
+        weight, before = modules[n].weight, original[n + ".weight"]
+        assert weight.dtype == dtype
+        kept = weight != 0
+        assert torch.equal(weight[kept], before[kept])
+        from hf_prune.methods.wanda.ops import wanda_prune_mask
+        expected = wanda_prune_mask(before.float(), c.stats[n].col_sq_mean, 0.5, Pattern.parse("unstructured"))
+        assert torch.equal(~kept, expected | (before == 0)), n
+
+
+def test_report_totals_reuse_the_counted_zeros_and_equal_a_full_count(tokenizer, corpus, one_thread):
+    model = make_model("bert", vocab=len(tokenizer))  # its embeddings hold zeros of their own (the padding row)
+    result = Pruner(model, tokenizer).prune(WandaConfig(calibration=CAL), calibration_dataset=make_batches(
+        "bert", tokenizer, corpus), progress=False)
+    totals = result.report["model_totals"]
+    assert totals["parameters"] == sum(p.numel() for p in model.parameters())
+    assert totals["zeros"] == sum(int((p == 0).sum()) for p in model.parameters())
+
+
+def test_finiteness_checks_by_one_reduction_keep_their_answers():
+    from hf_prune.engine.targets import check_finite
+    from hf_prune.errors import NonFiniteWeightsError
+
+    big = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        big.weight.fill_(3e38)  # finite entries whose sum overflows: not an error
+    check_finite(big)
+    with torch.no_grad():
+        big.weight[3, 5] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="holds 1 NaN/inf"):
+        check_finite(big)
+    stats = LinearStats(4, frozenset({"gram"}))
+    stats.update(torch.full((2, 4), 1e20))  # squares overflow to inf in float32: an error
+    with pytest.raises(Exception, match="NaN/inf in the input Gram"):
+        stats.check("layer")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "clip"])
+def test_zeroth_order_scores_replaying_the_blocks_before_the_perturbed_one_are_the_same(family, tokenizer, corpus,
+                                                                                        one_thread):
+    """ECoFLaP's zeroth-order passes replay the recorded outputs of the blocks that ran before the perturbed unit's
+    block: every score is bit-identical to full passes (real loss, label-free loss, two towers), with fewer block
+    forwards."""
+    from hf_prune.methods.ecoflap.losses import choose_loss
+    from hf_prune.methods.ecoflap.scores import Unit, zeroth_order_scores
+
+    model = make_model(family, vocab=len(tokenizer))
+    batches = make_batches(family, tokenizer, corpus, n=4)
+    family_spec = __import__("hf_prune.models", fromlist=["get_family"]).get_family(model)
+    blocks = [b for stage in family_spec.stages(model) for b in stage.blocks(model)]
+    units = [Unit(n, n, [m.weight]) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and any(m is x for b in blocks for x in b.modules())]
+    loss = choose_loss(model, family_spec, batches[0])
+    calls = []
+    # the blocks' Linears count the block work actually done (a replayed block still passes through its __call__)
+    handles = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for b in blocks for m in b.modules()
+               if isinstance(m, torch.nn.Linear)]
+    full = zeroth_order_scores(model, units, batches, loss, eps=1e-3, num_noise=1, seed=0, device=torch.device("cpu"),
+                               progress=False)
+    full_calls, calls[:] = len(calls), []
+    fast = zeroth_order_scores(model, units, batches, loss, eps=1e-3, num_noise=1, seed=0, device=torch.device("cpu"),
+                               progress=False, blocks=blocks)
+    for h in handles:
+        h.remove()
+    assert fast == full
+    assert len(calls) < 0.8 * full_calls, (len(calls), full_calls)
+    assert all("forward" not in b.__dict__ for b in blocks)  # every block's own forward is back
