@@ -43,6 +43,11 @@ def template_path(name: str = TEMPLATE) -> str:
     registered from outside hf_prune brings its card that way)."""
     if os.path.isabs(name):
         return name
+    # a source checkout (PYTHONPATH or a worktree): the templates next to this very package, not those of whatever
+    # copy of hf_prune is installed in the environment
+    checkout = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "model_cards", name)
+    if os.path.isfile(checkout) and os.path.isfile(os.path.join(os.path.dirname(checkout), "__init__.py")):
+        return os.path.normpath(checkout)
     return str(resources.files("hf_prune.model_cards").joinpath(name))
 
 
@@ -139,19 +144,32 @@ def check_evaluations(evaluations: Iterable[dict] | None) -> list[dict]:
 
 def _eval_results(evaluations: list[dict], default_task: str | None) -> list:
     """``model-index`` entries (``EvalResult``) for the evaluations that name their dataset (in-memory data,
-    recorded as ``<in-memory ...>``, stays in the card's body only)."""
+    recorded as ``<in-memory ...>``, stays in the card's body only). A local file or task is named by its file or
+    task name (never by the machine's path) and has no Hub split."""
     from huggingface_hub import EvalResult
 
     results = []
     for e in evaluations:
         if not e.get("dataset") or str(e["dataset"]).startswith("<"):
             continue
-        args = {k: e[k] for k in ("seq_len", "windows") if e.get(k) is not None}
+        args = {k: e[k] for k in ("seq_len", "windows", "n", "num_fewshot") if e.get(k) is not None}
+        if e.get("protocol") and e["protocol"].get("num_fewshot") is not None:
+            args["num_fewshot"] = e["protocol"]["num_fewshot"]
+        dataset = public_source(str(e["dataset"]))
         results.append(EvalResult(task_type=e.get("task") or default_task or "text-generation",
-                                  dataset_type=str(e["dataset"]), dataset_name=str(e["dataset"]),
-                                  dataset_split=e.get("split"), metric_type=e["metric"], metric_value=e["value"],
-                                  dataset_args=args or None))
+                                  dataset_type=dataset, dataset_name=e.get("lm_eval_task") or dataset,
+                                  dataset_config=e.get("dataset_config"),
+                                  dataset_split=None if e.get("local") else e.get("split"), metric_type=e["metric"],
+                                  metric_value=e["value"], dataset_args=args or None))
     return results
+
+
+def public_source(source: Any) -> Any:
+    """A data source as a card may publish it: an absolute local path (written by an older hf_prune, or given by
+    the user) shrinks to its file name; anything else is kept."""
+    if isinstance(source, str) and os.path.isabs(source):
+        return os.path.basename(source.rstrip(os.sep)) or source
+    return source
 
 
 def render_card(card_data: Any, template: str = TEMPLATE, **variables: Any):
