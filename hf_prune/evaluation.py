@@ -143,7 +143,7 @@ def sparsity_report(model: nn.Module, modules: str | None = None) -> dict:
 LM_EVAL_HINT = 'pip install "hf-prune[eval]" (lm-evaluation-harness, lm-eval>=0.4.13)'
 
 
-def _lm_eval():
+def require_lm_eval():
     try:
         import lm_eval  # noqa: F401
         from lm_eval import evaluator
@@ -244,7 +244,7 @@ def zero_shot(model: nn.Module, tokenizer: Any, tasks: Any, *, num_fewshot: int 
         raise ValueError("zero-shot evaluation needs the model's tokenizer; pass tokenizer=... (Pruner.tokenizer).")
     if dense is not None and not isinstance(dense, list):
         raise ValueError("dense must be the list of records zero_shot returned for the dense model, or None.")
-    lm_eval, evaluator, HFLM, TaskManager = _lm_eval()
+    lm_eval, evaluator, HFLM, TaskManager = require_lm_eval()
     manager = _task_manager(TaskManager, tasks, include_path)
     was_training = model.training
     try:

@@ -79,14 +79,16 @@ def framework_versions(environment: dict) -> list[tuple[str, str]]:
 
 
 def card_data(base_model: str | None, model_name: str, tags: Iterable[str], *, pipeline: str | None = None,
-              eval_results: list | None = None):
+              eval_results: list | None = None, library_name: str = "hf_prune"):
     """The ``huggingface_hub.ModelCardData`` every hf_prune card starts from, so that they stay alike on the Hub:
-    ``base_model`` (a Hub id from ``hub_base_model``, or None), ``library_name`` "hf_prune", ``tags`` after the
+    ``base_model`` (a Hub id from ``hub_base_model``, or None), ``library_name`` (``"transformers"`` for a model
+    stock transformers loads, so the Hub shows its "use this model" snippet; ``"hf_prune"``, the default, for
+    artifacts only hf_prune reads: solution paths, IC pools), ``tags`` after the
     ones every card has ("hf_prune", "pruned"), the ``pipeline`` tag where the artifact has one, the title as
     ``model_name`` and the ``model-index`` entries (``eval_results``) when there are any."""
     from huggingface_hub import ModelCardData
 
-    return ModelCardData(base_model=base_model, library_name="hf_prune",
+    return ModelCardData(base_model=base_model, library_name=library_name,
                          tags=[*_LEAD_TAGS, *(t for t in tags if t not in _LEAD_TAGS)], pipeline_tag=pipeline,
                          model_name=model_name, eval_results=eval_results or None)
 
@@ -205,7 +207,9 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
     if finetuning:
         tags.append("recovery-finetuned")
     tags += [t for t in extra_tags if t not in tags]
-    metadata = card_data(base, title, tags, pipeline=task, eval_results=_eval_results(evaluations, task))
+    # a pruned model loads with stock transformers (a per-layer layout through its remote-code auto_map)
+    metadata = card_data(base, title, tags, pipeline=task, eval_results=_eval_results(evaluations, task),
+                         library_name="transformers")
     sp = report["sparsity"]
     environment = report.get("environment") or {}
     calibration = report.get("calibration") or {}
