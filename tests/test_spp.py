@@ -311,6 +311,18 @@ def test_push_to_hub_uploads_the_path_with_its_card(searched, fake_hub):
     assert {"runs/1/solution_path.json", "runs/1/README.md"} <= set(repo.files)
 
 
+def test_path_from_a_hub_revision_with_a_token(searched, fake_hub):
+    _, path, _ = searched
+    path.push_to_hub("me/spp-path", revision="v2", token="hf_writer")
+    assert "solution_path.json" not in fake_hub.repos["me/spp-path"].files  # only on the branch
+    start = len(fake_hub.requests)
+    again = SolutionPath.from_pretrained("me/spp-path", revision="v2", token="hf_reader")
+    assert again.names == path.names and all(torch.equal(again.tensors[k], path.tensors[k]) for k in path.tensors)
+    sent = [r for r in fake_hub.requests[start:] if "/resolve/" in r.path]
+    assert len(sent) >= 2 and all("/resolve/v2/" in r.path and r.headers.get("authorization") == "Bearer hf_reader"
+                                  for r in sent)
+
+
 def test_plot_writes_a_png(searched, tmp_path):
     _, path, _ = searched
     out = path.plot(tmp_path / "path.png")
