@@ -204,14 +204,13 @@ def methods_options_text() -> str:
 
 
 def _method_choice(name: str) -> str:
-    """``--method``: a registered one-shot method; a trained one is refused with how it is run instead."""
+    """``--method``: a registered method (a trained one is refused by ``prune`` itself, with how it is run, before
+    anything loads; its ``--help-method`` still lists its options)."""
     try:
-        spec = get_method(name)
+        get_method(name)
     except ValueError:
         raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose one of {', '.join(oneshot_methods())}"
                                          ) from None
-    if spec.kind != "one-shot":
-        raise argparse.ArgumentTypeError(f"{name} is not run by `hf-prune prune`: {_how_to_run(spec)}")
     return name
 
 
@@ -323,6 +322,9 @@ def _read_report(folder: str) -> dict:
 
 
 def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    spec = get_method(args.method)
+    if spec.kind != "one-shot":
+        raise CLIError(f"{spec.name} is not run by `hf-prune prune`: {_how_to_run(spec)}")
     if extra:
         raise CLIError(f"unrecognised arguments for --method {args.method}: {' '.join(extra)}; "
                        f"`hf-prune prune --method {args.method} --help-method` lists its options.")
@@ -331,7 +333,6 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
                        "or a local folder).")
     if not args.output:
         raise CLIError("prune needs --output FOLDER: the new folder the pruned model is saved to.")
-    spec = get_method(args.method)
     method_kwargs, cal_kwargs = _split_config_args(args)
     config = spec.config_class(**method_kwargs, calibration=CalibrationConfig(**cal_kwargs))
     tasks = check_tasks(args.eval_tasks) if args.eval_tasks else None
@@ -764,8 +765,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "help_method", False):
-        method_parser = argparse.ArgumentParser(prog=f"hf-prune prune MODEL --method {args.method} --output DIR")
-        _add_config_options(method_parser, get_method(args.method).config_class)
+        spec = get_method(args.method)
+        trained = spec.kind != "one-shot"
+        method_parser = argparse.ArgumentParser(
+            prog=f"{spec.config_class.__name__}(...)" if trained else
+            f"hf-prune prune MODEL --method {args.method} --output DIR",
+            description=f"{spec.name} is trained, not run by `hf-prune prune`: {_how_to_run(spec)} Its options "
+                        "(the config's fields):" if trained else None)
+        _add_config_options(method_parser, spec.config_class)
         method_parser.print_help()
         return 0
     if getattr(args, "no_progress", False):

@@ -137,12 +137,15 @@ def test_methods_listing_is_aligned_and_whole(capsys, monkeypatch):
         assert " ".join(row).rstrip().endswith("."), row  # whole sentences, never cut
 
 
-def test_a_trained_method_is_refused_with_how_to_run_it(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["prune", "m", "--method", "input_compensation", "--output", "o"])
+def test_a_trained_method_is_refused_with_how_to_run_it(capsys, tmp_path):
+    assert main(["prune", str(tmp_path / "no-model"), "--method", "input_compensation", "--pool-size", "4",
+                 "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert exc.value.code == 2
-    assert "input_compensation is not run by `hf-prune prune`" in err and "InputCompensatedModel" in err
+    assert err.startswith("hf-prune: error: input_compensation is not run by `hf-prune prune`: ")
+    assert "InputCompensatedModel" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert main(["prune", "--method", "input_compensation", "--help-method"]) == 0  # its options, and how to run it
+    out = " ".join(capsys.readouterr().out.split())
+    assert "input_compensation is trained, not run by `hf-prune prune`" in out and "--pool-size" in out
 
 
 def test_prune_without_output_says_so(capsys):

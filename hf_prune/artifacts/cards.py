@@ -17,7 +17,7 @@ from ..allocation import PLOT_NAME as ALLOCATION_PLOT
 from ..models import family_for_type
 from ..registry import DEFAULT_CARD, card_template, display_name
 from ..structured.layout import auto_classes
-from .plots import PLOT_EXTRA_HINT, SPARSITY_PICTURE, plot_layer_sparsity
+from .plots import PLOT_EXTRA_HINT, SPARSITY_PICTURE, plot_layer_sparsity, removal_view
 
 TEMPLATE = DEFAULT_CARD
 CARD_NAME = "README.md"
@@ -174,6 +174,65 @@ def public_source(source: Any) -> Any:
     return source
 
 
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])(?:/[^\s/`'\"]+)+/([^\s/`'\"]+)")
+
+
+def scrub_paths(value: Any) -> Any:
+    """``value`` (a string, or a dict/list of them) with every absolute local path replaced by its last component:
+    what a card publishes names files, never the machine's folders."""
+    if isinstance(value, str):
+        return _ABS_PATH.sub(r"\1", value)
+    if isinstance(value, dict):
+        return {k: scrub_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(scrub_paths(v) for v in value)
+    return value
+
+
+def structure_rows(view: dict) -> list[dict]:
+    """Per block of a structurally pruned model (``plots.removal_view`` of its report): the Linear shapes that
+    changed (before -> after), the weights before and after, the share removed and the Linear FLOPs per token
+    removed (2 per weight: one multiply, one add)."""
+    per_block = view["sparsity"].get("per_block") or {}
+    blocks = sorted(per_block, key=len, reverse=True)
+    rows: dict[str, dict] = {}
+    for name, e in view["sparsity"]["per_module"].items():
+        block = next((b for b in blocks if name.startswith(b + ".")), "")
+        row = rows.setdefault(block, {"block": block or "-", "changes": [], "before": 0, "after": 0})
+        row["before"] += e["weights_before"]
+        row["after"] += e["weights_after"]
+        if list(e["original_shape"]) != list(e["shape"]):
+            short = name[len(block) + 1:] if block else name
+            row["changes"].append(f"`{short}` {'×'.join(map(str, e['original_shape']))} → "
+                                  f"{'×'.join(map(str, e['shape']))}")
+    from .plots import _natural
+
+    out = []
+    for block in sorted(rows, key=_natural):
+        row = rows[block]
+        removed = row["before"] - row["after"]
+        out.append({**row, "removed": removed, "fraction": removed / max(1, row["before"]),
+                    "flops_removed": 2 * removed})
+    return out
+
+
+def solution_path_info(report: dict, config: dict) -> dict | None:
+    """For a model read off a solution path: where the path came from (file name or Hub id, never a local path)
+    and what its search did (formatted), so the card can point at it."""
+    path = report.get("solution_path")
+    if not path:
+        return None
+    search = path.get("search") or {}
+    items = []
+    for key, value in sorted(search.items()):
+        if isinstance(value, bool) or isinstance(value, (dict, list)):
+            continue
+        items.append((key, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    source = config.get("path")
+    return {"source": scrub_paths(source) if source else None, "kind": path.get("kind"), "units": path.get("units"),
+            "search": items, "training_free": search.get("kind") == "training_free"}
+
+
 def render_card(card_data: Any, template: str = TEMPLATE, **variables: Any):
     """A ``huggingface_hub.ModelCard`` from one of the templates in ``model_cards/``."""
     from huggingface_hub import ModelCard
@@ -210,10 +269,11 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
     # a pruned model loads with stock transformers (a per-layer layout through its remote-code auto_map)
     metadata = card_data(base, title, tags, pipeline=task, eval_results=_eval_results(evaluations, task),
                          library_name="transformers")
-    sp = report["sparsity"]
-    environment = report.get("environment") or {}
-    calibration = report.get("calibration") or {}
     resized = report.get("structured") is not None or report.get("pattern") == "structured"  # tensors physically smaller
+    view = removal_view(report)  # structured: what was removed from the original weights, not zeros left
+    sp = view["sparsity"]
+    environment = report.get("environment") or {}
+    calibration = scrub_paths(report.get("calibration") or {})  # provenance names files, never local folders
     load_class = model["class"]
     if report.get("variable_layout"):  # per-layer widths: transformers' remote-code path of an Auto class
         load_class = auto_classes(model.get("model_type") or "", model["class"])[0]
@@ -227,7 +287,7 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
         pattern=pattern,
         target_sparsity=config.get("sparsity"),
         config=config,
-        config_json=json.dumps(config, indent=2, sort_keys=True),
+        config_json=json.dumps(scrub_paths(config), indent=2, sort_keys=True),
         calibration=calibration,
         calibration_items=sorted((k, v) for k, v in calibration.items() if not isinstance(v, (dict, list))),
         overall=sp["overall"],
@@ -251,6 +311,11 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
         allocation_plot=allocation_plot,
         layer_pruner=display_name((report.get("layer_pruner") or {}).get("method")),
         resized=resized,
+        structure=structure_rows(view) if resized else [],
+        parameters=(report.get("structured") or {}).get("parameters") or report.get("parameters"),
+        linear_flops=(report.get("structured") or {}).get("linear_flops_per_token"),
+        read_off=report.get("read_off"),
+        path_info=solution_path_info(report, config),
         load_class=load_class,
         trust_remote_code=bool(report.get("variable_layout")),
     )
