@@ -9,6 +9,7 @@ exp(mean next-token NLL) over every predicted token of every window, accumulated
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -247,6 +248,10 @@ def zero_shot(model: nn.Module, tokenizer: Any, tasks: Any, *, num_fewshot: int 
     lm_eval, evaluator, HFLM, TaskManager = require_lm_eval()
     manager = _task_manager(TaskManager, tasks, include_path)
     was_training = model.training
+    harness_log = logging.getLogger("lm_eval")
+    level = harness_log.level
+    # its warnings about being handed a model object (what this function is for) are noise to our users
+    harness_log.setLevel(logging.ERROR)
     try:
         lm = _InMemoryLM.build(HFLM, model, tokenizer, batch_size=batch_size, max_length=max_length)
         out = evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
@@ -255,6 +260,7 @@ def zero_shot(model: nn.Module, tokenizer: Any, tasks: Any, *, num_fewshot: int 
                                         fewshot_random_seed=seed)
     finally:
         model.train(was_training)
+        harness_log.setLevel(level)
     dense_by_key = {(d.get("lm_eval_task"), d.get("metric")): d for d in dense or []}
     records = []
     for name in tasks:

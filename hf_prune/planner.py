@@ -130,20 +130,47 @@ class Plan:
         return asdict(self)
 
     def table(self) -> str:
-        rows = [[s.name, s.blocks, f"{s.block_params / 1e6:.1f}M", f"{s.stats_bytes / GIB:.2f}",
-                 f"{s.solve_bytes / GIB:.2f}", f"{s.forward_bytes / GIB:.2f}", f"{s.device_peak / GIB:.2f}",
-                 f"{s.activation_cache / GIB:.2f}"] for s in self.stages]
-        head = (f"{self.model} ({self.model_class}): {self.parameters / 1e9:.2f}B parameters, {self.dtype} weights "
-                f"{self.weight_bytes / GIB:.1f} GiB; method {self.method}; {self.num_samples} samples x {self.seq_len} "
+        rows = [[s.name, s.blocks, human_count(s.block_params), human_bytes(s.stats_bytes), human_bytes(s.solve_bytes),
+                 human_bytes(s.forward_bytes), human_bytes(s.device_peak), human_bytes(s.activation_cache)]
+                for s in self.stages]
+        head = (f"{self.model} ({self.model_class}): {human_count(self.parameters)} parameters, {self.dtype} weights "
+                f"{human_bytes(self.weight_bytes)}; method {self.method}; {self.num_samples} samples x {self.seq_len} "
                 f"tokens, batch {self.batch_size}; offload {self.offload}")
-        body = format_table(rows, ["stage", "blocks", "params/block", "stats GiB", "solve GiB", "forward GiB",
-                                   "device peak GiB", "activations GiB"])
-        tail = (f"expected peak on the execution device: {self.device_peak / GIB:.2f} GiB\n"
-                f"expected peak host memory: {self.host_peak / GIB:.2f} GiB\n"
-                f"disk needed: {self.disk / GIB:.1f} GiB\n"
-                f"estimated time: {self.seconds / 60:.1f} min ({self.flops / 1e12:.1f} TFLOP at "
-                f"{self.throughput / 1e12:.2f} TFLOP/s, {self.throughput_source})")
+        body = format_table(rows, ["stage", "blocks", "params/block", "stats", "solve", "forward", "device peak",
+                                   "activations"])
+        tail = (f"expected peak on the execution device: {human_bytes(self.device_peak)}\n"
+                f"expected peak host memory: {human_bytes(self.host_peak)}\n"
+                f"disk needed: {human_bytes(self.disk)}\n"
+                f"estimated time: {human_seconds(self.seconds)} ({human_count(self.flops)}FLOP at "
+                f"{human_count(self.throughput)}FLOP/s, {self.throughput_source})")
         return "\n".join([head, body, tail])
+
+
+def human_count(n: float) -> str:
+    """1234 -> '1.23 K', 7_000_000_000 -> '7.00 G' (SI prefixes; a plain number below a thousand)."""
+    for value, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= value:
+            return f"{n / value:.2f} {prefix}"
+    return f"{n:.0f} "
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number at or above 1: '512 B', '3.4 MiB', '13.5 GiB'."""
+    for value, unit in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if abs(n) >= value:
+            return f"{n / value:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def human_seconds(seconds: float) -> str:
+    """'0.4 s', '59 s', '4.2 min', '3.1 h'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 128, seq_len: int = 2048,
