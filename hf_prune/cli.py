@@ -743,7 +743,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     pl.add_argument("--method", default=None, choices=available_methods(),
                     help=f"the method to plan (default: {default_method()})")
     pl.add_argument("--num-samples", type=int, default=128)
-    pl.add_argument("--seq-len", type=int, default=2048)
+    pl.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per sample (default: as prune, the model's context when shorter than 2048)")
     pl.add_argument("--batch-size", type=int, default=8)
     pl.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the config's)")
     pl.add_argument("--offload", default="none", choices=["none", "cpu", "disk"])

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .calibration.config import fit_seq_len
 from .engine.report import format_table
 from .engine.targets import linear_candidates
 from .engine.walker import first_tensor
-from .models import get_family
+from .models import get_family, text_context
 from .registry import MethodCost, default_method, get_method
 
 GIB = 2 ** 30
@@ -173,7 +174,7 @@ def human_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 128, seq_len: int = 2048,
+def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 128, seq_len: int | None = None,
          batch_size: int = 8, dtype: str | None = None, offload: str = "none", device: str | None = None,
          throughput: float | None = None, measure_block: bool = False, max_memory: float | None = None) -> Plan:
     """Expected memory, disk and time of ``hf-prune prune`` for a model, without loading any weight.
@@ -201,6 +202,8 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
     torch_dtype = _DTYPES[dtype_name]
     width = torch.tensor([], dtype=torch_dtype).element_size()
     parameters = sum(p.numel() for p in model.parameters())
+    # unset: what `prune` uses, the model's context when shorter than 2048 (an explicit one past it is refused)
+    seq_len = fit_seq_len(seq_len, text_context(model))
     family = get_family(model)
     stages = family.stages(model)
     result = Plan(model=str(model_or_config), model_class=type(model).__name__, method=method, dtype=dtype_name,

@@ -71,3 +71,20 @@ def test_cli_plan(capsys):
 def test_measured_throughput_is_positive():
     p = plan(_cfg("llama-2-7b"), "wanda", num_samples=2, seq_len=16)
     assert p.throughput > 1e8 and p.seconds > 0 and "measured" in p.throughput_source
+
+
+def test_small_models_print_in_human_units_and_plan_the_seq_len_prune_uses(tmp_path, capsys):
+    from conftest import make_model
+
+    model = make_model("llama", vocab=512)  # context 256 tokens, about 0.1 M parameters
+    model.config.save_pretrained(tmp_path)
+    p = plan(str(tmp_path / "config.json"), "wanda", throughput=1e9)
+    assert p.seq_len == model.config.max_position_embeddings  # unset: the model's context, as prune does
+    text = p.table()
+    assert 1e4 < p.parameters < 1e6
+    assert f"{p.parameters / 1e3:.2f} K parameters" in text and "0.00B" not in text and "0.0 GiB" not in text
+    assert "KiB" in text or "MiB" in text
+    seconds = p.flops / 1e9
+    assert f"estimated time: {seconds:.1f} s" in text or f"estimated time: {seconds:.0f} s" in text
+    with pytest.raises(ValueError, match="4096"):  # an explicit length past the context is refused, as by prune
+        plan(str(tmp_path / "config.json"), "wanda", throughput=1e9, seq_len=4096)
