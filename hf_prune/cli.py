@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
+import re
 import shlex
 import sys
+import textwrap
 import typing
 from typing import Any, Sequence
 
@@ -25,10 +28,18 @@ from .engine import distributed
 from .engine.checkpoint import RunCheckpoint, resumable_methods
 from .engine.report import format_table, sparsity_table
 from .errors import HFPruneError
-from .evaluation import eval_seq_len, perplexity, perplexity_record, perplexity_windows
+from .evaluation import (
+    check_tasks,
+    eval_seq_len,
+    perplexity,
+    perplexity_record,
+    perplexity_windows,
+    require_lm_eval,
+    zero_shot,
+)
 from .planner import plan
 from .pruner import Pruner
-from .registry import available_methods, default_method, get_method
+from .registry import available_methods, default_method, get_method, method_specs
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
@@ -61,10 +72,67 @@ def _json_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is neither JSON nor the path of a JSON file") from None
 
 
-def _add_field(parser: argparse.ArgumentParser, flag: str, hint: Any, default: Any, dest: str, owner: str) -> None:
+def _help_text(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(config_class: type) -> dict:
+    """The values a config built with no arguments holds (a declared ``None`` may become a real default in
+    ``__post_init__``, e.g. ``sparsity`` 0.5); empty when the class needs arguments."""
+    try:
+        instance = config_class()
+    except Exception:  # a config with required fields: only the declared defaults are known
+        return {}
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(config_class)}
+
+
+def _allowed_from_message(message: str, name: str) -> str | None:
+    if name.split("[")[0] not in message:
+        return None
+    for pattern in (r"choose one of (.+?)\.?$", r"must be (.+?)(?:, got |; |\.$|$)", r"; use (.+?)\.?$"):
+        match = re.search(pattern, message.strip().splitlines()[0])
+        if match:
+            return ("one of " if pattern.startswith("choose") else "") + match.group(1)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def allowed_values(config_class: type, name: str) -> str | None:
+    """What a config field accepts, in the words of the config's own validation: the field is set to a value no
+    config accepts (a NUL string, a huge negative number) and the error's "choose one of ..." / "must be ..."
+    part is kept. None when the config accepts anything of the field's type."""
+    hint = typing.get_type_hints(config_class)[name]
+    if hint is bool:
+        return "on/off"
     text = str(hint)
-    help_text = f"{owner}.{dest} (default: {default!r})"
-    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+    probes = (["\x00"] if "str" in text else []) + ([-10**9] if "float" in text or "int" in text else [])
+    for bad in probes:
+        try:
+            config_class(**{name: bad})
+        except Exception as exc:  # the config's validation names what it accepts
+            found = _allowed_from_message(str(exc), name)
+            if found:
+                return found
+    return None
+
+
+def _option_help(config_class: type, name: str, declared: Any) -> str:
+    effective = _defaults(config_class).get(name, declared)
+    default = repr(declared) if effective == declared else f"{declared!r}, i.e. {effective!r}"
+    allowed = allowed_values(config_class, name)
+    if allowed and allowed.startswith("one of ") and ("list" in str(typing.get_type_hints(config_class)[name])
+                                                      or "tuple" in str(typing.get_type_hints(config_class)[name])):
+        allowed = "each " + allowed
+    return f"default: {default}" + (f"; allowed: {allowed}" if allowed else "")
+
+
+def _add_field(parser: Any, flag: str, hint: Any, default: Any, dest: str, owner: str,
+               config_class: type | None = None, name: str | None = None) -> None:
+    text = str(hint)
+    help_text = _option_help(config_class, name, default) if config_class is not None else f"default: {default!r}"
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": _help_text(help_text)}
+    metavar = dest.split(".")[-1].upper()
     if hint is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
     elif "list" in text or "tuple" in text:
@@ -72,16 +140,17 @@ def _add_field(parser: argparse.ArgumentParser, flag: str, hint: Any, default: A
     elif "dict" in text:
         parser.add_argument(flag, type=_json_value, metavar="JSON", **kwargs)
     elif "float" in text:
-        parser.add_argument(flag, type=float, **kwargs)
+        parser.add_argument(flag, type=float, metavar=metavar, **kwargs)
     elif "int" in text:
-        parser.add_argument(flag, type=int, **kwargs)
+        parser.add_argument(flag, type=int, metavar=metavar, **kwargs)
     else:
-        parser.add_argument(flag, type=str, **kwargs)
+        parser.add_argument(flag, type=str, metavar=metavar, **kwargs)
 
 
-def _add_config_options(parser: argparse.ArgumentParser, config_class: type) -> None:
-    group = parser.add_argument_group(f"{config_class.__name__} options")
+def _config_fields(config_class: type) -> list[tuple[str, Any, Any]]:
+    """(field name, type hint, declared default) of a config's options, ``calibration`` left out."""
     hints = typing.get_type_hints(config_class)
+    out = []
     for f in dataclasses.fields(config_class):
         if f.name == "calibration":
             continue
@@ -91,22 +160,89 @@ def _add_config_options(parser: argparse.ArgumentParser, config_class: type) -> 
             default = f.default_factory()
         else:
             default = None
-        _add_field(group, "--" + f.name.replace("_", "-"), hints[f.name], default, f.name, config_class.__name__)
+        out.append((f.name, hints[f.name], default))
+    return out
+
+
+def _add_method_options(parser: argparse.ArgumentParser, config_class: type, prefix: str = "") -> None:
+    group = parser.add_argument_group(f"{config_class.__name__} options (--method {config_class.method})")
+    for name, hint, default in _config_fields(config_class):
+        _add_field(group, "--" + name.replace("_", "-"), hint, default, prefix + name, config_class.__name__,
+                   config_class, name)
+
+
+def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
     cal = parser.add_argument_group("calibration (CalibrationConfig)")
     cal_hints = typing.get_type_hints(CalibrationConfig)
     for f in dataclasses.fields(CalibrationConfig):
         hint = str if f.name == "dataset" else cal_hints[f.name]
-        _add_field(cal, _CALIBRATION_FLAGS[f.name], hint, f.default, "calibration." + f.name, "CalibrationConfig")
+        _add_field(cal, _CALIBRATION_FLAGS[f.name], hint, f.default, "calibration." + f.name, "CalibrationConfig",
+                   CalibrationConfig, f.name)
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    _add_method_options(parser, config_class)
+    _add_calibration_options(parser)
+
+
+def methods_options_text() -> str:
+    """Every one-shot method's options with default and allowed values, for ``prune --help`` (generated from the
+    configs, as ``--help-method`` is)."""
+    lines = ["method options (each method's own; `--method M --help` shows them as options):"]
+    for spec in method_specs():
+        if spec.kind != "one-shot":
+            continue
+        lines.append(f"  --method {spec.name} ({spec.config_class.__name__}):")
+        for name, hint, default in _config_fields(spec.config_class):
+            flag = "--" + name.replace("_", "-")
+            lines.append(textwrap.fill(_option_help(spec.config_class, name, default), width=100,
+                                       initial_indent=f"    {flag:<26} ", subsequent_indent=" " * 31))
+    trained = [s for s in method_specs() if s.kind == "trained"]
+    if trained:
+        lines.append("trained methods (not run by prune; see `hf-prune methods`): "
+                     + ", ".join(s.name for s in trained))
+    return "\n".join(lines)
+
+
+def _method_choice(name: str) -> str:
+    """``--method``: a registered method (a trained one is refused by ``prune`` itself, with how it is run, before
+    anything loads; its ``--help-method`` still lists its options)."""
+    try:
+        get_method(name)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose one of {', '.join(oneshot_methods())}"
+                                         ) from None
+    return name
+
+
+def _how_to_run(spec: Any) -> str:
+    """A trained method's how-to-run text on one line (without the API's "the model was not changed")."""
+    how = " ".join((spec.how_to_run or f"{spec.name} is trained with transformers.Trainer.").split())
+    return how.replace(" The model was not changed.", "")
+
+
+def oneshot_methods() -> list[str]:
+    return [n for n in available_methods() if get_method(n).kind == "one-shot"]
 
 
 def _split_config_args(ns: argparse.Namespace) -> tuple[dict, dict]:
+    """(method config kwargs, calibration kwargs) given on the command line (``option.*`` and ``calibration.*``)."""
     method_kwargs, cal_kwargs = {}, {}
     for key, value in vars(ns).items():
         if key.startswith("calibration."):
             cal_kwargs[key.split(".", 1)[1]] = value
-        else:
-            method_kwargs[key] = value
+        elif key.startswith("option."):
+            method_kwargs[key.split(".", 1)[1]] = value
     return method_kwargs, cal_kwargs
+
+
+def _limit(text: str) -> int | float:
+    """``--limit``: a count of examples (an integer) or a fraction below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of examples or a fraction below 1") from None
+    return int(value) if value.is_integer() else value
 
 
 def _dtype(text: str) -> Any:
@@ -188,19 +324,29 @@ def _read_report(folder: str) -> dict:
 
 def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
     spec = get_method(args.method)
-    parser = argparse.ArgumentParser(prog=f"hf-prune prune --method {args.method}", add_help=False)
-    _add_config_options(parser, spec.config_class)
-    ns = parser.parse_args(extra)
-    method_kwargs, cal_kwargs = _split_config_args(ns)
+    if spec.kind != "one-shot":
+        raise CLIError(f"{spec.name} is not run by `hf-prune prune`: {_how_to_run(spec)}")
+    if extra:
+        raise CLIError(f"unrecognised arguments for --method {args.method}: {' '.join(extra)}; "
+                       f"`hf-prune prune --method {args.method} --help-method` lists its options.")
+    if not args.model:
+        raise CLIError("prune needs the model: hf-prune prune MODEL --method M --output FOLDER (MODEL: a Hub id "
+                       "or a local folder).")
+    if not args.output:
+        raise CLIError("prune needs --output FOLDER: the new folder the pruned model is saved to.")
+    method_kwargs, cal_kwargs = _split_config_args(args)
     config = spec.config_class(**method_kwargs, calibration=CalibrationConfig(**cal_kwargs))
     # launched as one of several processes (torchrun, accelerate launch): calibrate data-parallel
     distributed.init_from_env(args.device)
+    tasks = check_tasks(args.eval_tasks) if args.eval_tasks else None
+    if tasks:
+        require_lm_eval()  # the harness is installed: checked before anything loads
     # before any download or pruning: a folder we may replace, not the model's own folder nor the working one
     output = check_output_dir(args.output, overwrite=args.overwrite, sources=(args.model,))
     checkpoint = _checkpoint(args, output, spec)
     try:
         with checkpoint or contextlib.nullcontext():  # the lock: held until the output is saved, or the run fails
-            result, evaluations, path = _prune_and_save(args, config, checkpoint)
+            result, evaluations, path = _prune_and_save(args, config, checkpoint, tasks)
     except KeyboardInterrupt:  # Ctrl-C: the lock is released, the checkpoint keeps every completed block
         print(f"hf-prune: {_interrupted(args, checkpoint)}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -208,13 +354,28 @@ def cmd_prune(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return 0
     print(result.summary())
     for e in evaluations:
-        print(f"perplexity ({e['dataset']}, seq_len={e['seq_len']}): dense {e['dense']:.3f} -> pruned {e['value']:.3f}")
+        print(_evaluation_line(e))
     print(f"saved to {path}")
     return 0
 
 
-def _prune_and_save(args: argparse.Namespace, config: Any,
-                    checkpoint: RunCheckpoint | None) -> tuple[Any, list[dict], str]:
+def _evaluation_line(e: dict) -> str:
+    """One line per evaluation record: dense -> pruned, with how it was measured."""
+    def number(value: Any, stderr: Any = None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
+
+    if e["metric"] == "perplexity":
+        where = f"{e['dataset']}, seq_len={e['seq_len']}, {e['windows']} windows"
+    else:
+        where = f"{e.get('lm_eval_task') or e['dataset']}, {e.get('n')} examples, {e['protocol']['num_fewshot']}-shot"
+    return (f"{e['metric']} ({where}): dense {number(e.get('dense'), e.get('dense_stderr'))} -> pruned "
+            f"{number(e['value'], e.get('stderr'))}")
+
+
+def _prune_and_save(args: argparse.Namespace, config: Any, checkpoint: RunCheckpoint | None,
+                    tasks: list[str] | None) -> tuple[Any, list[dict], str]:
     """Load, prune (checkpointing into ``checkpoint``), measure and save; the result, the evaluations and the
     saved folder's path."""
     load_kwargs = {}
@@ -222,18 +383,30 @@ def _prune_and_save(args: argparse.Namespace, config: Any,
         load_kwargs.update(device_map="auto", offload_folder=args.offload_folder)
     if args.max_memory:
         load_kwargs.update(device_map="auto", max_memory={"cpu": int(args.max_memory)})
+    for key in ("revision", "token"):
+        if getattr(args, key, None):
+            load_kwargs[key] = getattr(args, key)
     pruner = Pruner.from_pretrained(args.model, dtype=_dtype(args.dtype), **load_kwargs)
+    progress = not args.no_progress
     evaluations = []
-    dense_ppl = None
+    dense_ppl = dense_tasks = None
     if args.eval_texts:
         dense_ppl = perplexity(pruner.model, pruner.tokenizer, args.eval_texts, seq_len=args.eval_seq_len,
-                               max_windows=args.eval_max_windows)
-    result = pruner.prune(config, device=args.device, progress=not args.no_progress,
+                               max_windows=args.eval_max_windows, progress=progress)
+    if tasks:
+        dense_tasks = zero_shot(pruner.model, pruner.tokenizer, tasks, num_fewshot=args.eval_num_fewshot,
+                                limit=args.eval_limit, batch_size=args.eval_batch_size,
+                                include_path=args.eval_include_path)
+    result = pruner.prune(config, device=args.device, progress=progress,
                           checkpoint_dir=checkpoint.folder if checkpoint else None, resume=args.resume)
     if args.eval_texts:
         evaluations.append(perplexity_record(pruner.model, pruner.tokenizer, args.eval_texts,
                                              seq_len=args.eval_seq_len, dense=dense_ppl,
-                                             max_windows=args.eval_max_windows))
+                                             max_windows=args.eval_max_windows, progress=progress))
+    if tasks:
+        evaluations += zero_shot(pruner.model, pruner.tokenizer, tasks, num_fewshot=args.eval_num_fewshot,
+                                 limit=args.eval_limit, batch_size=args.eval_batch_size,
+                                 include_path=args.eval_include_path, dense=dense_tasks)
     path = pruner.save_pretrained(args.output, overwrite=args.overwrite, evaluations=evaluations or None)
     if checkpoint is not None:  # the output folder is complete: the checkpoint has served its purpose
         checkpoint.discard()
@@ -277,16 +450,33 @@ def _interrupted(args: argparse.Namespace, checkpoint: RunCheckpoint | None) -> 
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
-    pruner = Pruner.from_pretrained(args.model, dtype=_dtype(args.dtype))
-    seq_len = eval_seq_len(pruner.model, args.seq_len)  # unset: the model's context, at most 2048
-    windows, record = perplexity_windows(pruner.tokenizer, args.texts, seq_len=seq_len,
-                                         text_column=args.text_column, split=args.split)
-    value = perplexity(pruner.model, pruner.tokenizer, args.texts, seq_len=seq_len, batch_size=args.batch_size,
-                       text_column=args.text_column, split=args.split, max_windows=args.max_windows,
-                       progress=not args.no_progress)
-    used = min(len(windows), args.max_windows or len(windows))
-    print(f"perplexity {value:.4f}  ({used} windows x {seq_len} tokens of {record.get('source')}, "
-          f"split {args.split})")
+    if not args.texts and not args.tasks:
+        raise CLIError("eval needs --texts (perplexity) and/or --tasks (lm-evaluation-harness tasks, e.g. "
+                       "--tasks boolq,piqa).")
+    tasks = check_tasks(args.tasks) if args.tasks else None
+    if tasks:
+        require_lm_eval()  # the harness is installed: checked before the model loads
+    load_kwargs = {k: getattr(args, k) for k in ("revision", "token") if getattr(args, k, None)}
+    pruner = Pruner.from_pretrained(args.model, dtype=_dtype(args.dtype), **load_kwargs)
+    if args.texts:
+        seq_len = eval_seq_len(pruner.model, args.seq_len)  # unset: the model's context, at most 2048
+        windows, record = perplexity_windows(pruner.tokenizer, args.texts, seq_len=seq_len,
+                                             text_column=args.text_column, split=args.split)
+        value = perplexity(pruner.model, pruner.tokenizer, args.texts, seq_len=seq_len, batch_size=args.batch_size,
+                           text_column=args.text_column, split=args.split, max_windows=args.max_windows,
+                           progress=not args.no_progress)
+        used = min(len(windows), args.max_windows or len(windows))
+        split = "" if record.get("local") else f", split {args.split}"
+        print(f"perplexity {value:.4f}  ({used} windows x {seq_len} tokens of {record.get('source')}{split})")
+    if tasks:
+        records = zero_shot(pruner.model, pruner.tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                            batch_size=args.batch_size, include_path=args.include_path)
+        rows = [[r.get("lm_eval_task") or r["dataset"], r["metric"], f"{r['value']:.4f}",
+                 "-" if r.get("stderr") is None else f"{r['stderr']:.4f}", str(r.get("n"))] for r in records]
+        print(format_table(rows, ["task", "metric", "value", "stderr", "examples"]))
+        if records:
+            p = records[0]["protocol"]
+            print(f"{p['harness']}, {p['num_fewshot']}-shot, limit {p['limit']}, batch size {p['batch_size']}")
     return 0
 
 
@@ -395,10 +585,32 @@ def cmd_push(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, whole (never cut at a line end)."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    match = re.match(r"(.+?[.!?])(?:\s+[A-Z(`]|$)", paragraph)
+    return match.group(1) if match else paragraph
+
+
 def cmd_methods(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    for name in available_methods():
-        cls = get_method(name).config_class
-        print(f"{name:<12} {cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+    import shutil
+
+    if extra:
+        raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
+    specs = sorted(method_specs(), key=lambda s: s.name)
+    rows = [(s.name, s.kind, s.config_class.__name__, _first_sentence(s.config_class.__doc__ or "")) for s in specs]
+    widths = [max(len(r[i]) for r in rows + [("method", "kind", "config", "")]) for i in range(3)]
+    indent = sum(widths) + 3 * 2
+    width = max(shutil.get_terminal_size((100, 24)).columns, indent + 40)
+    print(f"{'method':<{widths[0]}}  {'kind':<{widths[1]}}  {'config':<{widths[2]}}  description")
+    for name, kind, cls, text in rows:
+        head = f"{name:<{widths[0]}}  {kind:<{widths[1]}}  {cls:<{widths[2]}}  "
+        print(textwrap.fill(text, width=width, initial_indent=head, subsequent_indent=" " * indent))
+    trained = [s for s in specs if s.kind == "trained"]
+    print("\none-shot methods run with `hf-prune prune MODEL --method NAME --output DIR` "
+          "(`--help-method` lists a method's options).")
+    for s in trained:
+        print(textwrap.fill(f"{s.name} ({s.kind}, not run by prune): {_how_to_run(s)}", width=width))
     return 0
 
 
@@ -412,26 +624,59 @@ def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _method_in(argv: Sequence[str]) -> str | None:
+    """The ``--method`` value of a ``prune`` command line, when it names a one-shot method (its options then become
+    options of ``prune`` itself, listed by ``--help``)."""
+    argv = list(argv)
+    if "prune" not in argv:
+        return None
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--method" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--method=") else None)
+        if value is not None:
+            return value if value in oneshot_methods() else None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``hf-prune`` parser; ``argv`` (the command line) lets ``prune`` add the options of the ``--method`` it
+    names, so that they parse and show in ``--help`` with their defaults and allowed values."""
+    method = _method_in(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="hf-prune", description="Prune Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save it for stock from_pretrained",
-                       description="Method options (e.g. --sparsity, --pattern, --block-size) mirror the method's "
-                                   "config fields; run 'hf-prune prune --method M --help-method' to list them.")
-    p.add_argument("model", help="Hub id or local folder of the model")
-    p.add_argument("--method", required=True, choices=available_methods())
-    p.add_argument("--output", required=True,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Prune MODEL with --method and save it to --output. Method options (e.g. "
+                                   "--sparsity, --pattern, --block-size) mirror the method's config fields; with "
+                                   "--method M, --help lists M's options as options of this command.",
+                       epilog=None if method else methods_options_text())
+    p.add_argument("model", nargs="?", default=None, help="Hub id or local folder of the model")
+    p.add_argument("--method", required=True, type=_method_choice, metavar="METHOD",
+                   help=f"one of: {', '.join(oneshot_methods())} (trained methods are not run by prune: see "
+                        "`hf-prune methods`)")
+    p.add_argument("--output", default=None,
                    help="folder to write (created atomically); must be new, empty, or an earlier hf-prune output "
                         "with --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output when it holds an earlier hf-prune output (other folders are never replaced)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="where each block runs (default: cuda if present, else cpu)")
-    p.add_argument("--eval-texts", default=None, help="measure perplexity before and after on this text source")
-    p.add_argument("--eval-seq-len", type=int, default=None,
-                   help="evaluation window length (default: the model's context, at most 2048)")
-    p.add_argument("--eval-max-windows", type=int, default=None)
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL")
+    p.add_argument("--token", default=None, help="Hub token for MODEL (default: HF_TOKEN or the stored login)")
+    ev = p.add_argument_group("evaluation (dense before, pruned after; both land in the card)")
+    ev.add_argument("--eval-texts", default=None, help="measure perplexity before and after on this text source")
+    ev.add_argument("--eval-seq-len", type=int, default=None,
+                    help="evaluation window length (default: the model's context, at most 2048)")
+    ev.add_argument("--eval-max-windows", type=int, default=None, help="at most this many windows (default: all)")
+    ev.add_argument("--eval-tasks", default=None,
+                    help="lm-evaluation-harness tasks, comma-separated (e.g. boolq,piqa,hellaswag,winogrande,"
+                         "arc_easy,arc_challenge,openbookqa); needs hf-prune[eval]")
+    ev.add_argument("--eval-num-fewshot", type=int, default=0, help="few-shot examples per task (default: 0)")
+    ev.add_argument("--eval-limit", type=_limit, default=None,
+                    help="at most this many examples per task (a number below 1: that fraction; default: all)")
+    ev.add_argument("--eval-batch-size", type=int, default=1, help="batch size of the task passes (default: 1)")
+    ev.add_argument("--eval-include-path", default=None, help="a folder of your own lm-eval task YAML files")
     p.add_argument("--resume", action="store_true",
                    help="continue the run checkpointed for this --output (same model, method options and data)")
     p.add_argument("--checkpoint-dir", default=None,
@@ -443,16 +688,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", type=_bytes, default=None,
                    help="CPU memory for weights, e.g. 2GiB: load with device_map='auto', the rest offloaded to disk")
     p.add_argument("--offload-folder", default=None, help="folder for disk-offloaded weights (with --max-memory)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--help-method", action="store_true", help="list the chosen method's options and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--help-method", action="store_true",
+                   help="list the chosen method's options (defaults, allowed values) and exit")
+    if method:
+        _add_method_options(p, get_method(method).config_class, prefix="option.")
+    _add_calibration_options(p)
     p.set_defaults(func=cmd_prune)
 
-    e = sub.add_parser("eval", help="perplexity of a causal LM with the pruning papers' protocol")
-    e.add_argument("model")
-    e.add_argument("--texts", required=True, help="list source: file, dataset name or builtin:python-docs")
+    e = sub.add_parser("eval", help="perplexity (the pruning papers' protocol) and lm-evaluation-harness tasks")
+    e.add_argument("model", help="Hub id or local folder of the model")
+    e.add_argument("--texts", default=None,
+                   help="perplexity on this text source: a file, a dataset name or builtin:python-docs")
+    e.add_argument("--tasks", default=None,
+                   help="lm-evaluation-harness tasks, comma-separated, e.g. boolq,piqa,hellaswag (needs "
+                        "hf-prune[eval]; the standard tasks download their data)")
+    e.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per task (default: 0)")
+    e.add_argument("--limit", type=_limit, default=None,
+                   help="at most this many examples per task (a number below 1: that fraction; default: all)")
+    e.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAML files")
+    e.add_argument("--revision", default=None, help="Hub revision of MODEL")
+    e.add_argument("--token", default=None, help="Hub token for MODEL")
     e.add_argument("--seq-len", type=int, default=None,
                    help="window length (default: the model's context, at most 2048)")
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=1, help="windows / task requests per forward (default: 1)")
     e.add_argument("--split", default="test")
     e.add_argument("--text-column", default="text")
     e.add_argument("--max-windows", type=int, default=None)
@@ -490,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--method", default=None, choices=available_methods(),
                     help=f"the method to plan (default: {default_method()})")
     pl.add_argument("--num-samples", type=int, default=128)
-    pl.add_argument("--seq-len", type=int, default=2048)
+    pl.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per sample (default: as prune, the model's context when shorter than 2048)")
     pl.add_argument("--batch-size", type=int, default=8)
     pl.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the config's)")
     pl.add_argument("--offload", default="none", choices=["none", "cpu", "disk"])
@@ -514,11 +774,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "help_method", False):
-        method_parser = argparse.ArgumentParser(prog=f"hf-prune prune --method {args.method}")
-        _add_config_options(method_parser, get_method(args.method).config_class)
+        spec = get_method(args.method)
+        trained = spec.kind != "one-shot"
+        method_parser = argparse.ArgumentParser(
+            prog=f"{spec.config_class.__name__}(...)" if trained else
+            f"hf-prune prune MODEL --method {args.method} --output DIR",
+            description=f"{spec.name} is trained, not run by `hf-prune prune`: {_how_to_run(spec)} Its options "
+                        "(the config's fields):" if trained else None)
+        _add_config_options(method_parser, spec.config_class)
         method_parser.print_help()
         return 0
     if getattr(args, "no_progress", False):

@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .calibration.config import fit_seq_len
 from .engine.report import format_table
 from .engine.targets import linear_candidates
 from .engine.walker import first_tensor
-from .models import get_family, in_features, out_features
+from .models import get_family, in_features, out_features, text_context
 from .registry import MethodCost, default_method, get_method
 
 GIB = 2 ** 30
@@ -146,35 +147,62 @@ class Plan:
         return asdict(self)
 
     def table(self) -> str:
-        rows = [[s.name, s.blocks, f"{s.block_params / 1e6:.1f}M", f"{s.stats_bytes / GIB:.2f}",
-                 f"{s.solve_bytes / GIB:.2f}", f"{s.forward_bytes / GIB:.2f}", f"{s.device_peak / GIB:.2f}",
-                 f"{s.activation_cache / GIB:.2f}"] for s in self.stages]
-        head = (f"{self.model} ({self.model_class}): {self.parameters / 1e9:.2f}B parameters, {self.dtype} weights "
-                f"{self.weight_bytes / GIB:.1f} GiB; method {self.method}; {self.num_samples} samples x {self.seq_len} "
+        rows = [[s.name, s.blocks, human_count(s.block_params), human_bytes(s.stats_bytes), human_bytes(s.solve_bytes),
+                 human_bytes(s.forward_bytes), human_bytes(s.device_peak), human_bytes(s.activation_cache)]
+                for s in self.stages]
+        head = (f"{self.model} ({self.model_class}): {human_count(self.parameters)} parameters, {self.dtype} weights "
+                f"{human_bytes(self.weight_bytes)}; method {self.method}; {self.num_samples} samples x {self.seq_len} "
                 f"tokens, batch {self.batch_size}; offload {self.offload}")
-        body = format_table(rows, ["stage", "blocks", "params/block", "stats GiB", "solve GiB", "forward GiB",
-                                   "device peak GiB", "activations GiB"])
-        tail = (f"expected peak on the execution device: {self.device_peak / GIB:.2f} GiB\n"
-                f"expected peak host memory: {self.host_peak / GIB:.2f} GiB\n"
-                f"disk needed: {self.disk / GIB:.1f} GiB\n"
+        body = format_table(rows, ["stage", "blocks", "params/block", "stats", "solve", "forward", "device peak",
+                                   "activations"])
+        tail = (f"expected peak on the execution device: {human_bytes(self.device_peak)}\n"
+                f"expected peak host memory: {human_bytes(self.host_peak)}\n"
+                f"disk needed: {human_bytes(self.disk)}\n"
                 f"estimated time{' with one process' if self.num_processes > 1 else ''}: "
-                f"{self.single_process_seconds / 60:.1f} min ({self.flops / 1e12:.1f} TFLOP at "
-                f"{self.throughput / 1e12:.2f} TFLOP/s, {self.throughput_source})")
+                f"{human_seconds(self.single_process_seconds)} ({human_count(self.flops)}FLOP at "
+                f"{human_count(self.throughput)}FLOP/s, {self.throughput_source})")
         if self.num_processes > 1:
             tail += (f"\nwith {self.num_processes} processes (data-parallel calibration, "
                      f"{self.batches_per_process} of the {-(-self.num_samples // self.batch_size)} batches each; "
                      "every process holds the model, the block and the full statistics):\n"
-                     f"  per process: device peak {self.process_device_peak / GIB:.2f} GiB, host peak "
-                     f"{self.process_host_peak / GIB:.2f} GiB (all {self.num_processes} on one machine: "
-                     f"{self.node_host_peak / GIB:.2f} GiB)\n"
-                     f"  statistics all-reduced: {self.allreduce_bytes / GIB:.2f} GiB per process at an assumed "
+                     f"  per process: device peak {human_bytes(self.process_device_peak)}, host peak "
+                     f"{human_bytes(self.process_host_peak)} (all {self.num_processes} on one machine: "
+                     f"{human_bytes(self.node_host_peak)})\n"
+                     f"  statistics all-reduced: {human_bytes(self.allreduce_bytes)} per process at an assumed "
                      f"{self.bandwidth / 1e9:.0f} GB/s\n"
-                     f"  estimated time: {self.seconds / 60:.1f} min (block passes split across processes; solves "
+                     f"  estimated time: {human_seconds(self.seconds)} (block passes split across processes; solves "
                      "repeated on every process; plus the all-reduce)")
         return "\n".join([head, body, tail])
 
 
-def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 128, seq_len: int = 2048,
+def human_count(n: float) -> str:
+    """1234 -> '1.23 K', 7_000_000_000 -> '7.00 G' (SI prefixes; a plain number below a thousand)."""
+    for value, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= value:
+            return f"{n / value:.2f} {prefix}"
+    return f"{n:.0f} "
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number at or above 1: '512 B', '3.4 MiB', '13.5 GiB'."""
+    for value, unit in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if abs(n) >= value:
+            return f"{n / value:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def human_seconds(seconds: float) -> str:
+    """'0.4 s', '59 s', '4.2 min', '3.1 h'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 128, seq_len: int | None = None,
          batch_size: int = 8, dtype: str | None = None, offload: str = "none", device: str | None = None,
          throughput: float | None = None, measure_block: bool = False, max_memory: float | None = None,
          num_processes: int = 1, bandwidth: float = 10e9) -> Plan:
@@ -219,6 +247,8 @@ def plan(model_or_config: str, method: str | None = None, *, num_samples: int = 
     torch_dtype = _DTYPES[dtype_name]
     width = torch.tensor([], dtype=torch_dtype).element_size()
     parameters = sum(p.numel() for p in model.parameters())
+    # unset: what `prune` uses, the model's context when shorter than 2048 (an explicit one past it is refused)
+    seq_len = fit_seq_len(seq_len, text_context(model))
     family = get_family(model)
     stages = family.stages(model)
     result = Plan(model=str(model_or_config), model_class=type(model).__name__, method=method, dtype=dtype_name,

@@ -43,23 +43,88 @@ def _split_processing(tokenizer: Any, processor: Any) -> tuple[Any, Any]:
     return tokenizer, processor
 
 
+# files that make a tokenizer / a processor (image, video, audio or multimodal) when a checkpoint ships one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "merges.txt", "sentencepiece.bpe.model", "special_tokens_map.json")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "feature_extractor_config.json")
+
+
+def _listed_files(name_or_path: str, **hub_kwargs: Any) -> list[str] | None:
+    """The file names of a checkpoint (a local folder, or a Hub repo at ``revision`` with ``token``), or None
+    when they cannot be listed (offline with a cached copy): then only loading can tell."""
+    subfolder = hub_kwargs.get("subfolder") or ""
+    if os.path.isdir(name_or_path):
+        folder = os.path.join(name_or_path, subfolder)
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    if hub_kwargs.get("local_files_only"):
+        return None
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if constants.is_offline_mode():
+            return None
+        files = HfApi(endpoint=constants.ENDPOINT).list_repo_files(name_or_path, revision=hub_kwargs.get("revision"),
+                                                                   token=hub_kwargs.get("token"))
+    except Exception:  # the repo cannot be listed (no network, no such endpoint): the loaders decide alone
+        return None
+    prefix = subfolder.strip("/") + "/" if subfolder else ""
+    return sorted(f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):])
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 def load_processing(name_or_path: str, **hub_kwargs: Any) -> tuple[Any, Any]:
-    """(tokenizer, processor) for a checkpoint; either may be None when the checkpoint has none."""
+    """(tokenizer, processor) for a checkpoint; ``hub_kwargs``: ``revision``, ``token``, ``subfolder``,
+    ``cache_dir``, ``local_files_only``.
+
+    A checkpoint that ships tokenizer or processor files which then fail to load is a ``ModelLoadError`` naming the
+    files and the loader's reason (never a model silently without its tokenizer); one that ships none gets a
+    warning (some models need none: pass batches of model inputs, or ``Pruner(model, tokenizer=...)``)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
+    files = _listed_files(name_or_path, **hub_kwargs)
+    tokenizer_files = [f for f in files or () if f in TOKENIZER_FILES]
+    processor_files = [f for f in files or () if f in PROCESSOR_FILES]
+    kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    if files is not None and not tokenizer_files and not processor_files:
+        warnings.warn(f"{name_or_path!r} ships no tokenizer or processor (none of {', '.join(TOKENIZER_FILES[:3])}, "
+                      f"{', '.join(PROCESSOR_FILES[:2])}, ...): the model is loaded without one. Text calibration "
+                      "and evaluation need one: pass Pruner(model, tokenizer=...) or calibration batches of model "
+                      "inputs.", stacklevel=3)
+        return None, None
+    errors: dict[str, str] = {}
+    tokenizer = processor = None
     for loader in (AutoProcessor, AutoTokenizer, AutoImageProcessor):
         try:
-            loaded = loader.from_pretrained(name_or_path, **hub_kwargs)
-        except Exception:  # each loader raises its own errors for checkpoints without that component
+            loaded = loader.from_pretrained(name_or_path, **kwargs)
+        except Exception as exc:  # each loader raises its own errors for checkpoints without that component
+            errors[loader.__name__] = _reason(exc)
             continue
         if isinstance(loaded, PreTrainedTokenizerBase):
-            return loaded, None
-        if isinstance(loaded, ProcessorMixin):
-            return getattr(loaded, "tokenizer", None), loaded
-        return None, loaded  # an image processor
-    warnings.warn(f"no tokenizer or processor found for {name_or_path!r}; pass calibration batches of model "
-                  "inputs or create Pruner(model, tokenizer=...).", stacklevel=3)
-    return None, None
+            tokenizer = tokenizer or loaded
+        elif isinstance(loaded, ProcessorMixin):
+            processor, tokenizer = loaded, getattr(loaded, "tokenizer", None) or tokenizer
+        else:
+            processor = processor or loaded  # an image processor
+        if (tokenizer is not None or not tokenizer_files) and (processor is not None or not processor_files):
+            break
+    missing = [(what, shipped, loader) for what, shipped, got, loader in (
+        ("tokenizer", tokenizer_files, tokenizer, "AutoTokenizer"),
+        ("processor", processor_files, processor, "AutoProcessor")) if shipped and got is None]
+    if missing:
+        what, shipped, loader = missing[0]
+        reason = errors.get(loader) or next(iter(errors.values()), "it loaded as something else")
+        raise ModelLoadError(f"{name_or_path!r} ships a {what} ({', '.join(shipped)}) that fails to load ({reason}); "
+                             f"fix or re-download those files (force_download=True), or load the model yourself and "
+                             f"pass Pruner(model, tokenizer=...).")
+    if tokenizer is None and processor is None:
+        warnings.warn(f"no tokenizer or processor loaded for {name_or_path!r} ({'; '.join(errors.values())}); pass "
+                      "calibration batches of model inputs or create Pruner(model, tokenizer=...).", stacklevel=3)
+    return tokenizer, processor
 
 
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -174,6 +239,7 @@ class Pruner:
         self.model = model
         self.tokenizer, self.processor = _split_processing(tokenizer, processor)
         self.results: list[PruningResult] = []
+        self.source: dict | None = None  # set by from_pretrained: the id / folder, revision and subfolder loaded
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: Any = "auto", device_map: Any = None,
@@ -192,17 +258,26 @@ class Pruner:
         hub_kwargs = {k: load_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only")
                       if k in load_kwargs}
         check_model_source(name_or_path, subfolder=load_kwargs.get("subfolder"), **hub_kwargs)
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **hub_kwargs)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                            **({"subfolder": load_kwargs["subfolder"]} if load_kwargs.get("subfolder")
+                                               else {}), **hub_kwargs)
         cls_ = model_class or _model_class(config)
         load_kwargs.setdefault("use_safetensors", True)  # never unpickle a checkpoint: unpickling can run code
+        # the tokenizer/processor first: one that the checkpoint ships but that fails to load is an error before
+        # the weights are read
+        tokenizer, processor = load_processing(name_or_path, subfolder=load_kwargs.get("subfolder"),
+                                               trust_remote_code=trust_remote_code or None, **hub_kwargs)
         try:
             model = cls_.from_pretrained(name_or_path, dtype=dtype, device_map=device_map,
                                          trust_remote_code=trust_remote_code, **load_kwargs)
         except SafetensorError as exc:  # a cached Hub file (local folders were checked above)
             raise ModelLoadError(f"a weights file of {name_or_path!r} is truncated or corrupt ({exc}); download it "
                                  "again (force_download=True).") from None
-        tokenizer, processor = load_processing(name_or_path, **hub_kwargs)
-        return cls(model, tokenizer, processor=processor)
+        pruner = cls(model, tokenizer, processor=processor)
+        # where it came from, as the user named it: a Hub id (the card's base_model) at a revision
+        pruner.source = {"name_or_path": name_or_path, "revision": hub_kwargs.get("revision"),
+                         "subfolder": load_kwargs.get("subfolder")}
+        return pruner
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -302,6 +377,9 @@ class Pruner:
         check_model_output(self.model, save_directory, overwrite=overwrite)
         result = self.results[-1]
         report = dict(result.report)
+        if self.source is not None and isinstance(report.get("model"), dict):  # the id as the user gave it
+            report["model"] = {**report["model"], "name_or_path": self.source["name_or_path"],
+                               **{k: v for k, v in self.source.items() if k != "name_or_path" and v}}
         if len(self.results) > 1:
             report["previous_runs"] = [r.report for r in self.results[:-1]]
         report["card"] = {"evaluations": evaluations, "finetuning": finetuning,

@@ -265,6 +265,12 @@ def fake_hub(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
     hub = FakeHub().start()
+    # transformers keeps one HfApi whose endpoint was fixed when it was made: made again for this server (a stale
+    # one talks to an earlier test's server, or to whatever took its port since)
+    import transformers.utils.hub as transformers_hub
+
+    if hasattr(transformers_hub, "_hf_api"):
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",

@@ -1,7 +1,8 @@
 """A small Hugging Face Hub look-alike on 127.0.0.1, for testing pushes and downloads without the network.
 
 It speaks the subset of the Hub's HTTP API that ``huggingface_hub`` 2.x uses to create a repo, commit
-files (``preupload`` answers ``"regular"`` for every file, so the client inlines the bytes as base64 in the
+files, list a repo (model info with its files, the file tree) and download them (``resolve``); ``add_repo`` seeds
+a repo the way a push would. Commits: (``preupload`` answers ``"regular"`` for every file, so the client inlines the bytes as base64 in the
 NDJSON commit and needs no LFS/Xet endpoints), open branches and pull requests, validate card YAML, and
 serve the files back (``/resolve/``) so that ``from_pretrained(repo_id)`` can read what was pushed.
 
@@ -84,6 +85,23 @@ class FakeHub:
 
     def paths(self) -> list[str]:
         return [r.path for r in self.requests]
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], *, branch: str = "main",
+                 private: bool = False) -> str:
+        """Put ``files`` on ``branch`` of ``repo_id`` (created if needed) as one commit, the way a push would
+        leave them; returns the commit oid (``revision=`` that oid resolves too)."""
+        with self._lock:
+            repo = self.repos.setdefault(repo_id, Repo(repo_id, private))
+            base = dict(repo.branches.get(branch, repo.files))
+            base.update(files)
+            oid = hashlib.sha1(json.dumps([repo_id, branch, sorted((k, _oid(v)) for k, v in base.items())])
+                               .encode()).hexdigest()
+            repo.branches[branch] = base
+            repo.heads[branch] = oid
+            repo.snapshots[oid] = dict(base)
+            repo.commits.append({"revision": branch, "oid": oid, "summary": "seeded by the test", "description": "",
+                                 "files": sorted(files)})
+        return oid
 
 
 def validate_card(content: str) -> list[str]:
@@ -272,6 +290,10 @@ def _handler(hub: FakeHub) -> type:
             path, _ = started
             if path == "/api/whoami-v2":
                 return self._json(200, {"type": "user", "name": "tester", "auth": {}})
+            match = re.match(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?$", path)
+            if match:
+                return self._tree(match.group(1), match.group(2), (match.group(3) or "").strip("/"),
+                                  recursive=_.get("recursive") == ["true"] or _.get("recursive") == ["True"])
             match = re.match(r"^/api/models/([^/]+/[^/]+)(?:/revision/(.+))?$", path)
             if match:
                 repo = self._repo(match.group(1))
@@ -290,6 +312,33 @@ def _handler(hub: FakeHub) -> type:
             return self._error(404, f"no route GET {path}")
 
         do_HEAD = do_GET
+
+        def _tree(self, repo_id: str, rev: str, folder: str, *, recursive: bool) -> None:
+            """The Hub's file tree (``list_repo_tree``): the files and folders under ``folder`` at ``rev``."""
+            repo = self._repo(repo_id)
+            if repo is None:
+                return None
+            resolved = repo.resolve(rev)
+            if resolved is None:
+                return self._send(404, b"", headers={"X-Error-Code": "RevisionNotFound",
+                                                    "X-Error-Message": "Invalid rev id"})
+            _, files = resolved
+            prefix = f"{folder}/" if folder else ""
+            entries: dict[str, dict] = {}
+            for name, data in sorted(files.items()):
+                if not name.startswith(prefix):
+                    continue
+                rest = name[len(prefix):].split("/")
+                for depth in range(1, len(rest)):  # the folders on the way
+                    if depth == 1 or recursive:
+                        sub = prefix + "/".join(rest[:depth])
+                        entries.setdefault(sub, {"type": "directory", "oid": "0" * 40, "size": 0, "path": sub})
+                if len(rest) == 1 or recursive:
+                    entries[name] = {"type": "file", "oid": _oid(data), "size": len(data), "path": name}
+            if folder and not entries:
+                return self._send(404, b"", headers={"X-Error-Code": "EntryNotFound",
+                                                    "X-Error-Message": f"{folder} does not exist on {rev}"})
+            return self._send(200, json.dumps(list(entries.values())).encode())
 
         def _resolve(self, repo_id: str, rev: str, filename: str) -> None:
             repo = self._repo(repo_id)

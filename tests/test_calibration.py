@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import datasets
@@ -65,7 +66,10 @@ def test_file_sources(tokenizer, corpus, tmp_path):
     csv.write_text("text\n" + "\n".join(f'"{t}"' for t in corpus[:5]))
     for path in (txt, jsonl, js, csv):
         out = build_calibration(cfg, str(path), tokenizer=tokenizer)
-        assert out.provenance["source"] == str(path) and out.provenance["texts_available"] == 5
+        # published in reports and cards: the file name and its content hash, never the machine's path
+        assert out.provenance["source"] == path.name and out.provenance["texts_available"] == 5
+        assert out.provenance["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert str(tmp_path) not in json.dumps(out.provenance)
     bad = tmp_path / "cal.jsonl.broken.jsonl"
     bad.write_text('{"text": "ok"}\n{not json}\n')
     with pytest.raises(CalibrationDataError, match=r"cal.jsonl.broken.jsonl:2 is not valid JSON"):

@@ -27,7 +27,8 @@ def test_prune_eval_report(model_dir, tmp_path, capsys):
     config = json.loads((out / "pruning_config.json").read_text())
     assert config["method"] == "sparsegpt" and config["block_size"] == 32 and config["calibration"]["num_samples"] == 8
     card = (out / "README.md").read_text()
-    assert "library_name: hf_prune" in card and "perplexity" in card and "2:4" in card
+    assert "library_name: transformers" in card and "- hf_prune" in card  # stock transformers loads it
+    assert "perplexity" in card and "2:4" in card
     model = T.LlamaForCausalLM.from_pretrained(out)
     assert abs(sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, torch.nn.Linear)
                    and "layers" in str(m)) >= 0)
@@ -76,6 +77,103 @@ def test_methods_and_help_method(capsys):
     assert "sparsegpt" in capsys.readouterr().out
     assert main(["prune", "m", "--method", "sparsegpt", "--output", "o", "--help-method"]) == 0
     assert "--block-size" in capsys.readouterr().out
+    # the README's form: no --output needed to read a method's options; defaults and allowed values shown
+    for argv in (["prune", "m", "--method", "sparsegpt", "--help-method"], ["prune", "--method", "wanda",
+                                                                           "--help-method"]):
+        assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps help at the terminal's width
+    assert "--block-size BLOCK_SIZE" in out and "default: 128; allowed: an integer >= 1" in out
+    assert "default: None, i.e. 0.5; allowed: a number in [0.0, 1.0)" in out  # sparsity: the effective default
+    assert "allowed: one of 'row', 'matrix'" in out  # wanda's scope
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_prune_help_lists_every_option_with_default_and_allowed_values(capsys):
+    import dataclasses
+
+    from hf_prune import CalibrationConfig
+    from hf_prune.cli import _CALIBRATION_FLAGS, oneshot_methods
+    from hf_prune.registry import get_method
+
+    text = " ".join(_help(["prune", "--help"], capsys).split())
+    for flag in _CALIBRATION_FLAGS.values():
+        assert flag in text
+    assert "default: 'auto'; allowed: one of 'auto', 'concat', 'pad'" in text  # --packing
+    for name in oneshot_methods():
+        block = text.split(f"--method {name} (")[1].split("--method ")[0]
+        for f in dataclasses.fields(get_method(name).config_class):
+            if f.name != "calibration":
+                assert f"--{f.name.replace('_', '-')}" in block, (name, f.name)
+    assert "input_compensation" not in text.split("trained methods")[0]  # not offered as a --method choice
+    assert len(dataclasses.fields(CalibrationConfig)) == len(_CALIBRATION_FLAGS)
+    # with --method, its options are options of prune itself
+    text = " ".join(_help(["prune", "--method", "sparsegpt", "--help"], capsys).split())
+    assert "SparseGPTConfig options (--method sparsegpt)" in text and "--damp DAMP" in text
+    assert "allowed: a number in (0.0, 1.0]" in text
+
+
+def test_methods_listing_is_aligned_and_whole(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.split("\n\n")[0].splitlines()
+    start = lines[0].index("description")
+    rows, current = [], None
+    for line in lines[1:]:
+        if line[:start].strip():  # a method's first line: its name, kind and config in columns
+            current = [line[start:]]
+            rows.append(current)
+            assert line[start - 2:start] == "  " and line[start] != " "
+        else:  # a wrapped description continues in the same column
+            assert line[:start] == " " * start
+            current.append(line[start:])
+    assert len(rows) == len(__import__("hf_prune").registry.available_methods())
+    for row in rows:
+        assert " ".join(row).rstrip().endswith("."), row  # whole sentences, never cut
+
+
+def test_a_trained_method_is_refused_with_how_to_run_it(capsys, tmp_path):
+    assert main(["prune", str(tmp_path / "no-model"), "--method", "input_compensation", "--pool-size", "4",
+                 "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-prune: error: input_compensation is not run by `hf-prune prune`: ")
+    assert "InputCompensatedModel" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert main(["prune", "--method", "input_compensation", "--help-method"]) == 0  # its options, and how to run it
+    out = " ".join(capsys.readouterr().out.split())
+    assert "input_compensation is trained, not run by `hf-prune prune`" in out and "--pool-size" in out
+
+
+def test_prune_without_output_says_so(capsys):
+    assert main(["prune", "m", "--method", "magnitude"]) == 2
+    assert "prune needs --output FOLDER" in capsys.readouterr().err
+
+
+TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "lm_eval_tasks")
+
+
+def test_eval_tasks_and_prune_eval_tasks_dense_vs_pruned(model_dir, tmp_path, capsys):
+    assert main(["eval", str(model_dir), "--tasks", "pycode_choice", "--include-path", TASKS, "--limit", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "pycode_choice" in out and "acc_norm" in out and "0-shot, limit 8" in out
+    target = tmp_path / "pruned"
+    assert main(["prune", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output", str(target),
+                 "--eval-tasks", "pycode_choice", "--eval-include-path", TASKS, "--eval-limit", "8",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "acc (pycode_choice, 8 examples, 0-shot): dense " in out and "-> pruned" in out
+    report = json.loads((target / "pruning_report.json").read_text())
+    records = report["card"]["evaluations"]
+    assert {r["metric"] for r in records} == {"acc", "acc_norm"}
+    assert all(r["dense"] is not None and r["n"] == 8 for r in records)
+    card = (target / "README.md").read_text()
+    assert "| acc | pycode_choice (local) |" in card and "lm-evaluation-harness 0.4" in card
+    assert main(["eval", str(model_dir)]) == 2
+    assert "eval needs --texts" in capsys.readouterr().err
 
 
 def test_console_script_is_installed(model_dir, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from conftest import make_model
 
 from hf_prune import MagnitudeConfig, Pruner
-from hf_prune.evaluation import perplexity, perplexity_windows, sparsity_report
+from hf_prune.evaluation import perplexity, perplexity_record, perplexity_windows, sparsity_report
 
 
 def test_perplexity_matches_a_hand_computation(tokenizer, heldout):
@@ -61,3 +61,28 @@ def test_sparsity_report_counts_zeros(tokenizer):
     assert added == 2 * fc1["numel"] // 4
     assert after["model_totals"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert set(sparsity_report(model, "fc1")["per_module"]) == {"model.decoder.layers.0.fc1", "model.decoder.layers.1.fc1"}
+
+
+def test_a_local_evaluation_file_is_published_by_name_and_hash(tokenizer, heldout, tmp_path):
+    import hashlib
+    import re
+
+    import yaml
+
+    path = tmp_path / "secret-folder" / "eval.txt"
+    path.parent.mkdir()
+    path.write_text("\n".join(heldout[:60]))
+    model = make_model("llama", vocab=len(tokenizer))
+    dense = perplexity(model, tokenizer, str(path), seq_len=32, max_windows=2)
+    pruner = Pruner(model, tokenizer)
+    pruner.prune(MagnitudeConfig(sparsity=0.5), progress=False)
+    record = perplexity_record(model, tokenizer, str(path), seq_len=32, max_windows=2, dense=dense)
+    assert record["dataset"] == "eval.txt" and record["split"] is None and record["local"] is True
+    assert record["protocol"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    folder = pruner.save_pretrained(tmp_path / "out", evaluations=[record])
+    text = open(f"{folder}/README.md", encoding="utf-8").read()
+    assert "secret-folder" not in text and str(tmp_path) not in text
+    meta = yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", text, flags=re.S).group(1))
+    dataset = meta["model-index"][0]["results"][0]["dataset"]
+    assert dataset["name"] == dataset["type"] == "eval.txt" and "split" not in dataset
+    assert f"| perplexity | eval.txt (local) | - | 32 | 2 | {dense:.4f} | {record['value']:.4f} |" in text

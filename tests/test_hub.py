@@ -49,7 +49,9 @@ def test_card_yaml_body_and_picture(pruned, tmp_path):
     pruner.save_pretrained(out, evaluations=[record], sections=[CardSection("Notes", "Pruned for a **test**.")])
     assert (out / "sparsity_per_layer.png").read_bytes()[:8] == PNG
     meta, body = _card((out / "README.md").read_text())
-    assert meta["library_name"] == "hf_prune" and "base_model" not in meta  # a local model has no Hub id
+    # stock transformers loads it: the Hub's "use this model" snippet is transformers'; hf_prune is a tag
+    assert meta["library_name"] == "transformers" and "hf_prune" in meta["tags"]
+    assert "base_model" not in meta  # a local model has no Hub id
     assert meta["tags"] == ["hf_prune", "pruned", "wanda", "sparsity-2of4"]
     assert meta["pipeline_tag"] == "text-generation"
     result = meta["model-index"][0]["results"][0]
@@ -114,7 +116,7 @@ def test_push_pruner_then_stock_reload_from_the_hub(pruned, fake_hub, tmp_path):
     assert all(r.headers.get("authorization") == "Bearer hf_secret" for r in fake_hub.requests
                if r.path.startswith("/api/repos") or "/commit/" in r.path)
     meta, body = fake_hub.card("me/tiny-llama-wanda")  # OUR card, not transformers' default one
-    assert meta["library_name"] == "hf_prune" and "wanda" in meta["tags"]
+    assert meta["library_name"] == "transformers" and {"hf_prune", "wanda"} <= set(meta["tags"])
     assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == record["value"]
     assert 'LlamaForCausalLM.from_pretrained("me/tiny-llama-wanda")' in body
     # what arrived is a checkpoint the stock class loads from the Hub, with identical outputs
@@ -201,3 +203,79 @@ def test_refused_token_and_bad_arguments(pruned, fake_hub):
     with pytest.raises(ValueError, match="nothing was pruned yet"):
         Pruner(make_model("llama", vocab=512)).push_to_hub("me/x")
     assert len(fake_hub.requests) == before  # nothing reached the server
+
+
+# ------------------------------------------------------------------------------------------------ loading by Hub id
+
+
+def _folder_files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _repo_requests(fake_hub, repo_id: str) -> list:
+    return [r for r in fake_hub.requests if f"/{repo_id}/" in r.path or r.path.endswith(f"/{repo_id}")]
+
+
+def test_pruner_from_a_hub_id_passes_revision_and_token_and_records_the_id(model_dir, fake_hub, tmp_path):
+    files = _folder_files(model_dir)
+    broken = dict(files, **{"tokenizer.json": b"{not json"})
+    fake_hub.add_repo("me/tiny", broken)  # main: a tokenizer that cannot load
+    oid = fake_hub.add_repo("me/tiny", files, branch="v2")
+    start = len(fake_hub.requests)
+    pruner = Pruner.from_pretrained("me/tiny", revision="v2", token="hf_reader", dtype=torch.float32)
+    assert pruner.tokenizer is not None and len(pruner.tokenizer) == len(T.AutoTokenizer.from_pretrained(model_dir))
+    sent = [r for r in fake_hub.requests[start:] if r.path != "/api/agent-harnesses"]
+    # every download and hf_prune's own listing carry the token (transformers 5.24 lists a repo's files once
+    # for its tokenizer without the token: that one request is its own, and harmless here)
+    downloads = [r for r in sent if "/resolve/" in r.path]
+    assert downloads and all(r.headers.get("authorization") == "Bearer hf_reader" for r in downloads)
+    assert any("/tree/v2" in r.path and r.headers.get("authorization") == "Bearer hf_reader" for r in sent)
+    downloads = [r.path for r in sent if "/resolve/" in r.path]
+    assert downloads and all(f"/resolve/{oid}/" in p or "/resolve/v2/" in p for p in downloads)
+    assert any(p.endswith("/model.safetensors") for p in downloads)
+    pruner.prune(MagnitudeConfig(sparsity=0.5), progress=False)
+    folder = pruner.save_pretrained(tmp_path / "out")
+    report = json.loads(open(f"{folder}/pruning_report.json").read())
+    assert report["model"]["name_or_path"] == "me/tiny" and report["model"]["revision"] == "v2"
+    meta, body = _card(open(f"{folder}/README.md").read())
+    assert meta["base_model"] == "me/tiny" and "[me/tiny](https://huggingface.co/me/tiny)" in body
+
+
+def test_a_broken_tokenizer_on_the_hub_is_an_error_before_the_weights_download(model_dir, fake_hub):
+    from hf_prune.errors import ModelLoadError
+
+    fake_hub.add_repo("me/broken", dict(_folder_files(model_dir), **{"tokenizer.json": b"{not json"}))
+    with pytest.raises(ModelLoadError, match=r"'me/broken' ships a tokenizer \(tokenizer.json, tokenizer_config.json"
+                                             r"\) that fails to load \(.*\); fix or re-download"):
+        Pruner.from_pretrained("me/broken")
+    assert not any(r.path.endswith("model.safetensors") for r in fake_hub.requests)
+
+
+def test_a_model_without_tokenizer_files_loads_with_a_warning(model_dir, fake_hub):
+    files = {k: v for k, v in _folder_files(model_dir).items() if not k.startswith(("tokenizer", "special"))}
+    fake_hub.add_repo("me/no-tokenizer", files)
+    with pytest.warns(UserWarning, match=r"'me/no-tokenizer' ships no tokenizer or processor .* Pruner\(model, "
+                                         r"tokenizer=\.\.\.\)"):
+        pruner = Pruner.from_pretrained("me/no-tokenizer")
+    assert pruner.tokenizer is None and pruner.processor is None
+
+
+def test_a_broken_local_tokenizer_is_an_error_too(model_dir):
+    from hf_prune.errors import ModelLoadError
+
+    (model_dir / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="ships a tokenizer .* that fails to load"):
+        Pruner.from_pretrained(model_dir)
+
+
+def test_config_from_a_revision_with_a_token(fake_hub):
+    config = WandaConfig(sparsity=0.3)
+    config.push_to_hub("me/recipes", revision="v2", token="hf_writer")
+    assert "pruning_config.json" not in fake_hub.repos["me/recipes"].files  # only on the branch
+    start = len(fake_hub.requests)
+    assert PrunerConfig.from_pretrained("me/recipes", revision="v2", token="hf_reader") == config
+    sent = [r for r in fake_hub.requests[start:] if "/resolve/" in r.path]
+    assert sent and all("/resolve/v2/" in r.path and r.headers.get("authorization") == "Bearer hf_reader"
+                        for r in sent)
+    with pytest.raises(HubError, match="download pruning_config.json from 'me/recipes'"):
+        PrunerConfig.from_pretrained("me/recipes")  # main has none

@@ -314,6 +314,22 @@ def test_push_to_hub_uploads_the_pool_with_its_card_and_reads_it_back(tokenizer,
         assert torch.equal(again(input_ids=ids).logits, ic(input_ids=ids).logits)
 
 
+def test_pool_from_a_hub_revision_with_a_token(tokenizer, fake_hub):
+    model = make_model("llama", vocab=len(tokenizer)).eval()
+    base = copy.deepcopy(model)
+    ic = InputCompensatedModel(model, InputCompensationConfig(pool_size=4, loss="task"))
+    with torch.no_grad():
+        ic.pool.values.normal_()
+    ic.push_to_hub("me/ic-rev", revision="v2", token="hf_writer")
+    assert "ic_pool.safetensors" not in fake_hub.repos["me/ic-rev"].files  # only on the branch
+    start = len(fake_hub.requests)
+    again = InputCompensatedModel.from_pretrained(base, "me/ic-rev", revision="v2", token="hf_reader")
+    assert torch.equal(again.pool.values, ic.pool.values)
+    sent = [r for r in fake_hub.requests[start:] if "/resolve/" in r.path]
+    assert len(sent) >= 2 and all("/resolve/v2/" in r.path and r.headers.get("authorization") == "Bearer hf_reader"
+                                  for r in sent)
+
+
 # ------------------------------------------------------------------------------------------------ vision, Trainer
 
 

@@ -70,6 +70,16 @@ def test_shrunk_model_reloads_with_the_stock_class(family, tokenizer, corpus, tm
     card = (tmp_path / "README.md").read_text()
     assert f"ModHiFi removed {32 * len(groups)} of {128 * len(groups)} MLP hidden neurons" in card
     assert "physically smaller" in card and f'{type(model).__name__}.from_pretrained("path/to' in card
+    # the card shows what was removed (widths, weights, FLOPs per block), not the zeros left in smaller tensors
+    assert "## What was removed" in card and "## Achieved sparsity" not in card
+    down = next(iter(s["layers"].values()))["output"]  # the MLP's output Linear: it lost input columns
+    block = max((b for b in result.report["sparsity"]["per_block"] if down.startswith(b + ".")), key=len)
+    out_f = result.report["sparsity"]["per_module"][down]["shape"][0]
+    assert f"`{down[len(block) + 1:]}` {out_f}×128 → {out_f}×96" in card
+    row = next(line for line in card.splitlines() if line.startswith(f"| `{block}` |"))
+    assert "| 25.00% |" in row  # a quarter of every MLP weight: 32 of 128 neurons
+    assert f"All parameters: {dense_params:,} → {_params(model):,}" in card
+    assert "| **overall** |" in card and "| 0.0000 |" not in card.split("## What was removed")[1].split("##")[0]
 
 
 @pytest.mark.parametrize("selection", ["global_ratio", "per_output_union"])

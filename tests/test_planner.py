@@ -101,3 +101,20 @@ def test_cli_plan_num_processes(capsys):
     out = capsys.readouterr().out
     assert "estimated time with one process:" in out and "with 2 processes (data-parallel calibration, 8 of the 16" in out
     assert "per process: device peak" in out and "all 2 on one machine" in out
+
+
+def test_small_models_print_in_human_units_and_plan_the_seq_len_prune_uses(tmp_path, capsys):
+    from conftest import make_model
+
+    model = make_model("llama", vocab=512)  # context 256 tokens, about 0.1 M parameters
+    model.config.save_pretrained(tmp_path)
+    p = plan(str(tmp_path / "config.json"), "wanda", throughput=1e9)
+    assert p.seq_len == model.config.max_position_embeddings  # unset: the model's context, as prune does
+    text = p.table()
+    assert 1e4 < p.parameters < 1e6
+    assert f"{p.parameters / 1e3:.2f} K parameters" in text and "0.00B" not in text and "0.0 GiB" not in text
+    assert "KiB" in text or "MiB" in text
+    seconds = p.flops / 1e9
+    assert f"estimated time: {seconds:.1f} s" in text or f"estimated time: {seconds:.0f} s" in text
+    with pytest.raises(ValueError, match="4096"):  # an explicit length past the context is refused, as by prune
+        plan(str(tmp_path / "config.json"), "wanda", throughput=1e9, seq_len=4096)

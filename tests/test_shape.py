@@ -266,7 +266,9 @@ def test_a_method_registered_from_outside_is_picked_up_everywhere(outside_method
     cls = outside_method.config_class
     # the CLI lists it and shows its options
     assert main(["methods"]) == 0
-    assert "columnnorm   ColumnNormConfig: ColumnNorm:" in capsys.readouterr().out
+    listing = " ".join(capsys.readouterr().out.split())
+    assert "columnnorm one-shot ColumnNormConfig ColumnNorm: |W| x the column's input RMS squared, a test-only " \
+           "method registered from outside." in listing
     assert main(["prune", "m", "--method", "columnnorm", "--output", str(tmp_path / "o"), "--help-method"]) == 0
     assert "--power" in capsys.readouterr().out
     # the planner reads its cost from the spec: statistics per block, three passes

@@ -247,7 +247,13 @@ def test_pruner_reads_a_saved_path_and_reports_what_was_removed(searched, data, 
     assert isinstance(PrunerConfig.from_pretrained(folder), SPPConfig)
     report = json.load(open(os.path.join(folder, "pruning_report.json")))
     assert report["parameters"]["after"] < report["parameters"]["before"]
-    assert "physically removed" in open(os.path.join(folder, "README.md")).read()
+    card = open(os.path.join(folder, "README.md")).read()
+    assert "physically removed" in card and "## What was removed" in card
+    # the read-off card links its path and the search, formatted; no local path, no "data-free" claim
+    assert "Read off a solution path (`path`)" in card and "data-free" not in card
+    assert f"steps {path.search['steps']}" in card and f"time {path.search['time']:.4g}" in card
+    assert str(tmp_path) not in card and "(the read-off only)" in card
+    assert f"All parameters: {report['parameters']['before']:,} → {report['parameters']['after']:,}" in card
     loaded = T.AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)
     torch.testing.assert_close(_logits(loaded, x[1400:]), _logits(pruner.model, x[1400:]), rtol=0, atol=0)
 
@@ -309,6 +315,36 @@ def test_push_to_hub_uploads_the_path_with_its_card(searched, fake_hub):
     assert all(torch.equal(again.tensors[k], path.tensors[k]) for k in path.tensors)
     path.push_to_hub("me/vit-digits-spp-path", path_in_repo="runs/1")
     assert {"runs/1/solution_path.json", "runs/1/README.md"} <= set(repo.files)
+
+
+def test_path_from_a_hub_revision_with_a_token(searched, fake_hub):
+    _, path, _ = searched
+    path.push_to_hub("me/spp-path", revision="v2", token="hf_writer")
+    assert "solution_path.json" not in fake_hub.repos["me/spp-path"].files  # only on the branch
+    start = len(fake_hub.requests)
+    again = SolutionPath.from_pretrained("me/spp-path", revision="v2", token="hf_reader")
+    assert again.names == path.names and all(torch.equal(again.tensors[k], path.tensors[k]) for k in path.tensors)
+    sent = [r for r in fake_hub.requests[start:] if "/resolve/" in r.path]
+    assert len(sent) >= 2 and all("/resolve/v2/" in r.path and r.headers.get("authorization") == "Bearer hf_reader"
+                                  for r in sent)
+
+
+def test_a_path_where_nothing_entered_warns_at_the_end_of_the_search_and_at_read_off(trained, data, tmp_path):
+    model = copy.deepcopy(trained)
+    trainer, callback = _search(model, data, tmp_path / "short", SPPConfig(lr=1e-6, lam=0.5, record_every=1,
+                                                                           coupling="released"), steps=1)
+    with pytest.warns(UserWarning, match="SPP search ended: no entry of this solution path has entered yet after 1 "
+                                         "steps"):
+        trainer.train()
+    SPPMasks.find(model).remove(model)
+    path = callback.path
+    assert path.entered() == 0
+    with pytest.warns(UserWarning, match="no entry of this solution path has entered yet.*Search longer"):
+        path.read_off(0.3)
+    card = (tmp_path / "short" / "solution_path" / "README.md").read_text()  # saved by the callback
+    assert "**Warning:** no entry of this solution path has entered yet" in card
+    assert f"| time | `{path.search['time']:.4g}` |" in card  # numbers formatted, not 0.15514499999999998
+    assert SolutionPath("unstructured", [], {}, {}).entered() is None
 
 
 def test_plot_writes_a_png(searched, tmp_path):

@@ -18,7 +18,7 @@ from ..models import family_for_type
 from ..models.discovery import auto_pipeline_tag
 from ..registry import DEFAULT_CARD, card_template, display_name
 from ..structured.layout import auto_classes
-from .plots import PLOT_EXTRA_HINT, SPARSITY_PICTURE, plot_layer_sparsity
+from .plots import PLOT_EXTRA_HINT, SPARSITY_PICTURE, plot_layer_sparsity, removal_view
 
 TEMPLATE = DEFAULT_CARD
 CARD_NAME = "README.md"
@@ -44,6 +44,11 @@ def template_path(name: str = TEMPLATE) -> str:
     registered from outside hf_prune brings its card that way)."""
     if os.path.isabs(name):
         return name
+    # a source checkout (PYTHONPATH or a worktree): the templates next to this very package, not those of whatever
+    # copy of hf_prune is installed in the environment
+    checkout = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "model_cards", name)
+    if os.path.isfile(checkout) and os.path.isfile(os.path.join(os.path.dirname(checkout), "__init__.py")):
+        return os.path.normpath(checkout)
     return str(resources.files("hf_prune.model_cards").joinpath(name))
 
 
@@ -77,14 +82,16 @@ def framework_versions(environment: dict) -> list[tuple[str, str]]:
 
 
 def card_data(base_model: str | None, model_name: str, tags: Iterable[str], *, pipeline: str | None = None,
-              eval_results: list | None = None):
+              eval_results: list | None = None, library_name: str = "hf_prune"):
     """The ``huggingface_hub.ModelCardData`` every hf_prune card starts from, so that they stay alike on the Hub:
-    ``base_model`` (a Hub id from ``hub_base_model``, or None), ``library_name`` "hf_prune", ``tags`` after the
+    ``base_model`` (a Hub id from ``hub_base_model``, or None), ``library_name`` (``"transformers"`` for a model
+    stock transformers loads, so the Hub shows its "use this model" snippet; ``"hf_prune"``, the default, for
+    artifacts only hf_prune reads: solution paths, IC pools), ``tags`` after the
     ones every card has ("hf_prune", "pruned"), the ``pipeline`` tag where the artifact has one, the title as
     ``model_name`` and the ``model-index`` entries (``eval_results``) when there are any."""
     from huggingface_hub import ModelCardData
 
-    return ModelCardData(base_model=base_model, library_name="hf_prune",
+    return ModelCardData(base_model=base_model, library_name=library_name,
                          tags=[*_LEAD_TAGS, *(t for t in tags if t not in _LEAD_TAGS)], pipeline_tag=pipeline,
                          model_name=model_name, eval_results=eval_results or None)
 
@@ -142,19 +149,91 @@ def check_evaluations(evaluations: Iterable[dict] | None) -> list[dict]:
 
 def _eval_results(evaluations: list[dict], default_task: str | None) -> list:
     """``model-index`` entries (``EvalResult``) for the evaluations that name their dataset (in-memory data,
-    recorded as ``<in-memory ...>``, stays in the card's body only)."""
+    recorded as ``<in-memory ...>``, stays in the card's body only). A local file or task is named by its file or
+    task name (never by the machine's path) and has no Hub split."""
     from huggingface_hub import EvalResult
 
     results = []
     for e in evaluations:
         if not e.get("dataset") or str(e["dataset"]).startswith("<"):
             continue
-        args = {k: e[k] for k in ("seq_len", "windows") if e.get(k) is not None}
+        args = {k: e[k] for k in ("seq_len", "windows", "n", "num_fewshot") if e.get(k) is not None}
+        if e.get("protocol") and e["protocol"].get("num_fewshot") is not None:
+            args["num_fewshot"] = e["protocol"]["num_fewshot"]
+        dataset = public_source(str(e["dataset"]))
         results.append(EvalResult(task_type=e.get("task") or default_task or "text-generation",
-                                  dataset_type=str(e["dataset"]), dataset_name=str(e["dataset"]),
-                                  dataset_split=e.get("split"), metric_type=e["metric"], metric_value=e["value"],
-                                  dataset_args=args or None))
+                                  dataset_type=dataset, dataset_name=e.get("lm_eval_task") or dataset,
+                                  dataset_config=e.get("dataset_config"),
+                                  dataset_split=None if e.get("local") else e.get("split"), metric_type=e["metric"],
+                                  metric_value=e["value"], dataset_args=args or None))
     return results
+
+
+def public_source(source: Any) -> Any:
+    """A data source as a card may publish it: an absolute local path (written by an older hf_prune, or given by
+    the user) shrinks to its file name; anything else is kept."""
+    if isinstance(source, str) and os.path.isabs(source):
+        return os.path.basename(source.rstrip(os.sep)) or source
+    return source
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])(?:/[^\s/`'\"]+)+/([^\s/`'\"]+)")
+
+
+def scrub_paths(value: Any) -> Any:
+    """``value`` (a string, or a dict/list of them) with every absolute local path replaced by its last component:
+    what a card publishes names files, never the machine's folders."""
+    if isinstance(value, str):
+        return _ABS_PATH.sub(r"\1", value)
+    if isinstance(value, dict):
+        return {k: scrub_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(scrub_paths(v) for v in value)
+    return value
+
+
+def structure_rows(view: dict) -> list[dict]:
+    """Per block of a structurally pruned model (``plots.removal_view`` of its report): the Linear shapes that
+    changed (before -> after), the weights before and after, the share removed and the Linear FLOPs per token
+    removed (2 per weight: one multiply, one add)."""
+    per_block = view["sparsity"].get("per_block") or {}
+    blocks = sorted(per_block, key=len, reverse=True)
+    rows: dict[str, dict] = {}
+    for name, e in view["sparsity"]["per_module"].items():
+        block = next((b for b in blocks if name.startswith(b + ".")), "")
+        row = rows.setdefault(block, {"block": block or "-", "changes": [], "before": 0, "after": 0})
+        row["before"] += e["weights_before"]
+        row["after"] += e["weights_after"]
+        if list(e["original_shape"]) != list(e["shape"]):
+            short = name[len(block) + 1:] if block else name
+            row["changes"].append(f"`{short}` {'×'.join(map(str, e['original_shape']))} → "
+                                  f"{'×'.join(map(str, e['shape']))}")
+    from .plots import _natural
+
+    out = []
+    for block in sorted(rows, key=_natural):
+        row = rows[block]
+        removed = row["before"] - row["after"]
+        out.append({**row, "removed": removed, "fraction": removed / max(1, row["before"]),
+                    "flops_removed": 2 * removed})
+    return out
+
+
+def solution_path_info(report: dict, config: dict) -> dict | None:
+    """For a model read off a solution path: where the path came from (file name or Hub id, never a local path)
+    and what its search did (formatted), so the card can point at it."""
+    path = report.get("solution_path")
+    if not path:
+        return None
+    search = path.get("search") or {}
+    items = []
+    for key, value in sorted(search.items()):
+        if isinstance(value, bool) or isinstance(value, (dict, list)):
+            continue
+        items.append((key, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    source = config.get("path")
+    return {"source": scrub_paths(source) if source else None, "kind": path.get("kind"), "units": path.get("units"),
+            "search": items, "training_free": search.get("kind") == "training_free"}
 
 
 def render_card(card_data: Any, template: str = TEMPLATE, **variables: Any):
@@ -190,11 +269,14 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
     if finetuning:
         tags.append("recovery-finetuned")
     tags += [t for t in extra_tags if t not in tags]
-    metadata = card_data(base, title, tags, pipeline=task, eval_results=_eval_results(evaluations, task))
-    sp = report["sparsity"]
-    environment = report.get("environment") or {}
-    calibration = report.get("calibration") or {}
+    # a pruned model loads with stock transformers (a per-layer layout through its remote-code auto_map)
+    metadata = card_data(base, title, tags, pipeline=task, eval_results=_eval_results(evaluations, task),
+                         library_name="transformers")
     resized = report.get("structured") is not None or report.get("pattern") == "structured"  # tensors physically smaller
+    view = removal_view(report)  # structured: what was removed from the original weights, not zeros left
+    sp = view["sparsity"]
+    environment = report.get("environment") or {}
+    calibration = scrub_paths(report.get("calibration") or {})  # provenance names files, never local folders
     load_class = model["class"]
     if report.get("variable_layout"):  # per-layer widths: transformers' remote-code path of an Auto class
         load_class = auto_classes(model.get("model_type") or "", model["class"])[0]
@@ -208,7 +290,7 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
         pattern=pattern,
         target_sparsity=config.get("sparsity"),
         config=config,
-        config_json=json.dumps(config, indent=2, sort_keys=True),
+        config_json=json.dumps(scrub_paths(config), indent=2, sort_keys=True),
         calibration=calibration,
         calibration_items=sorted((k, v) for k, v in calibration.items() if not isinstance(v, (dict, list))),
         overall=sp["overall"],
@@ -232,6 +314,11 @@ def build_model_card(report: dict, *, repo_id: str | None = None, evaluations: l
         allocation_plot=allocation_plot,
         layer_pruner=display_name((report.get("layer_pruner") or {}).get("method")),
         resized=resized,
+        structure=structure_rows(view) if resized else [],
+        parameters=(report.get("structured") or {}).get("parameters") or report.get("parameters"),
+        linear_flops=(report.get("structured") or {}).get("linear_flops_per_token"),
+        read_off=report.get("read_off"),
+        path_info=solution_path_info(report, config),
         load_class=load_class,
         trust_remote_code=bool(report.get("variable_layout")),
     )

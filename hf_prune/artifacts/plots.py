@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..engine.report import module_kind
+from ..engine.report import aggregate, group_by, module_kind
 
 SPARSITY_PICTURE = "sparsity_per_layer.png"
 PLOT_EXTRA_HINT = "pip install 'hf-prune[plot]' (matplotlib)"
@@ -21,6 +21,55 @@ def have_matplotlib() -> bool:
 
 def _natural(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _original_shape(name: str, entry: dict, layers: dict) -> list[int]:
+    """A pruned Linear's shape before structured removal: recorded (``original_shape``), or rebuilt from its
+    block's MLP widths (ModHiFi: the output layer lost input columns, the others output rows)."""
+    if entry.get("original_shape"):
+        return list(entry["original_shape"])
+    shape = list(entry["shape"])
+    for layer in layers.values():
+        if name == layer.get("output"):
+            return [shape[0], layer["width_before"]]
+    for block, layer in layers.items():
+        if name.startswith(block + ".") and len(shape) == 2:
+            return [layer["width_before"], shape[1]]
+    return shape
+
+
+def removal_view(report: dict) -> dict:
+    """A structurally pruned model's report with its sparsity sections counting what was *removed* from the
+    original weights (sliced out, or zeroed) instead of the zeros left in the smaller tensors, which are all
+    zero after a clean removal. Each per-module entry gains ``original_shape``, ``weights_before``,
+    ``weights_after`` and ``removed``. Reports of masking methods come back unchanged."""
+    resized = report.get("structured") is not None or report.get("pattern") == "structured"
+    if not resized:
+        return report
+    layers = (report.get("structured") or {}).get("layers") or {}
+    entries = {}
+    for name, entry in report["sparsity"]["per_module"].items():
+        original = _original_shape(name, entry, layers)
+        before = 1
+        for d in original:
+            before *= d
+        stored = 1
+        for d in entry["shape"]:
+            stored *= d
+        kept = stored - entry.get("stored_zeros", entry["zeros"] if not entry.get("original_shape") else 0)
+        removed = before - kept
+        entries[name] = {**entry, "original_shape": original, "weights_before": before, "weights_after": kept,
+                         "removed": removed, "numel": before, "zeros": removed, "achieved": removed / max(1, before)}
+    per_block = report["sparsity"].get("per_block") or {}
+    blocks = sorted(per_block, key=len, reverse=True)
+
+    def block_of(name: str) -> str:
+        return next((b for b in blocks if name.startswith(b + ".")), "")
+
+    sparsity = {**report["sparsity"], "per_module": entries, "overall": aggregate(entries),
+                "per_block": {b: v for b, v in group_by(entries, block_of).items() if b},
+                "per_module_kind": group_by(entries, module_kind)}
+    return {**report, "sparsity": sparsity}
 
 
 def layer_sparsity_table(report: dict) -> tuple[list[str], dict[str, list[float | None]], list[float]]:
@@ -48,23 +97,26 @@ def layer_sparsity_table(report: dict) -> tuple[list[str], dict[str, list[float 
 
 
 def plot_layer_sparsity(report: dict, path: str | os.PathLike, *, title: str | None = None) -> str | None:
-    """Draw achieved sparsity per block (one line per module kind, the block's overall in black) into a PNG
+    """Draw achieved sparsity per block (one line per module kind, the block's overall as a thick grey line; for a
+    structurally pruned model: the share of the original weights removed) into a PNG
     at ``path``; returns the path, or None when matplotlib is not installed."""
     if not have_matplotlib():
         return None
     from matplotlib.figure import Figure  # no pyplot: no global state, no backend change for the caller
 
-    blocks, by_kind, overall = layer_sparsity_table(report)
+    view = removal_view(report)
+    blocks, by_kind, overall = layer_sparsity_table(view)
     fig = Figure(figsize=(10, 4.5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     xs = list(range(len(blocks)))
-    ax.plot(xs, overall, color="black", linewidth=4, alpha=0.35, label="block overall", zorder=1)
+    ax.plot(xs, overall, color="0.65", linewidth=4, label="block overall (thick grey)", zorder=1)
     for kind, values in sorted(by_kind.items()):
         pts = [(x, v) for x, v in zip(xs, values) if v is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, linewidth=1, label=kind,
                 zorder=2)
     ax.set_xlabel("block (walk order)")
-    ax.set_ylabel("achieved sparsity (fraction of zeros)")
+    ax.set_ylabel("share of the original weights removed" if view is not report
+                  else "achieved sparsity (fraction of zeros)")
     ax.set_ylim(-0.02, 1.02)
     step = max(1, len(blocks) // 16)
     ax.set_xticks(xs[::step])

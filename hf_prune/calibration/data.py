@@ -9,6 +9,7 @@ list of dicts of tensors), used as given.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -118,6 +119,16 @@ def _parse_file(path: str) -> list[dict]:
     raise CalibrationDataError(f"{path}: unsupported file type {ext!r}; use .txt, .jsonl, .json or .csv.")
 
 
+def local_file_provenance(path: str) -> dict:
+    """How a local file is recorded wherever it may be published (reports, cards, ``model-index``): its file name
+    and the SHA-256 of its content, never the machine's path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"source": os.path.basename(path), "sha256": digest.hexdigest(), "local": True}
+
+
 def load_rows(source: Any, *, split: str = "train", dataset_config: str | None = None,
               purpose: str = "calibration") -> tuple[list, dict]:
     """Rows (dicts, or plain strings) of a source, and where they came from."""
@@ -137,7 +148,7 @@ def load_rows(source: Any, *, split: str = "train", dataset_config: str | None =
                 f"the calibration source was an in-memory object ({source}) and cannot be reloaded from a "
                 "config file; pass it again as calibration_dataset=...")
         if os.path.isfile(source):
-            return _rows_from_file(source), {"source": os.path.abspath(source)}
+            return _rows_from_file(source), local_file_provenance(source)
         if not os.path.exists(source) and looks_like_path(source, DATA_EXTENSIONS):
             raise CalibrationDataError(f"no such file: {source!r} (a local path, so it was not looked up as a Hub "
                                        "dataset); check the path.")
@@ -148,8 +159,8 @@ def load_rows(source: Any, *, split: str = "train", dataset_config: str | None =
                 loaded = datasets.load_from_disk(source)
             except Exception:  # not a save_to_disk folder: let datasets infer the builder
                 loaded = datasets.load_dataset(source, dataset_config, split=split)
-            return load_rows(loaded, split=split, purpose=purpose)[0], {"source": os.path.abspath(source),
-                                                                         "split": split}
+            return load_rows(loaded, split=split, purpose=purpose)[0], {
+                "source": f"local folder {os.path.basename(os.path.abspath(source))}", "local": True, "split": split}
         return _rows_from_hub(source, split, dataset_config)
     try:
         import datasets

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 from transformers import TrainerCallback
 
@@ -106,6 +107,9 @@ class SolutionPathCallback(TrainerCallback):
         if self.masks is None:
             return
         self.path = self.masks.solution_path(model)
+        empty = self.path.empty_warning()
+        if empty and state.is_world_process_zero:
+            warnings.warn(f"SPP search ended: {empty}", stacklevel=2)
         if state.is_world_process_zero:
             # the callback's own folder under the Trainer's output_dir: a later run into that output_dir (a
             # resumed one) replaces the path an earlier run saved there, as the Trainer replaces its own files

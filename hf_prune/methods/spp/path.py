@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -114,9 +115,29 @@ class SolutionPath:
             costs.append(torch.full((first.numel(),), float(unit["cost"][budget]), dtype=torch.float64))
         return orders, costs
 
+    def entered(self) -> int | None:
+        """How many entries have entered the path (a finite ``first_entry``) in a structured path's search; None for
+        an unstructured path, which ranks every weight at once."""
+        if self.kind != "structured":
+            return None
+        return sum(int(torch.isfinite(self.tensors[f"{i}.first_entry"]).sum()) for i in range(len(self.units)))
+
+    def empty_warning(self) -> str | None:
+        """The warning for a structured path in which no entry has entered yet (a search too short), else None."""
+        if self.entered() != 0:
+            return None
+        steps, time = self.search.get("steps"), self.search.get("time")
+        when = f" after {steps} steps (path time {time:.4g})" if isinstance(time, (int, float)) else ""
+        return (f"no entry of this solution path has entered yet{when}: the search stopped before any structure "
+                "entered, so every read-off ranks structures by their current z alone, not by when they entered the "
+                "path. Search longer (more max_steps, a larger lr or a smaller lam) before reading models off it.")
+
     def _check_read_off(self, sparsity: float, budget: str | None, scope: str | None) -> tuple[str, str]:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1) (the fraction removed).")
+        empty = self.empty_warning()
+        if empty:
+            warnings.warn(empty, stacklevel=3)
         budget, scope = self._default("budget", budget), self._default("scope", scope)
         if budget not in BUDGETS:
             raise ValueError(f"budget={budget!r} is not supported; choose one of {', '.join(BUDGETS)}.")
@@ -340,6 +361,7 @@ class SolutionPath:
             units=len(self.units), groups=", ".join(kinds), entries=sum(math.prod(u["shape"]) for u in self.units),
             picture=picture, plot_hint=PLOT_EXTRA_HINT,
             search_items=sorted((k, v) for k, v in self.search.items() if not isinstance(v, (dict, list))),
+            empty_warning=self.empty_warning(),
             config_json=json.dumps(self.config, indent=2, sort_keys=True),
             versions=framework_versions(environment()))
 
