@@ -15,7 +15,7 @@ from hf_prune import CalibrationConfig, SPPConfig
 def make_config(args):
     if args.pattern != "unstructured":
         raise SystemExit("SPP's training-free path reads off unstructured sparsities; use --sparsity.")
-    return SPPConfig(sparsity=args.sparsity,
+    return SPPConfig(sparsity=args.sparsity, training_free=True,  # experimental: see SPPConfig's docstring
                      calibration=CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, seed=0))
 
 
