@@ -437,7 +437,7 @@ def test_pool_trained_in_domain_lowers_heldout_loss_after_wanda_2_4_on_the_train
             return float(model(input_ids=test, labels=test).loss)
 
     before = loss(pruned)
-    config = InputCompensationConfig(steps=36, eval_steps=12)
+    config = InputCompensationConfig(lr=1e-2, steps=36, eval_steps=12)  # a short run: the larger of the good lrs
     ic = InputCompensatedModel(pruned, config, teacher=dense)
     trainer = Trainer(model=ic, args=config.training_arguments(str(tmp_path / "t"), per_device_train_batch_size=8,
                                                                use_cpu=True, disable_tqdm=True, seed=0),

@@ -80,7 +80,7 @@ class InputCompensationConfig(PrunerConfig):
     feature: str | None = None
     train_base: Any = False
     init_seed: int = 0
-    lr: float = 1e-2
+    lr: float = 3e-3
     steps: int = 300
     warmup_steps: int = 0
     lr_scheduler: str = "cosine"
