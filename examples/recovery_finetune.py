@@ -6,7 +6,7 @@
    (PEFT's plain merge would fill every pruned position with the dense LoRA update; re-masking after the merge
    keeps the zeros but drops the part of the update that fell on them, which the script reports).
 
-    python examples/recovery_finetune.py                      # magnitude 70%, hf_prune.toy's tiny LLaMA
+    python examples/recovery_finetune.py                      # magnitude 70%, the shared trained decoder
     python examples/recovery_finetune.py --pattern 2:4 --steps 100 --output out/recovered [--push-to REPO]
 """
 

@@ -3,7 +3,7 @@ calibration pass ranks every weight of the pruned Linear layers along a path, so
 off it without recomputing. The structured search on masks (q-k, v-o, MLP neurons) with the Trainer callback,
 which gives physically smaller models, is shown in the README's SPP section.
 
-    python examples/spp.py                                   # 50% on hf_prune.toy's tiny LLaMA
+    python examples/spp.py                                   # 50% on the shared trained decoder
     python examples/spp.py --sparsity 0.6 --output out/spp-60
 """
 
