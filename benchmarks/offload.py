@@ -133,8 +133,8 @@ def main() -> None:
         child(args)
         return
 
-    from hf_prune.planner import plan
     from hf_prune.engine.report import format_table
+    from hf_prune.planner import plan
 
     work = tempfile.mkdtemp(prefix="hf_prune_offload_bench-")
     try:
