@@ -1,4 +1,5 @@
-"""SPP for language models, training-free (hf_prune's own variant; the paper's LLM algorithm is unpublished): one
+"""SPP for language models, training-free (hf_prune's own variant, experimental and opt-in with training_free=True:
+on the shared trained decoder it beats RIA from 40% to 70% but not at 30%; the paper's LLM algorithm is unpublished): one
 calibration pass ranks every weight of the pruned Linear layers along a path, so any unstructured sparsity reads
 off it without recomputing. The structured search on masks (q-k, v-o, MLP neurons) with the Trainer callback,
 which gives physically smaller models, is shown in the README's SPP section.
