@@ -1,6 +1,7 @@
 """ECoFLaP's stage 1, zeroth- vs first-order vs uniform: score time, peak memory, quality at 50/60/70%.
 
-    python benchmarks/ecoflap.py                      # toy LLaMA "small" (hf_prune.toy) + a random 8-layer LLaMA for memory
+    python benchmarks/ecoflap.py                      # shared trained decoder for quality + a random 8-layer LLaMA for memory
+    python benchmarks/ecoflap.py --skip-memory --model toy --seq-len 128 --eval-windows 64   # the toy LLaMA's quality
     python benchmarks/ecoflap.py --device cuda --memory-layers 16 --memory-hidden 2048 --memory-dtype bfloat16
 
 Two tables:
@@ -11,8 +12,9 @@ Two tables:
    +10%, first order within 1.5x). CPU: peak RSS (VmHWM, reset after loading); CUDA: max allocated.
    "x fwd" compares totals (weights included); "extra x fwd" compares what each needs above the loaded
    model, which on a small model is the stricter view.
-2. Quality: perplexity of the toy LLaMA (trained on builtin:python-docs) on the held-out split after
-   uniform Wanda and after ECoFLaP + Wanda with each scorer, at each sparsity.
+2. Quality: perplexity of ``--model`` (default: the shared trained decoder ../shared/models/pylm, calibrated on
+   pylm-data/calibration.txt, evaluated on pylm-data/heldout.txt; ``toy``: hf_prune.toy's LLaMA on
+   builtin:python-docs) after uniform Wanda and after ECoFLaP + Wanda with each scorer, at each sparsity.
 
 Prints tables; never asserts.
 """
@@ -37,6 +39,8 @@ from oneshot import rss_bytes  # noqa: E402  (this folder is on sys.path when a 
 from hf_prune import CalibrationConfig, ECoFLaPConfig, Pruner, WandaConfig  # noqa: E402
 from hf_prune.engine.report import _reset_vm_hwm, _vm_hwm_bytes, format_table  # noqa: E402
 
+PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
+PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 SCORERS = {  # name -> ECoFLaPConfig overrides
     "zeroth_order/tensor": dict(score="zeroth_order", zo_perturb="tensor"),
     "zeroth_order/block": dict(score="zeroth_order", zo_perturb="block"),
@@ -141,20 +145,30 @@ def quality_table(args) -> None:
     from hf_prune.evaluation import perplexity
     from hf_prune.toy import toy_causal_lm
 
-    dense, tokenizer = toy_causal_lm(args.toy_size)
+    if args.model == "toy":
+        dense, tokenizer = toy_causal_lm(args.toy_size)
+        calibration, evaluation = args.calibration or "builtin:python-docs", args.eval or "builtin:python-docs"
+        label = f"toy LLaMA '{args.toy_size}' (trained on builtin:python-docs)"
+    else:
+        base = Pruner.from_pretrained(args.model, dtype=torch.float32)
+        dense, tokenizer = base.model, base.tokenizer
+        calibration = args.calibration or f"{PYLM_DATA}/calibration.txt"
+        evaluation = args.eval or f"{PYLM_DATA}/heldout.txt"
+        label = args.model
+    seq_len = args.seq_len or (128 if args.model == "toy" else 256)
     dense.eval()
-    cal = CalibrationConfig(dataset=args.calibration, num_samples=args.num_samples, seq_len=args.seq_len,
+    cal = CalibrationConfig(dataset=calibration, num_samples=args.num_samples, seq_len=seq_len,
                             batch_size=args.batch_size)
 
     def ppl(model):
-        return perplexity(model, tokenizer, args.eval, seq_len=args.seq_len, max_windows=args.eval_windows,
+        return perplexity(model, tokenizer, evaluation, seq_len=seq_len, max_windows=args.eval_windows,
                           batch_size=8)
 
     dense_ppl = ppl(dense)
     params = sum(p.numel() for p in dense.parameters())
-    print(f"Quality: toy LLaMA '{args.toy_size}' ({params / 1e6:.2f}M parameters, {dense.config.num_hidden_layers} "
-          f"blocks, trained on builtin:python-docs), dense perplexity {dense_ppl:.3f} on the held-out split "
-          f"({args.eval_windows} windows of {args.seq_len}); calibration {args.num_samples} x {args.seq_len} tokens "
+    print(f"Quality: {label} ({params / 1e6:.2f}M parameters, {dense.config.num_hidden_layers} "
+          f"blocks), dense perplexity {dense_ppl:.3f} on {evaluation} "
+          f"({args.eval_windows} windows of {seq_len}); calibration {args.num_samples} x {seq_len} tokens of {calibration} "
           f"for Wanda, {args.num_score_samples} for the scores; granularity {args.granularity}")
     rows = []
     for sparsity in args.sparsities:
@@ -181,14 +195,18 @@ def quality_table(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=PYLM, help="quality table: a causal LM folder or Hub id (default: the shared "
+                                                       "trained decoder); 'toy': hf_prune.toy's LLaMA")
     parser.add_argument("--toy-size", default="small", choices=["tiny", "small"])
-    parser.add_argument("--calibration", default="builtin:python-docs")
-    parser.add_argument("--eval", default="builtin:python-docs")
+    parser.add_argument("--calibration", default=None, help="calibration text (default: pylm-data/calibration.txt, "
+                                                            "or builtin:python-docs for the toy and the memory table)")
+    parser.add_argument("--eval", default=None, help="held-out text (default: pylm-data/heldout.txt, or "
+                                                     "builtin:python-docs for the toy)")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--num-score-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=None, help="default 256 (128 for the toy and the memory table)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--granularity", default="block", choices=["block", "layer", "submodel"])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     parser.add_argument("--device", default="cpu", help="where the memory model runs (cpu or cuda)")
@@ -204,7 +222,8 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
     if not args.skip_memory:
-        memory_table(args)
+        memory_table(argparse.Namespace(**{**vars(args), "calibration": args.calibration or "builtin:python-docs",
+                                           "seq_len": args.seq_len or 128}))
     if not args.skip_quality:
         quality_table(args)
 

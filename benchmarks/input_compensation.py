@@ -1,21 +1,27 @@
 """Input compensation (IC) after one-shot pruning, next to LoRA with a comparable number of trainable parameters.
 
-    python benchmarks/input_compensation.py                      # the small toy LLaMA trained on builtin:python-docs
-    python benchmarks/input_compensation.py --steps 400 --pool-size 128 --methods wanda --settings 0.6
+    python benchmarks/input_compensation.py                      # the shared trained decoder ../shared/models/pylm
+    python benchmarks/input_compensation.py --methods wanda --settings 2:4 --steps 300
+    python benchmarks/input_compensation.py --model toy --seq-len 128   # hf_prune.toy's LLaMA on builtin:python-docs
 
-For Magnitude, Wanda and SparseGPT at 50%, 60% and 2:4 it prints the held-out perplexity of
+In-domain protocol on the shared trained decoder: the pruners calibrate on ``pylm-data/calibration.txt``, IC and
+LoRA train on random windows of it (``--train-seq-len`` tokens), and perplexity is measured on windows 0-47 of
+``pylm-data/heldout.txt`` (never trained on); windows 48-63 of it are the selection data of ``keep_best`` (the
+pool with the lowest held-out IC loss is kept, the pruned model included, so IC is never worse than pruning on
+that data). For Magnitude, Wanda and SparseGPT at each ``--settings`` entry it prints the held-out perplexity of
 - the pruned model alone;
-- the pruned model + IC (a pool of --pool-size entries trained with transformers.Trainer and
-  InputCompensationCallback, KL to the dense model's logits), measured after merge_and_unload() folded the pool
-  into the embedding table (zero overhead; the table also gives the largest logit difference to the unfolded
-  model, which should be float rounding);
-- the pruned model + VP, the input-independent ablation the reviewers asked about (a pool of one entry: the same
-  vector added to every token);
+- the pruned model + IC (``InputCompensationConfig``'s default recipe unless overridden, trained with
+  transformers.Trainer and InputCompensationCallback, KL to the dense model's logits), measured after
+  merge_and_unload() folded the pool into the embedding table (zero overhead; the table also gives the largest
+  logit difference to the unfolded model, which should be float rounding), and the share of the log-perplexity
+  gap to dense it closes;
+- with ``--vp``, the pruned model + VP, the input-independent ablation the reviewers asked about (a pool of one
+  entry: the same vector added to every token);
 - the pruned model + LoRA (peft) on every Linear inside the blocks with the rank that gives the closest number of
-  trainable parameters to IC's, trained the same way (same data, steps, batch, schedule, KL loss). LoRA is
-  reported twice: with the adapter kept separate (the function it learned; its B·A products are dense, so it
-  adds r·(in+out) parameters and their FLOPs per layer at inference) and merged into the weights then
-  re-masked with the pruning masks (the sparsity is kept, the function changes).
+  trainable parameters to IC's, trained the same way (same data, steps, batch, schedule, KL loss; the last
+  adapter, no selection). LoRA is reported twice: with the adapter kept separate (the function it learned; its
+  B·A products are dense, so it adds r·(in+out) parameters and their FLOPs per layer at inference) and merged
+  into the weights then re-masked with the pruning masks (the sparsity is kept, the function changes).
 Trainable parameters and training time (wall and process CPU seconds) are printed for each. Never asserts.
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -42,10 +49,12 @@ from hf_prune import (  # noqa: E402
 )
 from hf_prune.callbacks import InputCompensationCallback  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
-from hf_prune.evaluation import perplexity, perplexity_windows  # noqa: E402
+from hf_prune.evaluation import perplexity_windows  # noqa: E402
 from hf_prune.methods.input_compensation.ops import kd_kl_loss  # noqa: E402
 from hf_prune.training.weight_masks import WeightMasks  # noqa: E402
 
+PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
+PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 METHODS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -54,13 +63,15 @@ def parse_setting(text: str) -> dict:
     return {"pattern": text} if ":" in text else {"sparsity": float(text)}
 
 
-def training_args(args, output_dir: str, lr: float):
+def training_args(args, output_dir: str, lr: float, ic_config: InputCompensationConfig | None = None):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                             learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-                             logging_steps=max(1, args.steps // 4), report_to=[], save_strategy="no", use_cpu=True,
-                             disable_tqdm=True, seed=args.seed, data_seed=args.seed)
+    common = dict(per_device_train_batch_size=args.batch_size, logging_steps=max(1, args.steps // 4),
+                  report_to=[], use_cpu=True, disable_tqdm=True, seed=args.seed, data_seed=args.seed)
+    if ic_config is not None:  # the config's recipe: lr, steps, schedule, keep_best's evaluation
+        return ic_config.training_arguments(output_dir, **common)
+    return TrainingArguments(output_dir=output_dir, max_steps=args.steps, learning_rate=lr, lr_scheduler_type="cosine",
+                             warmup_steps=0, weight_decay=0.0, save_strategy="no", **common)
 
 
 def timed(fn):
@@ -69,22 +80,25 @@ def timed(fn):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def train_ic(args, pruned, dense, data, pool_size: int, out: str):
+def train_ic(args, pruned, dense, data, select, pool_size: int, out: str):
     from transformers import Trainer
 
-    ic = InputCompensatedModel(copy.deepcopy(pruned), InputCompensationConfig(
-        pool_size=pool_size, temperature=args.temperature, init_seed=args.seed), teacher=dense)
-    trainer = Trainer(model=ic, args=training_args(args, out, args.ic_lr), train_dataset=data,
-                      callbacks=[InputCompensationCallback()])
+    overrides = {k: v for k, v in (("lr", args.ic_lr), ("steps", args.steps), ("temperature", args.temperature))
+                 if v is not None}
+    config = InputCompensationConfig(pool_size=pool_size, init_seed=args.seed, keep_best=not args.no_keep_best,
+                                     eval_steps=args.eval_steps, **overrides)
+    ic = InputCompensatedModel(copy.deepcopy(pruned), config, teacher=dense)
+    trainer = Trainer(model=ic, args=training_args(args, out, config.lr, config), train_dataset=data,
+                      eval_dataset=select, callbacks=[InputCompensationCallback()])
     wall, cpu = timed(trainer.train)
     ic.eval()
-    report = ic.report()
+    report, trainable = ic.report(), ic.trainable_parameters()  # before merging gives the base back its own flags
     probe = data[:4]["input_ids"]
     with torch.no_grad():
         wrapped = ic(input_ids=torch.tensor(probe)).logits
         merged = ic.merge_and_unload()
         diff = float((merged(input_ids=torch.tensor(probe)).logits - wrapped).abs().max())
-    return merged, report, ic.trainable_parameters(), wall, cpu, diff
+    return merged, report, trainable, wall, cpu, diff
 
 
 def lora_rank(model, budget: int) -> tuple[int, int]:
@@ -119,55 +133,80 @@ def train_lora(args, pruned, dense, data, budget: int, out: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=PYLM, help="a causal LM folder or Hub id (default: the shared trained "
+                                                       "decoder); 'toy': hf_prune.toy's LLaMA on builtin:python-docs")
+    parser.add_argument("--calibration", default=f"{PYLM_DATA}/calibration.txt",
+                        help="calibration and training text (in-domain)")
+    parser.add_argument("--eval", default=f"{PYLM_DATA}/heldout.txt", help="held-out text")
     parser.add_argument("--toy-size", default="small", choices=["tiny", "small"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--settings", nargs="+", default=["0.5", "0.6", "2:4"], help="sparsities and/or N:M patterns")
+    parser.add_argument("--settings", nargs="+", default=["0.5", "2:4", "0.7"], help="sparsities and/or N:M patterns")
     parser.add_argument("--num-samples", type=int, default=64, help="calibration windows (Wanda, SparseGPT)")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--train-windows", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seq-len", type=int, default=256, help="calibration and evaluation window")
+    parser.add_argument("--train-seq-len", type=int, default=128, help="training window of IC and LoRA")
+    parser.add_argument("--eval-windows", type=int, default=48)
+    parser.add_argument("--select-windows", type=int, default=16, help="held-out windows for keep_best")
+    parser.add_argument("--train-windows", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=None, help="default: InputCompensationConfig.steps")
+    parser.add_argument("--eval-steps", type=int, default=InputCompensationConfig.eval_steps)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--pool-size", type=int, default=64)
+    parser.add_argument("--pool-size", type=int, default=InputCompensationConfig.pool_size)
     parser.add_argument("--temperature", type=float, default=None, help="IC softmax temperature (default sqrt(d)/8)")
-    parser.add_argument("--ic-lr", type=float, default=1e-2)
+    parser.add_argument("--ic-lr", type=float, default=None, help="default: InputCompensationConfig.lr")
     parser.add_argument("--lora-lr", type=float, default=1e-2)
-    parser.add_argument("--no-vp", action="store_true", help="skip the input-independent (one-entry pool) ablation")
+    parser.add_argument("--no-keep-best", action="store_true", help="keep IC's last pool instead of the best")
+    parser.add_argument("--vp", action="store_true", help="add the input-independent (one-entry pool) ablation")
     parser.add_argument("--no-lora", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/hf_prune_ic_bench")
     args = parser.parse_args()
+    args.steps = args.steps or InputCompensationConfig.steps
+    args.ic_lr = args.ic_lr or InputCompensationConfig.lr
 
     from datasets import Dataset
     from transformers.utils import logging as hf_logging
 
-    from hf_prune.toy import toy_causal_lm
-
     hf_logging.set_verbosity_error()
     torch.manual_seed(args.seed)
-    dense, tokenizer = toy_causal_lm(args.toy_size)
+    if args.model == "toy":
+        from hf_prune.toy import toy_causal_lm
+
+        dense, tokenizer = toy_causal_lm(args.toy_size)
+        args.calibration = args.eval = "builtin:python-docs"
+        label, train_split, eval_split = f"toy LLaMA ({args.toy_size})", "train", "test"
+    else:
+        base = Pruner.from_pretrained(args.model, dtype=torch.float32)
+        dense, tokenizer, label, train_split, eval_split = base.model, base.tokenizer, args.model, "train", "test"
     dense.eval()
     for p in dense.parameters():
         p.requires_grad_(False)
-    windows, _ = perplexity_windows(tokenizer, "builtin:python-docs", seq_len=args.seq_len, split="train")
+    windows, _ = perplexity_windows(tokenizer, args.calibration, seq_len=args.train_seq_len, split=train_split)
     g = torch.Generator().manual_seed(args.seed)
     train = windows[torch.randperm(len(windows), generator=g)[: args.train_windows]]
     data = Dataset.from_dict({"input_ids": train.tolist()})
+    held, _ = perplexity_windows(tokenizer, args.eval, seq_len=args.seq_len, split=eval_split)
+    evaluation = held[: args.eval_windows]
+    chosen = held[args.eval_windows: args.eval_windows + args.select_windows]
+    select = Dataset.from_dict({"input_ids": chosen.tolist(), "labels": chosen.tolist()})
 
+    @torch.no_grad()
     def ppl(model) -> float:
-        return perplexity(model, tokenizer, "builtin:python-docs", seq_len=args.seq_len,
-                          max_windows=args.eval_windows, batch_size=8)
+        model.eval()
+        total = sum(float(model(input_ids=evaluation[i: i + 8], labels=evaluation[i: i + 8]).loss) * len(
+            evaluation[i: i + 8]) for i in range(0, len(evaluation), 8))
+        return math.exp(total / len(evaluation))
 
-    cal = CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, dataset="builtin:python-docs",
+    cal = CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, dataset=args.calibration,
                             seed=args.seed)
     params = sum(p.numel() for p in dense.parameters())
     dense_ppl = ppl(dense)
-    print(f"model: toy LLaMA ({args.toy_size}), {params / 1e6:.2f}M parameters, hidden {dense.config.hidden_size}, "
+    print(f"model: {label}, {params / 1e6:.2f}M parameters, hidden {dense.config.hidden_size}, "
           f"vocab {dense.config.vocab_size}; dense held-out perplexity {dense_ppl:.3f} "
-          f"({args.eval_windows} windows x {args.seq_len} tokens, builtin:python-docs test split)")
-    print(f"training: {len(train)} windows of {args.seq_len} tokens from the train split, {args.steps} steps x batch "
-          f"{args.batch_size}, cosine schedule, KL to the dense logits; IC lr {args.ic_lr}, LoRA lr {args.lora_lr}; "
-          f"torch threads {torch.get_num_threads()}\n")
+          f"(windows 0-{args.eval_windows - 1} x {args.seq_len} tokens of {args.eval}; keep_best selects on windows "
+          f"{args.eval_windows}-{args.eval_windows + args.select_windows - 1})")
+    print(f"training: {len(train)} windows of {args.train_seq_len} tokens of {args.calibration}, {args.steps} steps x "
+          f"batch {args.batch_size}, cosine schedule, KL to the dense logits; IC lr {args.ic_lr} pool "
+          f"{args.pool_size}, LoRA lr {args.lora_lr}; torch threads {torch.get_num_threads()}\n")
 
     rows = []
     for method in args.methods:
@@ -178,12 +217,15 @@ def main() -> None:
             pruned_ppl = ppl(pruned)
             tag = f"{method}-{setting}".replace(":", "of")
             folded, report, ic_params, ic_wall, ic_cpu, fold_diff = train_ic(
-                args, pruned, dense, data, args.pool_size, os.path.join(args.workdir, tag, "ic"))
+                args, pruned, dense, data, select, args.pool_size, os.path.join(args.workdir, tag, "ic"))
             ic_ppl = ppl(folded)
-            row = [method, setting, f"{pruned_ppl:.3f}", f"{ic_ppl:.3f}", f"{ic_params:,}", f"{ic_wall:.0f}/{ic_cpu:.0f}",
-                   f"{report['effective_sparsity']:.4f}", f"{fold_diff:.1e}"]
-            if not args.no_vp:
-                vp, _, vp_params, _, _, _ = train_ic(args, pruned, dense, data, 1, os.path.join(args.workdir, tag, "vp"))
+            closed = (math.log(pruned_ppl) - math.log(ic_ppl)) / max(1e-12, math.log(pruned_ppl) - math.log(dense_ppl))
+            kept = report["kept"]["step"] if report.get("kept") else "last"
+            row = [method, setting, f"{pruned_ppl:.3f}", f"{ic_ppl:.3f}", f"{closed:.1%}", str(kept), f"{ic_params:,}",
+                   f"{ic_wall:.0f}/{ic_cpu:.0f}", f"{report['effective_sparsity']:.4f}", f"{fold_diff:.1e}"]
+            if args.vp:
+                vp, _, vp_params, _, _, _ = train_ic(args, pruned, dense, data, select, 1,
+                                                     os.path.join(args.workdir, tag, "vp"))
                 row.append(f"{ppl(vp):.3f}")
             if not args.no_lora:
                 lora, rank, lora_params, lora_wall, lora_cpu = train_lora(
@@ -197,9 +239,9 @@ def main() -> None:
                         f"{lora_params:,}", f"{lora_wall:.0f}/{lora_cpu:.0f}"]
             rows.append(row)
             print(" | ".join(row), flush=True)
-    headers = ["method", "setting", "pruned", "+IC (folded)", "IC params", "IC time wall/cpu (s)",
-               "eff. sparsity w/ unfolded IC", "fold max|dlogit|"]
-    if not args.no_vp:
+    headers = ["method", "setting", "pruned", "+IC (folded)", "IC gap closed", "IC kept step", "IC params",
+               "IC time wall/cpu (s)", "eff. sparsity w/ unfolded IC", "fold max|dlogit|"]
+    if args.vp:
         headers.append("+VP (m=1)")
     if not args.no_lora:
         headers += ["+LoRA (separate)", "sparsity after LoRA merge", "+LoRA merged, re-masked", "LoRA r", "LoRA params", "LoRA time wall/cpu (s)"]

@@ -3,7 +3,8 @@ each sparsity. Prints tables (and a PNG of the path); never asserts.
 
     python benchmarks/solution_path.py                  # both parts (needs scikit-learn for the digits)
     python benchmarks/solution_path.py --part structured
-    python benchmarks/solution_path.py --part llm --toy-size small
+    python benchmarks/solution_path.py --part llm       # the shared trained decoder ../shared/models/pylm
+    python benchmarks/solution_path.py --part llm --model toy --seq-len 128 --eval-windows 64
 
 Part "structured" (SPP with the Trainer callback): a ViT trained here on scikit-learn's 8x8 handwritten digits
 (1400 train / 397 held out, offline). One SPP search per coupling (Split LBI, released code) over the masks of
@@ -13,9 +14,10 @@ per-group budgets: "magnitude-sp" (norm of the weights an entry removes, data-fr
 norm x activation RMS on the calibration images, each block calibrated on the already pruned blocks).
 Columns: held-out accuracy right after pruning (no fine-tuning), parameters, time.
 
-Part "llm" (the training-free variant, ours): the toy LLaMA of hf_prune.toy; one calibration pass builds the
-unstructured path, every sparsity is read off it; RIA runs once per sparsity. Columns: perplexity on the
-held-out split of builtin:python-docs, and time.
+Part "llm" (the training-free variant, ours, experimental): by default the shared trained decoder
+../shared/models/pylm, calibrated on pylm-data/calibration.txt and evaluated on pylm-data/heldout.txt (``--model
+toy``: hf_prune.toy's LLaMA on builtin:python-docs); one calibration pass builds the unstructured path, every
+sparsity is read off it; RIA runs once per sparsity. Columns: held-out perplexity, and time.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from hf_prune.engine.stats import LinearStats  # noqa: E402
 from hf_prune.engine.walker import walk  # noqa: E402
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
+PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 TRAIN = 1400
 
 
@@ -247,36 +251,49 @@ def part_structured(args) -> None:
 
 def part_llm(args) -> None:
     from hf_prune.evaluation import perplexity
-    from hf_prune.toy import toy_causal_lm
 
-    model, tokenizer = toy_causal_lm(args.toy_size)
-    cal = CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, seed=0)
-    ev = dict(seq_len=args.seq_len, max_windows=args.eval_windows)
-    dense = perplexity(model, tokenizer, "builtin:python-docs", **ev)
+    if args.model == "toy":
+        from hf_prune.toy import toy_causal_lm
+
+        model, tokenizer = toy_causal_lm(args.toy_size)
+        calibration_text = eval_text = "builtin:python-docs"
+        label = f"toy LLaMA {args.toy_size}"
+    else:
+        base = Pruner.from_pretrained(args.model, dtype=torch.float32)
+        model, tokenizer = base.model, base.tokenizer
+        calibration_text, eval_text = args.calibration, args.eval
+        label = args.model
+    model.eval()
+    seq_len = args.seq_len or (128 if args.model == "toy" else 256)
+    cal = CalibrationConfig(num_samples=args.num_samples, seq_len=seq_len, seed=0)
+    ev = dict(seq_len=seq_len, max_windows=args.eval_windows)
+    dense = perplexity(model, tokenizer, eval_text, **ev)
     params = sum(p.numel() for p in model.parameters())
-    print(f"\n## training-free (ours) vs RIA: toy LLaMA {args.toy_size} ({params:,} parameters), dense perplexity "
-          f"{dense:.3f}; {args.num_samples} x {args.seq_len} calibration tokens, {args.eval_windows} held-out "
-          "windows\n")
+    print(f"\n## training-free (ours, correction {args.correction}, step_fraction {args.step_fraction}) vs RIA: "
+          f"{label} ({params:,} parameters), dense perplexity {dense:.3f}; {args.num_samples} x {seq_len} "
+          f"calibration tokens of {calibration_text}, {args.eval_windows} windows of {eval_text}\n")
     start = time.perf_counter()
     pruner = Pruner(copy.deepcopy(model), tokenizer)
-    path = pruner.prune(SPPConfig(sparsity=0.5, calibration=cal, step_fraction=args.step_fraction),
-                        calibration_dataset="builtin:python-docs", progress=False).path
+    path = pruner.prune(SPPConfig(sparsity=0.5, training_free=True, calibration=cal, step_fraction=args.step_fraction,
+                                  correction=args.correction),
+                        calibration_dataset=calibration_text, progress=False).path
     path_seconds = time.perf_counter() - start
     path.plot(os.path.join(args.out, "training-free.png"))
     rows, ours_total, ria_total = [], path_seconds, 0.0
-    for s in SPARSITIES:
+    for s in args.sparsities:
         start = time.perf_counter()
         ours_model = path.apply(model, s)
         read = time.perf_counter() - start
         ours_total += read
         start = time.perf_counter()
         ria = Pruner(copy.deepcopy(model), tokenizer)
-        ria.prune(RIAConfig(sparsity=s, calibration=cal), calibration_dataset="builtin:python-docs", progress=False)
+        ria.prune(RIAConfig(sparsity=s, calibration=cal), calibration_dataset=calibration_text, progress=False)
         seconds = time.perf_counter() - start
         ria_total += seconds
-        rows.append([f"{s:.1f}", f"{perplexity(ours_model, tokenizer, 'builtin:python-docs', **ev):.3f}",
-                     f"{read:.2f}", f"{perplexity(ria.model, tokenizer, 'builtin:python-docs', **ev):.3f}",
+        rows.append([f"{s:.1f}", f"{perplexity(ours_model, tokenizer, eval_text, **ev):.3f}",
+                     f"{read:.2f}", f"{perplexity(ria.model, tokenizer, eval_text, **ev):.3f}",
                      f"{seconds:.2f}"])
+        print(" | ".join(rows[-1]), flush=True)
     print(f"ours: one pass building the path: {path_seconds:.1f} s")
     print(format_table(rows, ["sparsity", "ours ppl", "ours read-off s", "RIA ppl", "RIA s"]))
     print(f"\ntotal time for the whole curve (s): ours {ours_total:.1f}, RIA {ria_total:.1f}")
@@ -295,11 +312,17 @@ def main() -> None:
     parser.add_argument("--lam-released", type=float, default=1.0, help="released-code threshold")
     parser.add_argument("--share", action=argparse.BooleanOptionalAction, default=False,
                         help="one attention mask per block shared by all heads")
+    parser.add_argument("--model", default=PYLM, help="part llm: a causal LM folder or Hub id (default: the shared "
+                                                       "trained decoder); 'toy': hf_prune.toy's LLaMA")
+    parser.add_argument("--calibration", default=f"{PYLM_DATA}/calibration.txt", help="part llm: calibration text")
+    parser.add_argument("--eval", default=f"{PYLM_DATA}/heldout.txt", help="part llm: held-out text")
     parser.add_argument("--toy-size", default="small", choices=["tiny", "small"])
     parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--step-fraction", type=float, default=0.01)
+    parser.add_argument("--seq-len", type=int, default=None, help="part llm: 256 (128 for the toy)")
+    parser.add_argument("--eval-windows", type=int, default=48)
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    parser.add_argument("--step-fraction", type=float, default=SPPConfig.step_fraction)
+    parser.add_argument("--correction", type=float, default=SPPConfig.correction)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)

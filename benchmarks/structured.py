@@ -1,6 +1,7 @@
 """Structured MLP-neuron pruning: ModHiFi next to an L2-norm structured baseline at the same widths.
 
-    python benchmarks/structured.py            # real all-MiniLM-L6-v2 (embedding cosine) + toy LLaMA (perplexity)
+    python benchmarks/structured.py            # real all-MiniLM-L6-v2 (embedding cosine) + the shared trained decoder
+    python benchmarks/structured.py --models pylm --pylm PATH   # another causal LM folder, with pylm-data text
     python benchmarks/structured.py --models minilm --sparsities 0.1 0.3 0.5 --variants modhifi l2
     python benchmarks/structured.py --models toy --variants modhifi modhifi-greedy l2 l2+ls
 
@@ -10,6 +11,8 @@ forward passes after warm-up, timed alternately with the dense model so that a s
 both alike) and quality against the dense model:
 - minilm: mean cosine of the sentence embeddings to the dense model's on held-out sentences (test split of
   builtin:python-docs), calibration on the train split;
+- pylm (default): perplexity of the shared trained decoder ../shared/models/pylm over 48 windows of 256 tokens of
+  pylm-data/heldout.txt, calibration on pylm-data/calibration.txt;
 - toy: perplexity of a small LLaMA trained on builtin:python-docs (hf_prune.toy) on its test split.
 
 Variants (all use the same slicing, hf_prune.structured.shrink_mlp):
@@ -38,6 +41,8 @@ from hf_prune.calibration import builtin_texts  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
 from hf_prune.evaluation import perplexity  # noqa: E402
 
+PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
+PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 VARIANTS = {
     "modhifi": {},
     "modhifi-singleton": {"score": "singleton_fidelity"},
@@ -91,6 +96,19 @@ def setup(name: str, args):
                   return_tensors="pt")
         label = "all-MiniLM-L6-v2 (real, 22.7M parameters): mean cosine to the dense sentence embeddings"
         return model, tok, cal, quality, "cosine", ids, label
+    if name == "pylm":
+        base = Pruner.from_pretrained(args.pylm, dtype=torch.float32)
+        model, tok = base.model, base.tokenizer
+
+        def quality(m) -> float:
+            return perplexity(m, tok, f"{PYLM_DATA}/heldout.txt", seq_len=256, max_windows=48, batch_size=8)
+
+        cal = CalibrationConfig(dataset=f"{PYLM_DATA}/calibration.txt", num_samples=args.num_samples, seq_len=256)
+        g = torch.Generator().manual_seed(0)
+        ids = {"input_ids": torch.randint(8, len(tok), (args.batch, args.seq_len), generator=g)}
+        label = (f"{args.pylm} (trained decoder): perplexity over 48 x 256 tokens of pylm-data/heldout.txt, "
+                 "calibration on pylm-data/calibration.txt")
+        return model, tok, cal, quality, "perplexity", ids, label
     from hf_prune.toy import toy_causal_lm
 
     model, tok = toy_causal_lm("small")
@@ -113,7 +131,7 @@ def run(name: str, args) -> None:
     print(f"\n## {label}")
     print(f"latency: batch {shape[0]} x {shape[1]} tokens and 1 x {shape[1]}, median of {args.repeats} forwards "
           f"timed alternately with the dense model's, {torch.get_num_threads()} threads; calibration {cal.num_samples} "
-          "samples of builtin:python-docs (train)\n")
+          f"samples of {cal.dataset}\n")
     dense = copy.deepcopy(dense)  # own, contiguous tensors, like every pruned copy (no memory-mapped weights)
     base_params = sum(p.numel() for p in dense.parameters())
     base_flops = linear_flops(dense)
@@ -144,7 +162,9 @@ def run(name: str, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["minilm", "toy"], choices=["minilm", "toy"])
+    parser.add_argument("--models", nargs="+", default=["minilm", "pylm"], choices=["minilm", "pylm", "toy"])
+    parser.add_argument("--pylm", default=PYLM, help="the causal LM of --models pylm (default: the shared trained "
+                                                     "decoder)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--variants", nargs="+", default=["modhifi", "l2"], choices=list(VARIANTS))
     parser.add_argument("--num-samples", type=int, default=64)

@@ -1,6 +1,8 @@
 """hf_prune next to its peers on the same model, the same calibration windows and the same held-out text.
 
-    python benchmarks/vs_peers.py                       # toy LLaMA "small" trained on builtin:python-docs
+    python benchmarks/vs_peers.py                       # the shared trained decoder ../shared/models/pylm
+    python benchmarks/vs_peers.py --model toy --calibration builtin:python-docs --eval builtin:python-docs \
+        --seq-len 128 --eval-windows 64                 # the toy LLaMA "small" of the earlier table
     python benchmarks/vs_peers.py --model PATH --num-samples 128 --seq-len 2048 --eval FILE
 
 llm-compressor pins other transformers versions, so it runs in its own virtual environment, which this script
@@ -35,6 +37,8 @@ from hf_prune.calibration import build_calibration  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
 from hf_prune.evaluation import perplexity, sparsity_report  # noqa: E402
 
+PYLM = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "models", "pylm"))
+PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 PEER_VERSION = "llmcompressor==0.14.0.1"
 TP_VERSION = "torch-pruning==1.6.1"
 MIB = 2 ** 20
@@ -86,12 +90,13 @@ def run_worker(python: str, script: str, args: list[str], repeats: int = REPEATS
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="a local model folder (default: the toy LLaMA 'small')")
-    parser.add_argument("--calibration", default="builtin:python-docs")
-    parser.add_argument("--eval", default="builtin:python-docs")
+    parser.add_argument("--model", default=PYLM, help="a local model folder (default: the shared trained decoder); "
+                                                       "'toy': the toy LLaMA 'small'")
+    parser.add_argument("--calibration", default=f"{PYLM_DATA}/calibration.txt")
+    parser.add_argument("--eval", default=f"{PYLM_DATA}/heldout.txt")
     parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt"])
     parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
     parser.add_argument("--peer-python", default=None)
@@ -104,7 +109,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if args.model is None:
+    if args.model == "toy":
         from hf_prune.toy import toy_folder
 
         args.model = toy_folder("small")

@@ -2,7 +2,7 @@
 global, loss-aware score (zeroth order: forward passes only; first order: one backward per batch); stage 2 runs a
 layer-wise pruner (Wanda by default) with those sparsities. It pays off at high sparsity (60-70%).
 
-    python examples/ecoflap.py                                   # 60% on hf_prune.toy's tiny LLaMA, zeroth order
+    python examples/ecoflap.py                                   # 60% on the shared trained decoder, zeroth order
     python examples/ecoflap.py --sparsity 0.7 --score first_order --layer-pruner sparsegpt --output out/ecoflap-70
 
 The allocation is saved next to the model (sparsity_allocation.json and its picture) and any layer-wise pruner

@@ -1,6 +1,6 @@
 """Magnitude pruning: remove the weights with the smallest |W| (data-free; the classic baseline).
 
-    python examples/magnitude.py                       # 50% unstructured, hf_prune.toy's tiny LLaMA
+    python examples/magnitude.py                       # 50% unstructured, the shared trained decoder
     python examples/magnitude.py --pattern 2:4 --output out/magnitude-2of4
 
 ``scope="matrix"`` (default) ranks a whole weight matrix at once; ``scope="row"`` meets the budget per output row.

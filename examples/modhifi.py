@@ -2,7 +2,7 @@
 chosen by subset fidelity, then compensates the kept ones with a closed-form least-squares update. The model
 becomes physically smaller: the saved config has the new `intermediate_size` and the stock class reloads it.
 
-    python examples/modhifi.py                                   # 25% of the MLP neurons of hf_prune.toy's tiny LLaMA
+    python examples/modhifi.py                                   # 25% of the MLP neurons of the shared trained decoder
     python examples/modhifi.py --sparsity 0.5 --score saliency --output out/modhifi-50
 
 ``--sparsity`` here is the fraction of MLP neurons removed (the same in every block by default, so no remote code

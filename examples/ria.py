@@ -1,7 +1,7 @@
 """RIA (Zhang et al., 2024): relative importance |W_ij|/sum|W_i:| + |W_ij|/sum|W_:j|, times ||x_j||^alpha,
 ranked per matrix — it avoids emptying whole input channels or output rows as Wanda/magnitude can.
 
-    python examples/ria.py                             # 50% unstructured, hf_prune.toy's tiny LLaMA
+    python examples/ria.py                             # 50% unstructured, the shared trained decoder
     python examples/ria.py --pattern 2:4 --alpha 0.5 --output out/ria-2of4
 """
 

@@ -1,7 +1,7 @@
 """SparseGPT (Frantar & Alistarh, 2023): prune with the inverse Hessian of each layer's inputs (H = 2XᵀX/N)
 and update the remaining weights to compensate, column block by column block (OBS reconstruction).
 
-    python examples/sparsegpt.py                       # 50% unstructured, hf_prune.toy's tiny LLaMA
+    python examples/sparsegpt.py                       # 50% unstructured, the shared trained decoder
     python examples/sparsegpt.py --pattern 2:4 --output out/sparsegpt-2of4
 
 ``block_size`` columns are solved together (128 in the paper; smaller layers use their width); ``damp`` is the

@@ -1,7 +1,7 @@
 """Wanda (Sun et al., 2024): score each weight by |W_ij| * ||x_j|| (the norm of its input over calibration
 tokens) and remove the lowest scores of every output row. One forward pass per block, no weight update.
 
-    python examples/wanda.py                           # 50% unstructured, hf_prune.toy's tiny LLaMA
+    python examples/wanda.py                           # 50% unstructured, the shared trained decoder
     python examples/wanda.py --pattern 2:4 --output out/wanda-2of4 [--push-to your-name/tiny-wanda-2of4]
     python examples/wanda.py --model meta-llama/Llama-2-7b-hf --num-samples 128 --seq-len 2048
 """

@@ -91,7 +91,7 @@ def cases():
         yield family, "ecoflap-fo", lambda: ECoFLaPConfig(sparsity=0.5, score="first_order", num_score_samples=4,
                                                           granularity="layer", calibration=cal)
     for family in ("llama", "opt"):
-        yield family, "spp-training-free", lambda: SPPConfig(sparsity=0.5, calibration=cal)
+        yield family, "spp-training-free", lambda: SPPConfig(sparsity=0.5, training_free=True, calibration=cal)
     for family in ("llama", "bert", "vit"):
         yield family, "modhifi-fidelity", lambda: ModHiFiConfig(sparsity=0.25, calibration=cal)
         yield family, "modhifi-l2", lambda: ModHiFiConfig(sparsity=0.25, score="l2_norm", compensation="none",

@@ -60,7 +60,7 @@ def one_shot() -> dict:
         "sparsegpt": SparseGPTConfig(pattern="2:4"),
         "ecoflap": ECoFLaPConfig(sparsity=0.5, score="zeroth_order", zo_num_noise=1, num_score_samples=4),
         "modhifi": ModHiFiConfig(sparsity=0.25),
-        "spp": SPPConfig(sparsity=0.5),
+        "spp": SPPConfig(sparsity=0.5, training_free=True),
     }
 
 

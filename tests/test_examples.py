@@ -1,5 +1,6 @@
 """Every script in examples/ runs to the end with small arguments (so none of them rots), offline: the model is
-hf_prune.toy's tiny LLaMA from the session's cache and the Hub is the loopback fake of tests/fakehub.py.
+the examples' default, the shared trained decoder ../shared/models/pylm with its own text (or, where that folder is
+absent, hf_prune.toy's tiny LLaMA from the session's cache), and the Hub is the loopback fake of tests/fakehub.py.
 
 The scripts run as ``__main__`` inside this process (``runpy``), with their own ``sys.argv`` and their folder
 on ``sys.path`` exactly as ``python examples/x.py`` has it: a subprocess per script would pay the imports of

@@ -421,3 +421,83 @@ def test_retained_weights_train_with_exact_masks_after_2_4(tokenizer, corpus, tm
     with pytest.warns(UserWarning, match="InputCompensationCallback"):
         Trainer(model=ic2, args=_args(tmp_path, steps=2, lr=1e-2, weight_decay=0.1), train_dataset=rows).train()
     assert ic2.weight_masks.violations(model2) > 0
+
+
+# ------------------------------------------------------------------------------------- the shared trained decoder
+
+# it lives next to the checkout (../shared/models/), on every machine and in CI
+PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models",
+                                     "pylm"))
+PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
+
+
+@pytest.mark.skipif(not os.path.isdir(PYLM), reason=f"the shared trained decoder is not at {PYLM}")
+def test_pool_trained_in_domain_lowers_heldout_loss_after_wanda_2_4_on_the_trained_decoder(tmp_path):
+    """Wanda 2:4 on ../shared/models/pylm, then the default recipe (its lr, cosine schedule, keep_best) for a few
+    dozen steps on calibration.txt: the held-out loss on heldout.txt windows never seen in training or selection
+    goes down, the kept pool is the best evaluated one, and the folded model computes the same."""
+    from hf_prune import CalibrationConfig
+
+    base = Pruner.from_pretrained(PYLM, dtype=torch.float32)
+    dense, tok = copy.deepcopy(base.model).eval(), base.tokenizer
+    base.prune(WandaConfig(pattern="2:4", calibration=CalibrationConfig(
+        dataset=f"{PYLM_DATA}/calibration.txt", num_samples=16, seq_len=256, seed=0)), progress=False)
+    pruned = base.model.eval()
+    train, _ = perplexity_windows(tok, f"{PYLM_DATA}/calibration.txt", seq_len=128)
+    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:256]]
+    held, _ = perplexity_windows(tok, f"{PYLM_DATA}/heldout.txt", seq_len=256)
+    test, select = held[:12], held[48:52]
+
+    def loss(model):
+        with torch.no_grad():
+            return float(model(input_ids=test, labels=test).loss)
+
+    before = loss(pruned)
+    config = InputCompensationConfig(lr=1e-2, steps=36, eval_steps=12)  # a short run: the larger of the good lrs
+    ic = InputCompensatedModel(pruned, config, teacher=dense)
+    trainer = Trainer(model=ic, args=config.training_arguments(str(tmp_path / "t"), per_device_train_batch_size=8,
+                                                               use_cpu=True, disable_tqdm=True, seed=0),
+                      train_dataset=[{"input_ids": row} for row in train],
+                      eval_dataset=[{"input_ids": row, "labels": row} for row in select],
+                      callbacks=[InputCompensationCallback()])
+    trainer.train()
+    ic.eval()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [0, 12, 24, 36]
+    best = min(evals, key=lambda h: h["eval_loss"])
+    assert ic.kept == {"step": best["step"], "eval_loss": pytest.approx(best["eval_loss"]), "last_step": 36}
+    assert ic.report()["kept"]["step"] == best["step"] > 0
+    after = loss(ic.base_model)  # the wrapper's own loss is the IC loss (KL); the base keeps the pool's hooks
+    print(f"held-out loss after Wanda 2:4: {before:.4f} -> {after:.4f} with IC (kept step {best['step']})")
+    assert after < before - 0.005
+    folded = ic.merge_and_unload()
+    assert loss(folded) == pytest.approx(after, abs=1e-4)
+
+
+def test_keep_best_returns_the_pruned_model_when_training_only_hurts(tmp_path):
+    """A learning rate far too large wrecks the pool; keep_best restores the step-0 pool (values zero: exactly the
+    pruned model), so IC is never worse than pruning alone on the evaluation data. Without labels in the
+    evaluation data it says what is missing."""
+    tok_model = make_model("llama", vocab=64)
+    pruned = copy.deepcopy(tok_model)
+    Pruner(pruned, None).prune(MagnitudeConfig(sparsity=0.5), progress=False)
+    rows = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0))
+    config = InputCompensationConfig(pool_size=8, lr=50.0, steps=4, eval_steps=2)
+    spare = copy.deepcopy(pruned)
+    ic = InputCompensatedModel(pruned, config, teacher=tok_model)
+    args = config.training_arguments(str(tmp_path / "t"), per_device_train_batch_size=8, use_cpu=True,
+                                     disable_tqdm=True, seed=0)
+    trainer = Trainer(model=ic, args=args, train_dataset=[{"input_ids": r} for r in rows],
+                      eval_dataset=[{"input_ids": r, "labels": r} for r in rows[:8]],
+                      callbacks=[InputCompensationCallback()])
+    trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 3 and evals[0] < min(evals[1:])
+    assert ic.kept["step"] == 0 and torch.count_nonzero(ic.pool.values) == 0
+    with pytest.raises(ValueError, match="differs from the config"):
+        config.training_arguments(str(tmp_path / "u"), learning_rate=1e-3)
+    ic2 = InputCompensatedModel(spare, config, teacher=tok_model)
+    no_labels = Trainer(model=ic2, args=args, train_dataset=[{"input_ids": r} for r in rows],
+                        eval_dataset=[{"input_ids": r} for r in rows[:8]], callbacks=[InputCompensationCallback()])
+    with pytest.raises(HFPruneError, match="'labels' column"):
+        no_labels.train()

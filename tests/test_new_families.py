@@ -127,8 +127,8 @@ def test_cli_prunes_plans_and_cards_a_new_family(family, saved, tmp_path, capsys
     ("gemma2", ModHiFiConfig(sparsity=0.25, calibration=CAL)),                         # tp-plan MLP spec
     ("gpt_neox", ModHiFiConfig(sparsity=0.25, calibration=CAL)),
     ("qwen2_vl", ModHiFiConfig(sparsity=0.25, calibration=CAL)),
-    ("whisper", SPPConfig(sparsity=0.5, calibration=CAL)),
-    ("swin", SPPConfig(sparsity=0.5, calibration=CAL)),
+    ("whisper", SPPConfig(sparsity=0.5, training_free=True, calibration=CAL)),
+    ("swin", SPPConfig(sparsity=0.5, training_free=True, calibration=CAL)),
 ])
 def test_other_methods_on_new_families_save_and_reload_stock(family, config, tokenizer, corpus, tmp_path):
     model = make_model(family, vocab=len(tokenizer))

@@ -185,7 +185,8 @@ def test_training_free_pruner_gives_every_sparsity_from_one_pass(tokenizer, corp
     model = make_model("llama", vocab=len(tokenizer))
     dense = copy.deepcopy(model)
     pruner = Pruner(model, tokenizer)
-    config = SPPConfig(sparsity=0.5, calibration={"num_samples": 8, "seq_len": 32, "batch_size": 4})
+    config = SPPConfig(sparsity=0.5, training_free=True,
+                       calibration={"num_samples": 8, "seq_len": 32, "batch_size": 4})
     result = pruner.prune(config, calibration_dataset=corpus[:400], progress=False)
     assert result.sparsity == pytest.approx(0.5, abs=1e-3)
     assert all(e["achieved"] == pytest.approx(0.5, abs=1 / e["numel"])
@@ -211,3 +212,42 @@ def test_training_free_pruner_gives_every_sparsity_from_one_pass(tokenizer, corp
     again.plot(tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 5000
     assert not SPPMasks.find(pruner.model)
+
+
+def test_training_free_path_is_an_explicit_experimental_option(tokenizer, corpus):
+    """On trained weights the training-free path does not beat RIA at every sparsity (benchmarks/README.md), so it
+    is not what SPPConfig does by default: without a saved path Pruner.prune refuses with directions, before any
+    weight changes, and runs the path only with training_free=True."""
+    from hf_prune.registry import get_method
+
+    model = make_model("llama", vocab=len(tokenizer))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"has no path.*RIAConfig.*training_free=True.*Nothing was changed"):
+        Pruner(model, tokenizer).prune(SPPConfig(sparsity=0.5), calibration_dataset=corpus[:400], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    spec = get_method("spp")
+    assert SPPConfig().training_free is False and spec.needs_data(SPPConfig()) is False
+    assert spec.needs_data(SPPConfig(training_free=True)) is True
+    assert spec.needs_data(SPPConfig(path="some/path")) is False
+    with pytest.raises(ValueError, match="set only one of them"):
+        SPPConfig(path="some/path", training_free=True)
+    with pytest.raises(ValueError, match="correction"):
+        SPPConfig(training_free=True, correction=1.5)
+    config = SPPConfig(training_free=True, correction=0.2)
+    assert SPPConfig.from_dict(config.to_dict()) == config
+
+
+def test_path_correction_zero_is_ria_order_and_scales_the_cross_terms():
+    """correction=0 ranks exactly by RIA's score; any correction leaves a diagonal Gram's path unchanged."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(6, 8, generator=g)
+    x = torch.randn(64, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    gram = x.t() @ x / 64
+    from hf_prune.methods.ria.ops import ria_scores
+
+    rank0, _ = iss_weight_path(weight, gram, correction=0.0, step_fraction=1 / 48)
+    scores = ria_scores(weight, gram.diagonal(), 0.5).flatten()
+    assert torch.equal(torch.argsort(rank0.flatten()), torch.argsort(-scores, stable=True))
+    diagonal = torch.diag(gram.diagonal())
+    assert torch.equal(iss_weight_path(weight, diagonal, correction=0.3)[0], iss_weight_path(weight, diagonal)[0])
+    assert not torch.equal(iss_weight_path(weight, gram, correction=1.0)[0], rank0)

@@ -8,6 +8,7 @@ like every method (so ``PrunerConfig.from_dict`` reads ``ic_config.json`` back i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -54,6 +55,15 @@ class InputCompensationConfig(PrunerConfig):
       train too, with every pruned position held at exactly zero by ``InputCompensationCallback``).
     - ``init_seed``: seed of the key initialisation (keys ~ N(0, 1); values start at 0).
 
+    The training recipe (``training_arguments(output_dir, ...)`` builds the matching ``TrainingArguments``):
+
+    - ``lr``, ``steps``, ``warmup_steps``, ``lr_scheduler``: AdamW on the pool (no weight decay);
+    - ``keep_best``: ``InputCompensationCallback`` keeps the pool with the lowest ``eval_loss`` seen while
+      training (the evaluation at step 0 is the pruned model itself, so the result is never worse than pruning
+      alone on that data) and restores it at the end. It needs an ``eval_dataset`` whose rows carry ``labels``
+      (the loss is then the configured IC loss on held-out text); ``training_arguments`` turns on evaluation
+      every ``eval_steps`` steps and at the start.
+
     ``calibration`` (inherited) is unused: IC trains on whatever dataset you hand to ``Trainer``.
     """
 
@@ -70,6 +80,12 @@ class InputCompensationConfig(PrunerConfig):
     feature: str | None = None
     train_base: Any = False
     init_seed: int = 0
+    lr: float = 3e-3
+    steps: int = 300
+    warmup_steps: int = 0
+    lr_scheduler: str = "cosine"
+    keep_best: bool = True
+    eval_steps: int = 50
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +128,35 @@ class InputCompensationConfig(PrunerConfig):
             raise ValueError(f"{owner}.train_base={self.train_base!r} is not supported; choose False or 'retained'.")
         self.train_base = self.train_base or False
         check_int(owner, "init_seed", self.init_seed, 0)
+        check_number(owner, "lr", self.lr, 0.0, float("inf"), low_inclusive=False)
+        check_int(owner, "steps", self.steps, 1)
+        check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        check_int(owner, "eval_steps", self.eval_steps, 1)
+        if not isinstance(self.lr_scheduler, str) or not re.fullmatch(r"[a-z_]+", self.lr_scheduler):
+            raise ValueError(f"{owner}.lr_scheduler={self.lr_scheduler!r} must be a transformers scheduler name such "
+                             "as 'cosine', 'linear' or 'constant'.")
+        if not isinstance(self.keep_best, bool):
+            raise ValueError(f"{owner}.keep_best={self.keep_best!r} must be True or False.")
+
+    def training_arguments(self, output_dir: str, **overrides: Any):
+        """``transformers.TrainingArguments`` carrying this recipe: ``learning_rate=lr``, ``max_steps=steps``,
+        ``lr_scheduler``, ``warmup_steps``, no weight decay, no checkpoints; with ``keep_best``, evaluation every
+        ``eval_steps`` steps and at step 0 (pass ``Trainer(eval_dataset=...)`` with ``labels``). Anything else
+        (batch size, device, logging) comes from ``overrides``; a learning rate or step count that differs from
+        the config's is refused (set it in the config, where the card and ``ic_config.json`` record it)."""
+        from transformers import TrainingArguments
+
+        kwargs: dict[str, Any] = dict(output_dir=output_dir, learning_rate=self.lr, max_steps=self.steps,
+                                      lr_scheduler_type=self.lr_scheduler, warmup_steps=self.warmup_steps,
+                                      weight_decay=0.0, optim="adamw_torch", save_strategy="no", report_to="none")
+        if self.keep_best:
+            kwargs.update(eval_strategy="steps", eval_steps=self.eval_steps, eval_on_start=True)
+        for key, mine in (("learning_rate", self.lr), ("max_steps", self.steps)):
+            if key in overrides and overrides[key] != mine:
+                raise ValueError(f"InputCompensationConfig.training_arguments: {key}={overrides[key]!r} differs from "
+                                 f"the config's {mine!r}; set lr/steps in InputCompensationConfig.")
+        kwargs.update(overrides)
+        return TrainingArguments(**kwargs)
 
     @property
     def loss_terms(self) -> dict[str, float]:

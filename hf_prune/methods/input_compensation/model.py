@@ -171,6 +171,7 @@ class InputCompensatedModel(nn.Module):
         self._detached = False
         self._callback_attached = False
         self._warned_no_callback = False
+        self.kept: dict | None = None  # keep_best: the step whose pool InputCompensationCallback restored
         self._hooks = self._install_hooks()
         self.train(model.training)  # the wrapper starts in the base model's mode
         # Trainer and pipelines read the forward signature (dataset columns to keep): expose the base's.
@@ -589,6 +590,7 @@ class InputCompensatedModel(nn.Module):
             "base": totals,
             "pruned_linear": linear,
             "effective_sparsity": totals["zeros"] / (totals["parameters"] + params),
+            "kept": self.kept,
             "after_merge": ({"parameters": 0, "flops_per_query": 0, "effective_sparsity": totals["sparsity"],
                              "note": "merge_and_unload() folds the pool into the embedding table: zero parameter "
                                      "and zero FLOP overhead; the model is a plain transformers model."}

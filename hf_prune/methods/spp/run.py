@@ -20,6 +20,12 @@ from .config import SPPConfig
 from .path import SolutionPath
 from .training_free import plan_path_targets, training_free_path
 
+NO_PATH = ("SPPConfig has no path: Pruner.prune reads a model off a saved solution path, so give "
+           "path='folder-or-hub-id' (the search: hf_prune.methods.spp.attach_masks + SolutionPathCallback in a "
+           "Trainer, then SolutionPath.save_pretrained). For a one-shot unstructured prune from calibration data use "
+           "RIAConfig/WandaConfig/SparseGPTConfig, or opt in to SPP's experimental training-free path (ours) with "
+           "training_free=True. Nothing was changed.")
+
 
 def _linear_shapes(model: nn.Module, stages: list[Stage]) -> dict[str, tuple[int, int, int]]:
     """(out, in, numel) of every Linear inside the transformer blocks."""
@@ -65,6 +71,8 @@ def structured_report(run: RunContext, before: dict[str, tuple[int, int, int]], 
 
 def run_spp(pruner: Any, config: SPPConfig, *, device: str | torch.device | None = None,
             progress: bool = True) -> PruningResult:
+    if config.path is None and not config.training_free:
+        raise ValueError(NO_PATH)
     model = pruner.model
     run = prepare(model, device)
     with RunMeter() as meter:

@@ -45,7 +45,8 @@ class PathProcessor:
     def process(self, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
         for t in self.by_block.get(block_name, []):
             rank, curve = ops.iss_weight_path(t.module.weight, stats[t.name].gram, alpha=self.config.alpha,
-                                              step_fraction=self.config.step_fraction)
+                                              step_fraction=self.config.step_fraction,
+                                              correction=self.config.correction)
             self.ranks[t.name] = rank
             self.curves[t.name] = curve
 
@@ -102,7 +103,7 @@ def training_free_path(model: nn.Module, config: SPPConfig, calibration_dataset:
         tensors[f"{i}.rank"] = path_processor.ranks[t.name]
         tensors[f"{i}.curve"] = path_processor.curves[t.name]
     search = {"kind": "training_free", "calibration": calibration.provenance, "alpha": config.alpha,
-              "step_fraction": config.step_fraction}
+              "step_fraction": config.step_fraction, "correction": config.correction}
     if run.split:  # data-parallel: how the calibration batches were split across processes
         search["distributed"] = dict(run.split)
     return SolutionPath("unstructured", units, tensors, config.to_dict(), model_info(model), search), \
