@@ -501,3 +501,36 @@ def test_keep_best_returns_the_pruned_model_when_training_only_hurts(tmp_path):
                         eval_dataset=[{"input_ids": r} for r in rows[:8]], callbacks=[InputCompensationCallback()])
     with pytest.raises(HFPruneError, match="'labels' column"):
         no_labels.train()
+
+
+def test_fold_into_a_scaled_embedding_keeps_the_outputs():
+    """Gemma's embedding returns sqrt(hidden) * E[i]: the fold must give the table E + Δ(s E) / s, not E + Δ(E)."""
+    model = make_model("gemma2").eval()
+    scale = float(model.get_input_embeddings().embed_scale)
+    assert scale > 2.0  # sqrt(hidden): the case a plain fold gets wrong
+    ic = InputCompensatedModel(model, InputCompensationConfig(pool_size=8))
+    with torch.no_grad():
+        ic.pool.values.normal_(0.0, 0.5)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300]])
+    with torch.no_grad():
+        wrapped = ic(input_ids=ids).logits
+        plain_fold = fold_into_table(model.get_input_embeddings().weight.detach(), ic.pool.keys, ic.pool.values,
+                                     ic.pool.temperature, ic.pool.normalize_query)
+    merged = ic.merge_and_unload()
+    with torch.no_grad():
+        folded = merged(input_ids=ids).logits
+        assert torch.allclose(folded, wrapped, atol=1e-4, rtol=1e-4)
+        merged.get_input_embeddings().weight.copy_(plain_fold)  # the unscaled fold: visibly different outputs
+        assert not torch.allclose(merged(input_ids=ids).logits, wrapped, atol=1e-2)
+
+
+def test_fold_refuses_an_embedding_that_is_not_a_multiple_of_its_rows():
+    model = make_model("llama").eval()
+    embedding = model.get_input_embeddings()
+    shift = embedding.register_forward_hook(lambda module, args, out: out + 1.0)  # not s * E[i]
+    ic = InputCompensatedModel(model, InputCompensationConfig(pool_size=4))
+    before = embedding.weight.detach().clone()
+    with pytest.raises(HFPruneError, match="does not return a constant multiple of its embedding rows"):
+        ic.merge_and_unload()
+    assert torch.equal(embedding.weight, before)  # nothing changed
+    shift.remove()

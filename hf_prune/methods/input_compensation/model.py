@@ -534,6 +534,7 @@ class InputCompensatedModel(nn.Module):
             raise HFPruneError(f"merge_and_unload() is not possible here: {why}")
         model = self.base_model
         embedding = model.get_input_embeddings()
+        scale = self._embedding_scale(embedding)  # checked before anything changes
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output is not None and getattr(output, "weight", None) is not None and \
                 output.weight.data_ptr() == embedding.weight.data_ptr():
@@ -544,9 +545,33 @@ class InputCompensatedModel(nn.Module):
             if hasattr(model, "get_expanded_tied_weights_keys"):
                 model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
         folded = fold_into_table(embedding.weight.detach(), self.pool.keys, self.pool.values, self.pool.temperature,
-                                 self.pool.normalize_query)
+                                 self.pool.normalize_query, scale=scale)
         embedding.weight.copy_(folded)
         return self._detach()
+
+    @torch.no_grad()
+    def _embedding_scale(self, embedding: nn.Module) -> float:
+        """The factor ``s`` of an embedding module whose output is ``s * weight[ids]`` (1 for ``nn.Embedding``;
+        Gemma's scaled embeddings multiply by ``sqrt(hidden)``), measured on a few rows with the hook suspended;
+        an embedding whose output is not a scalar multiple of its rows cannot take the fold."""
+        weight = embedding.weight.detach()
+        ids = torch.arange(min(weight.shape[0], 64), device=weight.device)
+        suspended, self._suspended = self._suspended, True
+        try:
+            out = embedding(ids).detach()
+        finally:
+            self._suspended = suspended
+        rows = weight[ids]
+        w32, o32 = rows.to(torch.float32), out.to(torch.float32)
+        denominator = float(w32.pow(2).sum())
+        scale = float((w32 * o32).sum()) / denominator if denominator > 0 else 1.0
+        if out.shape != rows.shape or not torch.allclose(o32, w32 * scale, rtol=1e-3, atol=1e-6):
+            raise HFPruneError(f"merge_and_unload() is not possible here: {type(embedding).__name__} does not return "
+                               "a constant multiple of its embedding rows, so no change of its table reproduces the "
+                               "compensation; keep the pool attached (InputCompensatedModel) instead.")
+        if abs(scale - 1.0) < 1e-6:
+            return 1.0
+        return scale
 
     # ------------------------------------------------------------------------------------------ report
     def report(self) -> dict:

@@ -49,17 +49,25 @@ def attention_entropy(attn: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fold_into_table(table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, temperature: float,
-                    normalize_query: bool = True, chunk_rows: int = 4096) -> torch.Tensor:
+                    normalize_query: bool = True, chunk_rows: int = 4096, scale: float = 1.0) -> torch.Tensor:
     """The embedding table with each row's compensation added, ``E + Δ(E)``, in the table's dtype.
 
     Row ``i`` gets exactly what the compensation hook adds to the embedding of token ``i`` (computed from the
     row in float32, cast to the table's dtype, then added), so the folded model's outputs equal the
     compensated model's. Rows are processed in chunks to bound memory on large vocabularies.
+
+    ``scale``: an embedding module that returns ``scale * E[i]`` (Gemma multiplies by ``sqrt(hidden)``) gets
+    ``E + Δ(scale * E) / scale``, so that its output ``scale * E[i] + Δ(scale * E[i])`` is what the hook gave.
     """
     out = torch.empty_like(table)
     for start in range(0, table.shape[0], chunk_rows):
         rows = table[start: start + chunk_rows]
-        delta, _ = compensation(rows, keys, values, temperature, normalize_query)
+        if scale == 1.0:
+            delta, _ = compensation(rows, keys, values, temperature, normalize_query)
+        else:
+            delta, _ = compensation(rows * torch.tensor(scale, dtype=rows.dtype), keys, values, temperature,
+                                    normalize_query)
+            delta = delta / scale
         out[start: start + chunk_rows] = rows + delta.to(table.dtype)
     return out
 
