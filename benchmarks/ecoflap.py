@@ -3,11 +3,13 @@
     python benchmarks/ecoflap.py                      # shared trained decoder for quality + a random 8-layer LLaMA for memory
     python benchmarks/ecoflap.py --skip-memory --model toy --seq-len 128 --eval-windows 64   # the toy LLaMA's quality
     python benchmarks/ecoflap.py --device cuda --memory-layers 16 --memory-hidden 2048 --memory-dtype bfloat16
+    python benchmarks/ecoflap.py --skip-quality --memory-model pylm   # the cost table on the shared trained decoder
 
 Two tables:
 
 1. Cost of the scores, each scorer in its own fresh process on a larger random LLaMA (only the toy's
-   tokenizer is reused): wall time, forward/backward passes, and peak memory next to that of a plain
+   tokenizer is reused), or with ``--memory-model pylm`` (or a folder) on a trained causal LM and its own
+   tokenizer (calibration: pylm-data/calibration.txt unless ``--calibration``): wall time, forward/backward passes, and peak memory next to that of a plain
    forward pass over the same batches (the reference the goals are stated against: zeroth order within
    +10%, first order within 1.5x). CPU: peak RSS (VmHWM, reset after loading); CUDA: max allocated.
    "x fwd" compares totals (weights included); "extra x fwd" compares what each needs above the loaded
@@ -54,6 +56,10 @@ SCORERS = {  # name -> ECoFLaPConfig overrides
 def _memory_model(args, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if args.memory_model != "random":
+        model = Pruner.from_pretrained(_memory_path(args), dtype=getattr(torch, args.memory_dtype)).model
+        return model.to(args.device).eval()
+
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=args.memory_hidden, intermediate_size=args.memory_hidden * 8 // 3,
                          num_hidden_layers=args.memory_layers, num_attention_heads=args.memory_hidden // 64,
@@ -61,6 +67,10 @@ def _memory_model(args, vocab: int):
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).to(getattr(torch, args.memory_dtype))
     return model.to(args.device).eval()
+
+
+def _memory_path(args) -> str:
+    return PYLM if args.memory_model == "pylm" else args.memory_model
 
 
 def measure(args) -> dict:
@@ -71,7 +81,12 @@ def measure(args) -> dict:
     from hf_prune.methods.ecoflap.losses import ScoringLoss
     from hf_prune.toy import toy_causal_lm
 
-    _, tokenizer = toy_causal_lm(args.toy_size)
+    if args.memory_model == "random":
+        _, tokenizer = toy_causal_lm(args.toy_size)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(_memory_path(args))
     model = _memory_model(args, len(tokenizer))
     cal = CalibrationConfig(dataset=args.calibration, num_samples=args.memory_samples, seq_len=args.seq_len,
                             batch_size=args.batch_size)
@@ -109,14 +124,15 @@ def measure(args) -> dict:
 def memory_table(args) -> None:
     from hf_prune.toy import toy_causal_lm
 
-    toy_causal_lm(args.toy_size)  # train and cache it here, so every child starts from the same loaded state
+    if args.memory_model == "random":
+        toy_causal_lm(args.toy_size)  # train and cache it here, so every child starts from the same loaded state
     rows, results = [], {}
     for what in ["forward", *SCORERS]:
         cmd = [sys.executable, os.path.abspath(__file__), "--measure", what, "--device", args.device,
                "--memory-layers", str(args.memory_layers), "--memory-hidden", str(args.memory_hidden),
                "--memory-dtype", args.memory_dtype, "--memory-samples", str(args.memory_samples),
                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--toy-size", args.toy_size,
-               "--calibration", args.calibration]
+               "--calibration", args.calibration, "--memory-model", args.memory_model]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -130,7 +146,9 @@ def memory_table(args) -> None:
                      f"{r['base'] / 2**20:.0f}", f"{r['peak'] / 2**20:.0f}", f"{r['peak'] / ref['peak']:.3f}",
                      f"{extra / 2**20:.0f}", f"{extra / ref_extra:.2f}"])
     unit = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS"
-    print(f"Scoring cost: random LLaMA, {args.memory_layers} layers, hidden {args.memory_hidden}, "
+    what = (f"random LLaMA, {args.memory_layers} layers, hidden {args.memory_hidden}" if args.memory_model == "random"
+            else _memory_path(args))
+    print(f"Scoring cost: {what}, "
           f"{ref['parameters'] / 1e6:.1f}M parameters ({ref['weights_bytes'] / 2**20:.0f} MiB of {args.memory_dtype} "
           f"weights) on {args.device}; {args.memory_samples} samples x {args.seq_len} tokens, batch {args.batch_size}")
     print(format_table(rows, ["scores", "forwards", "backwards", "time (s)", "loaded (MiB)", f"{unit} (MiB)",
@@ -214,6 +232,9 @@ def main() -> None:
     parser.add_argument("--memory-hidden", type=int, default=512)
     parser.add_argument("--memory-dtype", default="float32")
     parser.add_argument("--memory-samples", type=int, default=8)
+    parser.add_argument("--memory-model", default="random", help="the cost table's model: 'random' (a random LLaMA "
+                                                                 "of --memory-layers/--memory-hidden), 'pylm' (the "
+                                                                 "shared trained decoder) or a causal LM folder")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one child measurement
@@ -222,7 +243,8 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
     if not args.skip_memory:
-        memory_table(argparse.Namespace(**{**vars(args), "calibration": args.calibration or "builtin:python-docs",
+        default_cal = "builtin:python-docs" if args.memory_model == "random" else f"{PYLM_DATA}/calibration.txt"
+        memory_table(argparse.Namespace(**{**vars(args), "calibration": args.calibration or default_cal,
                                            "seq_len": args.seq_len or 128}))
     if not args.skip_quality:
         quality_table(args)
