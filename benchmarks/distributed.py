@@ -30,8 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-PYLM = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "models", "pylm"))
-PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
+from pylm_paths import PYLM, PYLM_DATA  # noqa: E402  (this folder is on sys.path when a script here runs)
 
 
 def _config(method: str, args):

@@ -37,12 +37,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from oneshot import rss_bytes  # noqa: E402  (this folder is on sys.path when a script here runs)
+from pylm_paths import PYLM, PYLM_DATA  # noqa: E402  (this folder is on sys.path when a script here runs)
 
 from hf_prune import CalibrationConfig, ECoFLaPConfig, Pruner, WandaConfig  # noqa: E402
 from hf_prune.engine.report import _reset_vm_hwm, _vm_hwm_bytes, format_table  # noqa: E402
 
-PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
-PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 SCORERS = {  # name -> ECoFLaPConfig overrides
     "zeroth_order/tensor": dict(score="zeroth_order", zo_perturb="tensor"),
     "zeroth_order/block": dict(score="zeroth_order", zo_perturb="block"),

@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pylm_paths import PYLM, PYLM_DATA  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 from hf_prune import (  # noqa: E402
     CalibrationConfig,
     InputCompensatedModel,
@@ -40,8 +42,6 @@ from hf_prune import (  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
 from hf_prune.evaluation import perplexity_windows  # noqa: E402
 
-PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
-PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 METHODS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}
 DEFAULTS = {"lr": 1e-2, "steps": 300, "warmup": 0, "pool": 64, "tau": "auto", "loss": "kd_kl", "kdT": 1.0, "norm": 1}
 

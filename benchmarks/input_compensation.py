@@ -38,6 +38,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pylm_paths import PYLM, PYLM_DATA  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 from hf_prune import (  # noqa: E402
     CalibrationConfig,
     InputCompensatedModel,
@@ -53,8 +55,6 @@ from hf_prune.evaluation import perplexity_windows  # noqa: E402
 from hf_prune.methods.input_compensation.ops import kd_kl_loss  # noqa: E402
 from hf_prune.training.weight_masks import WeightMasks  # noqa: E402
 
-PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
-PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 METHODS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig}
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -27,6 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pylm_paths import PYLM, PYLM_DATA  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, RIAConfig, SparseGPTConfig, WandaConfig  # noqa: E402
 from hf_prune.calibration import build_calibration  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
@@ -34,8 +36,6 @@ from hf_prune.evaluation import perplexity  # noqa: E402
 from hf_prune.methods.sparsegpt import config as sparsegpt_config  # noqa: E402
 from hf_prune.models import get_family  # noqa: E402
 
-PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
-PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 METHODS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig, "ria": RIAConfig}
 
 

@@ -38,8 +38,8 @@ from hf_prune.engine.stats import LinearStats  # noqa: E402
 from hf_prune.engine.walker import walk  # noqa: E402
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
-PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
+from pylm_paths import PYLM, PYLM_DATA  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 TRAIN = 1400
 
 

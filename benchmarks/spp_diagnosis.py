@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pylm_paths import PYLM, PYLM_DATA  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 from hf_prune import CalibrationConfig, Pruner, SPPConfig  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
 from hf_prune.engine.run import prepare  # noqa: E402
@@ -39,9 +41,6 @@ from hf_prune.methods.ria.ops import ria_scores  # noqa: E402
 from hf_prune.methods.spp import ops  # noqa: E402
 from hf_prune.methods.spp.training_free import plan_path_targets  # noqa: E402
 from hf_prune.patterns import prune_count  # noqa: E402
-
-PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
-PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 
 
 def iss_scaled(w: torch.Tensor, g: torch.Tensor, beta: float, step_fraction: float, greedy: bool) -> torch.Tensor:

@@ -36,13 +36,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pylm_paths import PYLM, PYLM_DATA  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 from hf_prune import CalibrationConfig, ModHiFiConfig, Pruner  # noqa: E402
 from hf_prune.calibration import builtin_texts  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
 from hf_prune.evaluation import perplexity  # noqa: E402
 
-PYLM = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "pylm"))
-PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 VARIANTS = {
     "modhifi": {},
     "modhifi-singleton": {"score": "singleton_fidelity"},

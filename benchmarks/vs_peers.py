@@ -32,13 +32,13 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from pylm_paths import PYLM, PYLM_DATA  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 from hf_prune import CalibrationConfig  # noqa: E402
 from hf_prune.calibration import build_calibration  # noqa: E402
 from hf_prune.engine.report import format_table  # noqa: E402
 from hf_prune.evaluation import perplexity, sparsity_report  # noqa: E402
 
-PYLM = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "models", "pylm"))
-PYLM_DATA = os.path.join(os.path.dirname(PYLM), "pylm-data")
 PEER_VERSION = "llmcompressor==0.14.0.1"
 TP_VERSION = "torch-pruning==1.6.1"
 MIB = 2 ** 20
