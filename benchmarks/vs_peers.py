@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,7 +97,8 @@ REPEATS = 3  # each prune runs this many times in fresh processes; the run with 
 
 def run_worker(python: str, script: str, args: list[str], repeats: int = REPEATS) -> dict:
     """Run a worker ``repeats`` times (fresh processes) and return the run with the median prune time, so that
-    one run slowed by a busy machine does not decide the comparison; ``times`` lists every run's time."""
+    one run slowed by a busy machine does not decide the comparison; ``times`` lists every run's time, and the
+    peak RSS and the extra RSS (peak minus the RSS just before the prune) are the medians over the runs."""
     runs = []
     for _ in range(max(1, repeats)):
         proc = subprocess.run([python, os.path.join(HERE, "peers", script), *args], capture_output=True, text=True)
@@ -108,7 +110,11 @@ def run_worker(python: str, script: str, args: list[str], repeats: int = REPEATS
         if "prune_s" not in runs[-1]:  # the worker reported why it could not run (e.g. no N:M mode)
             return runs[-1]
     runs.sort(key=lambda r: r["prune_s"])
-    return {**runs[len(runs) // 2], "times": [r["prune_s"] for r in runs]}
+    median = {**runs[len(runs) // 2], "times": [r["prune_s"] for r in runs],
+              "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs)}
+    if all("rss_before_bytes" in r for r in runs):
+        median["extra_rss_bytes"] = statistics.median(r["peak_rss_bytes"] - r["rss_before_bytes"] for r in runs)
+    return median
 
 
 def main() -> None:
@@ -190,14 +196,21 @@ def main() -> None:
                          _cell(ours, "prune_s", ".2f"), _cell(peer, "prune_s", ".2f"),
                          f"{peer['prune_s'] / ours['prune_s']:.1f}x" if both else "-",
                          _cell(ours, "peak_rss_bytes", ".0f", MIB), _cell(peer, "peak_rss_bytes", ".0f", MIB),
+                         _cell(ours, "extra_rss_bytes", ".0f", MIB), _cell(peer, "extra_rss_bytes", ".0f", MIB),
+                         f"{ours['extra_rss_bytes'] / peer['extra_rss_bytes']:.2f}" if both else "-",
                          peer.get("error", "")])
     if rows:
         print(format_table(rows, ["method", "pattern", "ppl ours", "ppl peer", "sparsity ours", "sparsity peer",
                                   "time ours (s)", "time peer (s)", "speed-up", "peak RSS ours (MiB)",
-                                  "peak RSS peer (MiB)", "peer note"]))
-        print(f"\npeer: {PEER_VERSION} oneshot; ours: hf_prune with its defaults (batch 8). Raw: {work}")
+                                  "peak RSS peer (MiB)", "+RSS ours (MiB)", "+RSS peer (MiB)", "+RSS ours/peer",
+                                  "peer note"]))
+        print(f"\npeer: {PEER_VERSION} oneshot; ours: hf_prune with its defaults (batch 8); {args.repeats} fresh "
+              "processes per prune on each side, time of the median run, peak RSS and +RSS (the peak above the "
+              f"RSS just before the prune) the medians. Raw: {work}/records.json")
     if args.structured_sparsities:
         records += _structured(args, cal_file, work, evaluate, dense["params"])
+    with open(os.path.join(work, "records.json"), "w") as fh:
+        json.dump(records, fh, indent=1)
     _plot(records, args.plot)
 
 
