@@ -51,10 +51,10 @@ MIB = 2 ** 20
 TORCH_PIN = "torch==2.13.0"
 
 
-def _constraints() -> str:
-    """A pip constraints file holding the torch pin, so that no later install (llm-compressor's dependencies)
-    can replace the CPU torch with another build."""
-    path = os.path.join(tempfile.mkdtemp(prefix="hf_prune_peer_pins_"), "constraints.txt")
+def _constraints(venv: str) -> str:
+    """A pip constraints file holding the torch pin (kept in the venv, for a later ``pip install -c`` there), so
+    that no later install (llm-compressor's dependencies) can replace the CPU torch with another build."""
+    path = os.path.join(venv, "constraints.txt")
     with open(path, "w") as fh:
         fh.write(TORCH_PIN + "\n")
     return path
@@ -67,8 +67,8 @@ def peer_python(path: str | None) -> str:
     python = os.path.join(venv, "bin", "python")
     if not os.path.exists(python):
         print(f"creating {venv} with {TORCH_PIN} and {PEER_VERSION} (once)...", flush=True)
-        pins = _constraints()
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        pins = _constraints(venv)
         subprocess.run([python, "-m", "pip", "install", "-q", TORCH_PIN, "-c", pins], check=True)
         subprocess.run([python, "-m", "pip", "install", "-q", PEER_VERSION, "-c", pins], check=True)
     found = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
