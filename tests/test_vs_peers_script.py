@@ -108,3 +108,18 @@ def test_the_script_parses_its_documented_commands():
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "vs_peers.py"), "--help"], capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0 and "--random-llama" in out.stdout and "--structured-sparsities" in out.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "pylm")), reason="the shared trained decoder is absent")
+def test_our_worker_repeats_into_the_same_folder(vs_peers, tmp_path):
+    """The repeats (and the next setting) save to one folder: the second save must replace the first, not stop on
+    hf_prune's guard against overwriting a previous output (which once left the whole 'ours' column n/a)."""
+    import torch
+
+    torch.save(torch.randint(0, 4096, (2, 32)), tmp_path / "cal.pt")
+    common = ["--model", os.path.join(SHARED, "pylm"), "--calibration", str(tmp_path / "cal.pt"),
+              "--method", "magnitude", "--out", str(tmp_path / "ours")]
+    result = vs_peers.run_worker(sys.executable, "hf_prune_worker.py", common, repeats=2)
+    assert "error" not in result, result
+    assert len(result["times"]) == 2 and result["extra_rss_bytes"] >= 0
+    assert os.path.exists(tmp_path / "ours" / "model.safetensors")

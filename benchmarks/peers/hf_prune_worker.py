@@ -53,7 +53,7 @@ def main() -> None:
     pruner.prune(config, calibration_dataset=batches, progress=False)
     seconds = time.perf_counter() - start
     rss = _vm_hwm_bytes()
-    pruner.save_pretrained(args.out)
+    pruner.save_pretrained(args.out, overwrite=True)  # the repeats and the next setting reuse the folder
     print(json.dumps({"prune_s": seconds, "peak_rss_bytes": rss, "rss_before_bytes": before}))
 
 
