@@ -2,7 +2,7 @@
 
     python benchmarks/vs_peers.py                       # the shared trained decoder ../shared/models/pylm
     python benchmarks/vs_peers.py --model toy --calibration builtin:python-docs --eval builtin:python-docs \
-        --seq-len 128 --eval-windows 64                 # the toy LLaMA "small" of the earlier table
+        --seq-len 128 --eval-windows 64                 # the toy LLaMA "small" (a quick check, not a measurement)
     python benchmarks/vs_peers.py --model PATH --num-samples 128 --seq-len 2048 --eval FILE
     python benchmarks/vs_peers.py --random-llama 1024 --num-samples 4 --seq-len 512 --methods wanda sparsegpt \
         --structured-sparsities                         # time and memory at real layer widths (issue 15's shapes)
