@@ -12,7 +12,8 @@ creates on first use (``benchmarks/.venv-llmcompressor``: torch==2.13.0 CPU, llm
 brings transformers 5.17 and compressed-tensors 0.19; both installs run under a constraints file that pins
 torch==2.13.0, so no dependency can swap the CPU build for a CUDA one) or takes from ``--peer-python``. Each
 prune runs in a fresh process on both sides, ``--repeats`` times (3; the run with the median time is reported);
-peak RSS is that of the prune alone (the high-water mark is reset after the model is loaded). Perplexity is
+peak RSS is that of the prune alone (the high-water mark is reset after the model is loaded and its
+memory-mapped weights read once, on both sides), and +RSS that peak above the RSS just before the prune. Perplexity is
 computed here for every saved model with the same protocol. Prints a table with the ratios ours/peer and writes a PNG plot. Never asserts.
 
 Structured: ModHiFi (MLP neurons removed, least-squares compensation, calibrated on the same windows) next to

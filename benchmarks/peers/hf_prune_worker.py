@@ -29,6 +29,14 @@ def rss_now() -> int:
     return 0
 
 
+def page_in(model) -> None:
+    """from_pretrained leaves the weights memory-mapped until first read: read every one once, so that the RSS
+    before the prune holds them and the prune's +RSS is its working memory, not the weights paged in."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -47,6 +55,7 @@ def main() -> None:
     else:
         config = CONFIGS[args.method](sparsity=args.sparsity if args.pattern == "unstructured" else None,
                                       pattern=args.pattern, calibration=calibration)
+    page_in(pruner.model)
     before = rss_now()
     _reset_vm_hwm()
     start = time.perf_counter()

@@ -29,6 +29,14 @@ def rss_now() -> int:
     return 0
 
 
+def page_in(model) -> None:
+    """from_pretrained leaves the weights memory-mapped until first read: read every one once, so that the RSS
+    before the prune holds them and the prune's +RSS is its working memory, not the weights paged in."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -63,6 +71,7 @@ def main() -> None:
     else:
         recipe = SparseGPTModifier(sparsity=args.sparsity, mask_structure=structure, targets=targets, ignore=ignore,
                                    block_size=128, dampening_frac=0.01)
+    page_in(model)
     before = rss_now()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
