@@ -157,9 +157,16 @@ def main() -> None:
     parser.add_argument("--no-keep-best", action="store_true", help="keep IC's last pool instead of the best")
     parser.add_argument("--vp", action="store_true", help="add the input-independent (one-entry pool) ablation")
     parser.add_argument("--no-lora", action="store_true")
+    parser.add_argument("--no-ic", action="store_true",
+                        help="skip IC's training (LoRA only, still sized to IC's parameter count): for the LoRA column "
+                             "of a pair whose IC row is already measured")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/hf_prune_ic_bench")
     args = parser.parse_args()
+    if args.no_ic and args.no_lora:
+        parser.error("--no-ic with --no-lora leaves nothing to train: drop one of them")
+    if args.no_ic and args.vp:
+        parser.error("--vp is an IC ablation and needs IC: drop --no-ic or --vp")
     args.steps = args.steps or InputCompensationConfig.steps
     args.ic_lr = args.ic_lr or InputCompensationConfig.lr
 
@@ -216,13 +223,20 @@ def main() -> None:
             masks = WeightMasks.from_model(pruned)  # to re-mask LoRA after merging
             pruned_ppl = ppl(pruned)
             tag = f"{method}-{setting}".replace(":", "of")
-            folded, report, ic_params, ic_wall, ic_cpu, fold_diff = train_ic(
-                args, pruned, dense, data, select, args.pool_size, os.path.join(args.workdir, tag, "ic"))
-            ic_ppl = ppl(folded)
-            closed = (math.log(pruned_ppl) - math.log(ic_ppl)) / max(1e-12, math.log(pruned_ppl) - math.log(dense_ppl))
-            kept = report["kept"]["step"] if report.get("kept") else "last"
-            row = [method, setting, f"{pruned_ppl:.3f}", f"{ic_ppl:.3f}", f"{closed:.1%}", str(kept), f"{ic_params:,}",
-                   f"{ic_wall:.0f}/{ic_cpu:.0f}", f"{report['effective_sparsity']:.4f}", f"{fold_diff:.1e}"]
+            if args.no_ic:  # LoRA's budget is still the pool's size, counted on an untrained pool
+                ic_params = InputCompensatedModel(copy.deepcopy(pruned), InputCompensationConfig(
+                    pool_size=args.pool_size), teacher=dense).trainable_parameters()
+                row = [method, setting, f"{pruned_ppl:.3f}", "-", "-", "-", f"{ic_params:,}", "-", "-", "-"]
+            else:
+                folded, report, ic_params, ic_wall, ic_cpu, fold_diff = train_ic(
+                    args, pruned, dense, data, select, args.pool_size, os.path.join(args.workdir, tag, "ic"))
+                ic_ppl = ppl(folded)
+                closed = ((math.log(pruned_ppl) - math.log(ic_ppl))
+                          / max(1e-12, math.log(pruned_ppl) - math.log(dense_ppl)))
+                kept = report["kept"]["step"] if report.get("kept") else "last"
+                row = [method, setting, f"{pruned_ppl:.3f}", f"{ic_ppl:.3f}", f"{closed:.1%}", str(kept),
+                       f"{ic_params:,}", f"{ic_wall:.0f}/{ic_cpu:.0f}", f"{report['effective_sparsity']:.4f}",
+                       f"{fold_diff:.1e}"]
             if args.vp:
                 vp, _, vp_params, _, _, _ = train_ic(args, pruned, dense, data, select, 1,
                                                      os.path.join(args.workdir, tag, "vp"))

@@ -23,6 +23,23 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 from hf_prune.engine.report import _reset_vm_hwm, _vm_hwm_bytes  # noqa: E402
 
 
+def rss_now() -> int:
+    """The process's resident memory now (VmRSS): what a prune's peak is measured above."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def page_in(model) -> None:
+    """from_pretrained leaves the weights memory-mapped until first read: read every one once, so that the RSS
+    before the prune holds them and the prune's +RSS is its working memory, not the weights paged in."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -35,6 +52,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    page_in(model)
+    before = rss_now()
     _reset_vm_hwm()
     start = time.perf_counter()
     example = torch.randint(0, model.config.vocab_size, (1, 8))
@@ -58,7 +77,7 @@ def main() -> None:
     rss = _vm_hwm_bytes()
     model.config.intermediate_size = keep
     model.save_pretrained(args.out)
-    print(json.dumps({"prune_s": seconds, "peak_rss_bytes": rss, "version": tp.__version__}))
+    print(json.dumps({"prune_s": seconds, "peak_rss_bytes": rss, "rss_before_bytes": before, "version": tp.__version__}))
 
 
 if __name__ == "__main__":
