@@ -63,10 +63,23 @@ def prune_count(numel: int, sparsity: float) -> int:
     return min(numel, max(0, int(math.floor(sparsity * numel + 0.5))))
 
 
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based) of a 1-D tensor, as a 0-d tensor on its device.
+
+    A selection does no arithmetic, so every algorithm returns the same value; on the CPU NumPy's introselect
+    (``np.partition``) is used, which at a SparseGPT block (2752 x 128 scores) is about 50x faster than
+    ``torch.kthvalue`` (that copies the input and also tracks indices)."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64) and not flat.requires_grad:
+        values = flat.contiguous().numpy()
+        return torch.tensor(np.partition(values, k - 1)[k - 1], dtype=flat.dtype)
+    return flat.kthvalue(k).values
+
+
 def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Prune mask with exactly ``k`` True entries at the ``k`` smallest scores of the whole tensor.
 
-    Uses a k-th value threshold plus explicit tie filling, so it needs no full argsort of a large matrix.
+    Uses a k-th value threshold plus explicit tie filling (the first tied entries in memory order), so it needs no
+    full argsort of a large matrix.
     """
     flat = scores.reshape(-1)
     numel = flat.numel()
@@ -74,13 +87,40 @@ def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= numel:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = flat.kthvalue(k).values
+    threshold = kth_smallest(flat, k)
     mask = flat < threshold
-    need = k - int(mask.sum())
+    need = k - int(torch.count_nonzero(mask))
     if need > 0:
         ties = torch.nonzero(flat == threshold, as_tuple=False).squeeze(1)[:need]
         mask[ties] = True
     return mask.view_as(scores)
+
+
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}
+ZERO_CHUNK = 1 << 18  # elements per chunk of the integer keep-mask (about 1 MiB, cache resident)
+
+
+def zero_masked_(tensor: torch.Tensor, mask: torch.Tensor) -> int:
+    """``tensor.masked_fill_(mask, 0)`` bit for bit, without its per-element branch; returns the tensor's zeros after it
+    (counted as ``count_nonzero`` counts them: -0.0 is a zero), read while each chunk is still in cache.
+
+    ``masked_fill_`` with a random half-dense mask mispredicts a branch per element (2-15 ns each on this CPU);
+    AND-ing the float's bits with 0 (pruned) or all ones (kept) writes the same +0.0 and leaves every kept value
+    untouched, vectorised. Rows are processed in chunks so that the integer keep-mask stays small. Other dtypes and
+    tensors whose last dimension is not contiguous use ``masked_fill_`` itself."""
+    int_dtype = _SAME_WIDTH_INT.get(tensor.dtype)
+    if int_dtype is None or tensor.dim() != 2 or mask.shape != tensor.shape or tensor.stride(-1) != 1:
+        tensor.masked_fill_(mask, 0)
+        return tensor.numel() - int(torch.count_nonzero(tensor))
+    bits = tensor.view(int_dtype)
+    step = max(1, ZERO_CHUNK // max(1, tensor.shape[1]))
+    nonzero = 0
+    for r in range(0, tensor.shape[0], step):
+        keep = mask[r:r + step].logical_not().to(int_dtype).neg_()  # False -> 0, True -> -1 (all bits set)
+        bits[r:r + step].bitwise_and_(keep)
+        nonzero += int(torch.count_nonzero(tensor[r:r + step]))
+    return tensor.numel() - nonzero
 
 
 def smallest_k_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
