@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -160,6 +161,32 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern, *,
     if scope == "matrix":
         return smallest_k_mask(scores, prune_count(scores.numel(), sparsity))
     raise ValueError(f"scope={scope!r} is not supported; choose 'row' or 'matrix'.")
+
+
+MASK_CHUNK = 1 << 22  # scores per chunk of rows (16 MiB of float32) when a mask is made a chunk of rows at a time
+
+
+def mask_by_rows(score_rows: Callable[[slice], torch.Tensor], shape: tuple[int, int], sparsity: float,
+                 pattern: Pattern, *, scope: str = "row", chunk: int | None = None) -> torch.Tensor:
+    """``mask_from_scores`` of the scores ``score_rows(slice(None))``, made and ranked a chunk of rows at a time.
+
+    ``score_rows(rows)``: the scores of those rows of the weight. A per-row budget (``scope="row"``) and N:M groups
+    are decided within each row, so the chunked mask is the unchunked one exactly, while the working set is one
+    chunk's scores and top-k indices instead of the whole matrix's (indices are int64: twice a float32 weight at
+    50%). A per-matrix threshold needs every score at once and gets them in one piece."""
+    rows, cols = shape
+    if not pattern.is_nm and scope == "matrix":
+        return mask_from_scores(score_rows(slice(None)), sparsity, pattern, scope=scope)
+    step = max(1, (MASK_CHUNK if chunk is None else chunk) // max(1, cols))
+    if step >= rows:
+        return mask_from_scores(score_rows(slice(None)), sparsity, pattern, scope=scope)
+    mask = None
+    for r in range(0, rows, step):
+        part = mask_from_scores(score_rows(slice(r, r + step)), sparsity, pattern, scope=scope)
+        if mask is None:
+            mask = torch.empty((rows, cols), dtype=torch.bool, device=part.device)
+        mask[r:r + step] = part
+    return mask
 
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:

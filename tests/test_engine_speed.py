@@ -359,3 +359,47 @@ def test_sparsegpt_leaf_gather_is_the_mask_product_formulation(pattern):
     finally:
         ops._solve_leaf = original
     assert torch.equal(new[0], ref[0]) and torch.equal(new[1], ref[1]) and new[2] == ref[2]
+
+
+@pytest.mark.parametrize("pattern,scope", [("unstructured", "row"), ("2:4", "row"), ("4:8", "row"),
+                                           ("unstructured", "matrix")])
+def test_masks_made_a_chunk_of_rows_at_a_time_equal_the_whole_matrix_mask(pattern, scope, monkeypatch):
+    from hf_prune import patterns
+    from hf_prune.methods.magnitude.ops import magnitude_prune_mask, magnitude_scores
+    from hf_prune.methods.ria.ops import ria_prune_mask, ria_scores
+    from hf_prune.methods.wanda.ops import wanda_prune_mask, wanda_scores
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(203, 64, generator=g)
+    W[::5, ::3] = 0.0  # tied zero scores inside rows
+    W[7] = W[7, 0]  # a row of ties
+    norms = torch.rand(64, generator=g)
+    norms[10] = 0.0  # a dead input
+    p = Pattern.parse(pattern)
+    whole = {"wanda": patterns.mask_from_scores(wanda_scores(W, norms), 0.5, p, scope=scope),
+             "magnitude": patterns.mask_from_scores(magnitude_scores(W), 0.5, p, scope=scope),
+             "ria": patterns.mask_from_scores(ria_scores(W, norms), 0.5, p, scope=scope)}
+    for chunk in (64, 64 * 7, 10 ** 9):  # one row, seven rows (a partial last chunk), everything at once
+        monkeypatch.setattr(patterns, "MASK_CHUNK", chunk)
+        chunked = {"wanda": wanda_prune_mask(W, norms, 0.5, p, scope), "magnitude": magnitude_prune_mask(W, 0.5, p, scope),
+                   "ria": ria_prune_mask(W, norms, 0.5, p, scope=scope)}
+        for name in whole:
+            assert torch.equal(chunked[name], whole[name]), (name, chunk)
+    assert torch.equal(ria_scores(W, norms, rows=slice(20, 50), col_sums=W.abs().sum(0, keepdim=True)),
+                       ria_scores(W, norms)[20:50])
+    with pytest.raises(ValueError, match="col_sums"):
+        ria_scores(W, norms, rows=slice(0, 5))
+
+
+def test_layerwise_report_zeros_counted_while_zeroing_equal_a_recount(tokenizer, corpus, one_thread):
+    from hf_prune.engine.report import count_zeros
+
+    model = make_model("llama", vocab=len(tokenizer))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, :5] = 0.0  # zeros the mask keeps (ties) count too
+    result = Pruner(model, tokenizer).prune(WandaConfig(sparsity=0.5, calibration=CalibrationConfig(num_samples=4)),
+                                            calibration_dataset=corpus, progress=False)
+    per_module = result.report["sparsity"]["per_module"]
+    assert per_module
+    for name, entry in per_module.items():
+        assert entry["zeros"] == count_zeros(model.get_submodule(name).weight)
