@@ -67,7 +67,6 @@ def sparsegpt_floor_flops(hidden: int, intermediate: int, tokens: int, factoriza
 
 def child(args: argparse.Namespace) -> None:
     """One (width, method) measurement; prints one JSON line."""
-    runtime = _rss()  # the interpreter and its imports, before any model exists
     import torch
     import transformers as T
 
@@ -76,6 +75,8 @@ def child(args: argparse.Namespace) -> None:
     from hf_prune.engine.walker import calibration_mode, capture_stage_inputs
     from hf_prune.models import get_family
     from hf_prune.planner import measure_matmul_flops, plan
+
+    runtime = _rss()  # the interpreter and its imports, before any model exists
 
     torch.set_num_threads(args.threads)
     hidden = args.hidden[0]
