@@ -125,14 +125,31 @@ def zero_masked_(tensor: torch.Tensor, mask: torch.Tensor) -> int:
 
 
 def smallest_k_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Prune mask with exactly ``k`` True entries in every row (the ``k`` smallest scores of the row)."""
+    """Prune mask with exactly ``k`` True entries in every row (the ``k`` smallest scores of the row).
+
+    The rows' ``k``-th smallest values come from one NumPy introselect (on the CPU; about twice as fast as a
+    half-width ``topk`` and its scatter); a row whose ``scores <= its k-th value`` are exactly ``k`` has only one
+    such set, so it is ``topk``'s. The rows with ties at their k-th value take ``topk``'s own choice, so the mask
+    is the ``topk`` mask in every row."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k <= 0:
         return mask
     if k >= scores.shape[1]:
         return torch.ones_like(mask)
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) and not scores.requires_grad:
+        kth = torch.from_numpy(np.partition(scores.numpy(), k - 1, axis=1)[:, k - 1:k])
+        mask = scores <= kth
+        tied = torch.nonzero(torch.count_nonzero(mask, dim=1) != k).squeeze(1)
+        if tied.numel():
+            mask[tied] = smallest_k_per_row_topk(scores[tied], k)
+        return mask
+    return smallest_k_per_row_topk(scores, k)
+
+
+def smallest_k_per_row_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``smallest_k_per_row`` by a per-row ``topk`` (its tie choices are the mask's)."""
     idx = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
-    return mask.scatter_(1, idx, True)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
 
 
 def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

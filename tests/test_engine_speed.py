@@ -403,3 +403,21 @@ def test_layerwise_report_zeros_counted_while_zeroing_equal_a_recount(tokenizer,
     assert per_module
     for name, entry in per_module.items():
         assert entry["zeros"] == count_zeros(model.get_submodule(name).weight)
+
+
+def test_per_row_mask_by_kth_value_is_the_topk_mask_with_ties():
+    from hf_prune.patterns import smallest_k_per_row, smallest_k_per_row_topk
+
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.float64):
+        s = torch.rand(60, 96, generator=g).to(dtype)
+        s[::3, ::5] = 0.0  # ties below the k-th value
+        s[7] = 0.5  # a whole row tied at its k-th value
+        s[8, :60] = 0.25  # ties straddling the k-th value
+        s[9] = torch.arange(96, dtype=dtype) % 4  # many small groups of ties
+        for k in (0, 1, 17, 48, 95, 96):
+            got = smallest_k_per_row(s, k)
+            assert torch.equal(got, smallest_k_per_row_topk(s, k)), (dtype, k)
+            assert bool((got.sum(1) == k).all())
+    s = torch.rand(5, 8, generator=g, requires_grad=True)  # a tensor NumPy cannot read goes through topk
+    assert torch.equal(smallest_k_per_row(s, 3), smallest_k_per_row_topk(s.detach(), 3))
