@@ -21,7 +21,7 @@ SparseGPT's ``floor``: 2 x fwd (the statistics pass and the pruned block's pass)
 updates (2 x tokens x in^2 per distinct input), the factors (4/3 n^3 per distinct input for the default
 Cholesky -> cholesky_inverse -> Cholesky, 2/3 n^3 for ``--factorization triangular_inverse``) and the lazy
 trailing updates (2 x rows x 128 x the columns right of each 128-column block, per Linear), all at the GEMM speed
-measured in the same process (a 1024^3 float32 matmul); ``/floor``: the prune's time over it. Prints; never asserts.
+measured in the same process (best of three timings of ten 1024^3 float32 matmuls); ``/floor``: the prune's time over it. Prints; never asserts.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def child(args: argparse.Namespace) -> None:
                            throughput=1e12)
     planned = planned_run.host_peak
     block_set = max(s.stats_bytes + s.solve_bytes + s.forward_bytes + s.activation_cache for s in planned_run.stages)
-    gemm = measure_matmul_flops(torch.device("cpu"), torch.float32)
+    gemm = max(measure_matmul_flops(torch.device("cpu"), torch.float32, repeats=10) for _ in range(3))  # best of 3
     floor = None
     if name == "sparsegpt":
         floor = 2 * forward + args.layers * sparsegpt_floor_flops(

@@ -421,3 +421,25 @@ def test_per_row_mask_by_kth_value_is_the_topk_mask_with_ties():
             assert bool((got.sum(1) == k).all())
     s = torch.rand(5, 8, generator=g, requires_grad=True)  # a tensor NumPy cannot read goes through topk
     assert torch.equal(smallest_k_per_row(s, 3), smallest_k_per_row_topk(s.detach(), 3))
+
+
+def test_triangular_factor_rebuilds_its_freed_working_copy_on_a_retry(monkeypatch):
+    """The triangular path frees its flipped copy of H once factored; a non-finite factor still retries with ten
+    times the dampening on a fresh copy, and gets what a call with that dampening gets."""
+    from hf_prune.methods.sparsegpt import ops
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(300, 100, generator=g)  # one leaf of the triangular inverse: one call per factorisation
+    H = X.t() @ X / 300
+    expected = inverse_hessian_factor(H, 0.1, factorization="triangular_inverse")
+    real, calls = ops.lower_triangular_inverse, []
+
+    def first_overflows(L):
+        calls.append(1)
+        out = real(L)
+        return out.fill_(float("inf")) if len(calls) == 1 else out
+
+    monkeypatch.setattr(ops, "lower_triangular_inverse", first_overflows)
+    U, damp, dead = inverse_hessian_factor(H, 0.01, factorization="triangular_inverse")
+    assert len(calls) == 2 and damp == pytest.approx(0.1)
+    assert torch.equal(U, expected[0]) and torch.equal(dead, expected[2])

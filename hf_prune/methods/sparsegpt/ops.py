@@ -88,11 +88,20 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float =
     mean_diag = torch.mean(base)
     current = damp
     while True:
+        if H is None:  # the triangular path gave its working copy up; a retry makes it again
+            H = hessian.flip(0, 1)
+            diag = H.diagonal()
         diag.copy_(base).add_(current * mean_diag)
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
             if reverse:
-                U = lower_triangular_inverse(L).flip(0, 1)
+                # free each n x n buffer once it is read: the flipped copy, then the factor, then its inverse (three
+                # at most with the caller's Hessian, as the default path)
+                H = diag = None
+                inverse = lower_triangular_inverse(L)
+                del L
+                U = inverse.flip(0, 1)
+                del inverse
             else:
                 inverse = torch.cholesky_inverse(L)
                 del L  # at most three n x n buffers at once: H, the inverse, its factor
