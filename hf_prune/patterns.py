@@ -102,9 +102,10 @@ _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch
 ZERO_CHUNK = 1 << 18  # elements per chunk of the integer keep-mask (about 1 MiB, cache resident)
 
 
-def zero_masked_(tensor: torch.Tensor, mask: torch.Tensor) -> int:
+def zero_masked_(tensor: torch.Tensor, mask: torch.Tensor, count: bool = True) -> int | None:
     """``tensor.masked_fill_(mask, 0)`` bit for bit, without its per-element branch; returns the tensor's zeros after it
-    (counted as ``count_nonzero`` counts them: -0.0 is a zero), read while each chunk is still in cache.
+    (counted as ``count_nonzero`` counts them: -0.0 is a zero), read while each chunk is still in cache, or None
+    with ``count=False``.
 
     ``masked_fill_`` with a random half-dense mask mispredicts a branch per element (2-15 ns each on this CPU);
     AND-ing the float's bits with 0 (pruned) or all ones (kept) writes the same +0.0 and leaves every kept value
@@ -113,15 +114,16 @@ def zero_masked_(tensor: torch.Tensor, mask: torch.Tensor) -> int:
     int_dtype = _SAME_WIDTH_INT.get(tensor.dtype)
     if int_dtype is None or tensor.dim() != 2 or mask.shape != tensor.shape or tensor.stride(-1) != 1:
         tensor.masked_fill_(mask, 0)
-        return tensor.numel() - int(torch.count_nonzero(tensor))
+        return tensor.numel() - int(torch.count_nonzero(tensor)) if count else None
     bits = tensor.view(int_dtype)
     step = max(1, ZERO_CHUNK // max(1, tensor.shape[1]))
     nonzero = 0
     for r in range(0, tensor.shape[0], step):
         keep = mask[r:r + step].logical_not().to(int_dtype).neg_()  # False -> 0, True -> -1 (all bits set)
         bits[r:r + step].bitwise_and_(keep)
-        nonzero += int(torch.count_nonzero(tensor[r:r + step]))
-    return tensor.numel() - nonzero
+        if count:
+            nonzero += int(torch.count_nonzero(tensor[r:r + step]))
+    return tensor.numel() - nonzero if count else None
 
 
 def smallest_k_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -283,6 +283,7 @@ def test_zero_masked_is_masked_fill_bit_for_bit(dtype, monkeypatch):
         mask = torch.rand(view(a).shape, generator=g) < 0.5
         mask[0, :2] = True
         view(a).masked_fill_(mask, 0)
+        assert patterns.zero_masked_(view(b).clone(), mask, count=False) is None
         zeros = patterns.zero_masked_(view(b), mask)
         int_dtype = patterns._SAME_WIDTH_INT[dtype]
         assert torch.equal(a.view(int_dtype), b.view(int_dtype))  # +0.0 written, NaN/inf/-0.0 kept as they were

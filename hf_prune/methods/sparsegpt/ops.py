@@ -210,7 +210,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity
             k = prune_count(rows * i2, sparsity) - prune_count(rows * i1, sparsity)
             block_prune.copy_(smallest_k_mask(_scores(W1, diag_sq[i1:i2], live[i1:i2]), k))
         _solve(W1, U1, diag_sq[i1:i2], live[i1:i2], pattern, leaf, E, block_prune, pattern.is_nm, eyes)
-        zero_masked_(W1.sub_(E @ U1), block_prune)
+        zero_masked_(W1.sub_(E @ U1), block_prune, count=False)
         W[:, i2:].addmm_(E, U[i1:i2, i2:], alpha=-1.0)  # the lazy trailing update, no temporary
         total_error += float(E.pow(2).sum()) / 2
     return W, prune, {"damp": damp_used, "dead_inputs": int(dead.sum()), "obs_error": total_error}
