@@ -360,6 +360,9 @@ def test_sparsegpt_leaf_gather_is_the_mask_product_formulation(pattern):
     finally:
         ops._solve_leaf = original
     assert torch.equal(new[0], ref[0]) and torch.equal(new[1], ref[1]) and new[2] == ref[2]
+    # a column-major weight (a Conv1D's [in, out] weight seen as [out, in]) gives the same bits
+    column_major = sparsegpt_prune(W.t().contiguous().t(), 2 * X.T @ X / 400, 0.5, Pattern.parse(pattern), block_size=32)
+    assert torch.equal(column_major[0], new[0]) and torch.equal(column_major[1], new[1])
 
 
 @pytest.mark.parametrize("pattern,scope", [("unstructured", "row"), ("2:4", "row"), ("4:8", "row"),

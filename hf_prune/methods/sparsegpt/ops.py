@@ -125,7 +125,7 @@ def _solve_leaf(W: torch.Tensor, Ut: torch.Tensor, eye: torch.Tensor, mask: torc
     ``M U^T + diag(1 - M)``, gathered as rows of ``[I; U^T]`` (one copy instead of two products and a sum)."""
     rows, width = mask.shape
     index = mask.to(torch.long).mul_(width).add_(torch.arange(width, device=mask.device))
-    A = torch.cat([eye, Ut]).index_select(0, index.view(-1)).view(rows, width, width)
+    A = torch.cat([eye, Ut]).index_select(0, index.reshape(-1)).view(rows, width, width)  # mask may be column-major
     return torch.linalg.solve_triangular(A, (mask * W).unsqueeze(2), upper=False).squeeze(2)
 
 
