@@ -12,7 +12,16 @@ over the calibration batches is timed first (median of 3) and the prune after it
 within one process. The floor for Wanda and SparseGPT is 2.0 x fwd (a statistics pass and a pass of the pruned
 block per block) plus, for SparseGPT, its solves. ``peak/W``: the process's peak RSS during the prune over the
 weights' bytes; ``+peak/W``: the same above the RSS just before the prune. ``plan``: ``hf_prune.planner.plan``'s
-host peak for the same model and data, ``plan/meas``: it over the measured peak RSS. Prints; never asserts.
+host peak for the same model and data, ``plan/meas``: it over the measured peak RSS. ``peak/(W+blk)``: the peak
+RSS less the runtime's own (the process's RSS after its imports, before any model exists) over the weights plus
+one block's working set as the planner counts it (statistics of every distinct input, the largest per-layer
+solve, one batch's forward, the cached block inputs and outputs).
+
+SparseGPT's ``floor``: 2 x fwd (the statistics pass and the pruned block's pass) plus, per block, the Gram
+updates (2 x tokens x in^2 per distinct input), the factors (4/3 n^3 per distinct input for the default
+Cholesky -> cholesky_inverse -> Cholesky, 2/3 n^3 for ``--factorization triangular_inverse``) and the lazy
+trailing updates (2 x rows x 128 x the columns right of each 128-column block, per Linear), all at the GEMM speed
+measured in the same process (best of three timings of ten 1024^3 float32 matmuls); ``/floor``: the prune's time over it. Prints; never asserts.
 """
 
 from __future__ import annotations
@@ -45,6 +54,17 @@ def _rss() -> int:
     return 0
 
 
+def sparsegpt_floor_flops(hidden: int, intermediate: int, tokens: int, factorization: str | None) -> float:
+    """Per block of the benchmark's LLaMA: Gram, factor and trailing-update flops (see the module docstring)."""
+    distinct = [hidden, hidden, hidden, intermediate]  # q/k/v, o, gate/up, down
+    linears = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]  # (rows, cols)
+    grams = sum(2 * tokens * n * n for n in distinct)
+    factors = (2 / 3 if factorization == "triangular_inverse" else 4 / 3) * sum(n ** 3 for n in distinct)
+    trailing = sum(2 * rows * min(128, cols - i1) * max(0, cols - i1 - 128)
+                   for rows, cols in linears for i1 in range(0, cols, 128))
+    return grams + factors + trailing
+
+
 def child(args: argparse.Namespace) -> None:
     """One (width, method) measurement; prints one JSON line."""
     import torch
@@ -54,7 +74,9 @@ def child(args: argparse.Namespace) -> None:
     from hf_prune.engine.report import _reset_vm_hwm, _vm_hwm_bytes
     from hf_prune.engine.walker import calibration_mode, capture_stage_inputs
     from hf_prune.models import get_family
-    from hf_prune.planner import plan
+    from hf_prune.planner import measure_matmul_flops, plan
+
+    runtime = _rss()  # the interpreter and its imports, before any model exists
 
     torch.set_num_threads(args.threads)
     hidden = args.hidden[0]
@@ -93,8 +115,15 @@ def child(args: argparse.Namespace) -> None:
                         calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.tokens), **extra)
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
-        planned = plan(tmp, name, num_samples=args.samples, seq_len=args.tokens, batch_size=1, dtype="float32",
-                       throughput=1e12).host_peak
+        planned_run = plan(tmp, name, num_samples=args.samples, seq_len=args.tokens, batch_size=1, dtype="float32",
+                           throughput=1e12)
+    planned = planned_run.host_peak
+    block_set = max(s.stats_bytes + s.solve_bytes + s.forward_bytes + s.activation_cache for s in planned_run.stages)
+    gemm = max(measure_matmul_flops(torch.device("cpu"), torch.float32, repeats=10) for _ in range(3))  # best of 3
+    floor = None
+    if name == "sparsegpt":
+        floor = 2 * forward + args.layers * sparsegpt_floor_flops(
+            hidden, intermediate_of(hidden), args.samples * args.tokens, args.factorization) / gemm
     pruner = Pruner(model, None)
     before = _rss()
     _reset_vm_hwm()
@@ -115,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
     peak = _vm_hwm_bytes()
     print(json.dumps({"hidden": hidden, "method": args.method, "forward": forward, "seconds": seconds,
                       "weights": weight_bytes, "peak": peak, "before": before, "planned": planned,
-                      "profile": profile}))
+                      "runtime": runtime, "block_set": block_set, "gemm": gemm, "floor": floor, "profile": profile}))
 
 
 def main() -> None:
@@ -151,19 +180,22 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 print(out.stderr[-3000:], file=sys.stderr)
-                rows.append([hidden, method, "failed", "", "", "", "", "", ""])
+                rows.append([hidden, method, "failed"] + [""] * 9)
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append([hidden, intermediate_of(hidden), method, f"{r['seconds']:.2f}", f"{r['forward']:.2f}",
                          f"{r['seconds'] / r['forward']:.2f}", f"{r['peak'] / r['weights']:.2f}",
                          f"{(r['peak'] - r['before']) / r['weights']:.2f}",
-                         f"{r['planned'] / GIB:.2f} / {r['peak'] / GIB:.2f} = {r['planned'] / r['peak']:.2f}"])
+                         f"{(r['peak'] - r['runtime']) / (r['weights'] + r['block_set']):.2f}",
+                         f"{r['planned'] / GIB:.2f} / {r['peak'] / GIB:.2f} = {r['planned'] / r['peak']:.2f}",
+                         "" if r["floor"] is None else f"{r['floor']:.2f} ({r['floor'] / r['forward']:.2f})",
+                         "" if r["floor"] is None else f"{r['seconds'] / r['floor']:.2f}", f"{r['gemm'] / 1e9:.0f}"])
             print("  ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
             if r["profile"]:
                 profiles.append((hidden, method, r["profile"]))
     print(f"{args.layers} block(s), {args.samples} x {args.tokens} calibration tokens, {args.threads} thread(s), fp32")
     print(format_table(rows, ["hidden", "intermediate", "method", "prune s", "fwd s", "x fwd", "peak/W", "+peak/W",
-                              "plan / measured GiB"]))
+                              "peak/(W+blk)", "plan / measured GiB", "floor s (x fwd)", "/floor", "GEMM GFLOP/s"]))
     for hidden, method, profile in profiles:
         print(f"\nprofile, hidden {hidden}, {method} (self CPU time):")
         print(format_table([[k, c, f"{p}%"] for k, c, p in profile], ["op", "calls", "share"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -63,10 +64,23 @@ def prune_count(numel: int, sparsity: float) -> int:
     return min(numel, max(0, int(math.floor(sparsity * numel + 0.5))))
 
 
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based) of a 1-D tensor, as a 0-d tensor on its device.
+
+    A selection does no arithmetic, so every algorithm returns the same value; on the CPU NumPy's introselect
+    (``np.partition``) is used, which at a SparseGPT block (2752 x 128 scores) is about 50x faster than
+    ``torch.kthvalue`` (that copies the input and also tracks indices)."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64) and not flat.requires_grad:
+        values = flat.contiguous().numpy()
+        return torch.tensor(np.partition(values, k - 1)[k - 1], dtype=flat.dtype)
+    return flat.kthvalue(k).values
+
+
 def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Prune mask with exactly ``k`` True entries at the ``k`` smallest scores of the whole tensor.
 
-    Uses a k-th value threshold plus explicit tie filling, so it needs no full argsort of a large matrix.
+    Uses a k-th value threshold plus explicit tie filling (the first tied entries in memory order), so it needs no
+    full argsort of a large matrix.
     """
     flat = scores.reshape(-1)
     numel = flat.numel()
@@ -74,24 +88,70 @@ def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= numel:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = flat.kthvalue(k).values
+    threshold = kth_smallest(flat, k)
     mask = flat < threshold
-    need = k - int(mask.sum())
+    need = k - int(torch.count_nonzero(mask))
     if need > 0:
         ties = torch.nonzero(flat == threshold, as_tuple=False).squeeze(1)[:need]
         mask[ties] = True
     return mask.view_as(scores)
 
 
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}
+ZERO_CHUNK = 1 << 18  # elements per chunk of the integer keep-mask (about 1 MiB, cache resident)
+
+
+def zero_masked_(tensor: torch.Tensor, mask: torch.Tensor, count: bool = True) -> int | None:
+    """``tensor.masked_fill_(mask, 0)`` bit for bit, without its per-element branch; returns the tensor's zeros after it
+    (counted as ``count_nonzero`` counts them: -0.0 is a zero), read while each chunk is still in cache, or None
+    with ``count=False``.
+
+    ``masked_fill_`` with a random half-dense mask mispredicts a branch per element (2-15 ns each on this CPU);
+    AND-ing the float's bits with 0 (pruned) or all ones (kept) writes the same +0.0 and leaves every kept value
+    untouched, vectorised. Rows are processed in chunks so that the integer keep-mask stays small. Other dtypes and
+    tensors whose last dimension is not contiguous use ``masked_fill_`` itself."""
+    int_dtype = _SAME_WIDTH_INT.get(tensor.dtype)
+    if int_dtype is None or tensor.dim() != 2 or mask.shape != tensor.shape or tensor.stride(-1) != 1:
+        tensor.masked_fill_(mask, 0)
+        return tensor.numel() - int(torch.count_nonzero(tensor)) if count else None
+    bits = tensor.view(int_dtype)
+    step = max(1, ZERO_CHUNK // max(1, tensor.shape[1]))
+    nonzero = 0
+    for r in range(0, tensor.shape[0], step):
+        keep = mask[r:r + step].logical_not().to(int_dtype).neg_()  # False -> 0, True -> -1 (all bits set)
+        bits[r:r + step].bitwise_and_(keep)
+        if count:
+            nonzero += int(torch.count_nonzero(tensor[r:r + step]))
+    return tensor.numel() - nonzero if count else None
+
+
 def smallest_k_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Prune mask with exactly ``k`` True entries in every row (the ``k`` smallest scores of the row)."""
+    """Prune mask with exactly ``k`` True entries in every row (the ``k`` smallest scores of the row).
+
+    The rows' ``k``-th smallest values come from one NumPy introselect (on the CPU; about twice as fast as a
+    half-width ``topk`` and its scatter); a row whose ``scores <= its k-th value`` are exactly ``k`` has only one
+    such set, so it is ``topk``'s. The rows with ties at their k-th value take ``topk``'s own choice, so the mask
+    is the ``topk`` mask in every row."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k <= 0:
         return mask
     if k >= scores.shape[1]:
         return torch.ones_like(mask)
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) and not scores.requires_grad:
+        kth = torch.from_numpy(np.partition(scores.numpy(), k - 1, axis=1)[:, k - 1:k])
+        mask = scores <= kth
+        tied = torch.nonzero(torch.count_nonzero(mask, dim=1) != k).squeeze(1)
+        if tied.numel():
+            mask[tied] = smallest_k_per_row_topk(scores[tied], k)
+        return mask
+    return smallest_k_per_row_topk(scores, k)
+
+
+def smallest_k_per_row_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``smallest_k_per_row`` by a per-row ``topk`` (its tie choices are the mask's)."""
     idx = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
-    return mask.scatter_(1, idx, True)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
 
 
 def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -120,6 +180,32 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern, *,
     if scope == "matrix":
         return smallest_k_mask(scores, prune_count(scores.numel(), sparsity))
     raise ValueError(f"scope={scope!r} is not supported; choose 'row' or 'matrix'.")
+
+
+MASK_CHUNK = 1 << 22  # scores per chunk of rows (16 MiB of float32) when a mask is made a chunk of rows at a time
+
+
+def mask_by_rows(score_rows: Callable[[slice], torch.Tensor], shape: tuple[int, int], sparsity: float,
+                 pattern: Pattern, *, scope: str = "row", chunk: int | None = None) -> torch.Tensor:
+    """``mask_from_scores`` of the scores ``score_rows(slice(None))``, made and ranked a chunk of rows at a time.
+
+    ``score_rows(rows)``: the scores of those rows of the weight. A per-row budget (``scope="row"``) and N:M groups
+    are decided within each row, so the chunked mask is the unchunked one exactly, while the working set is one
+    chunk's scores and top-k indices instead of the whole matrix's (indices are int64: twice a float32 weight at
+    50%). A per-matrix threshold needs every score at once and gets them in one piece."""
+    rows, cols = shape
+    if not pattern.is_nm and scope == "matrix":
+        return mask_from_scores(score_rows(slice(None)), sparsity, pattern, scope=scope)
+    step = max(1, (MASK_CHUNK if chunk is None else chunk) // max(1, cols))
+    if step >= rows:
+        return mask_from_scores(score_rows(slice(None)), sparsity, pattern, scope=scope)
+    mask = None
+    for r in range(0, rows, step):
+        part = mask_from_scores(score_rows(slice(r, r + step)), sparsity, pattern, scope=scope)
+        if mask is None:
+            mask = torch.empty((rows, cols), dtype=torch.bool, device=part.device)
+        mask[r:r + step] = part
+    return mask
 
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:

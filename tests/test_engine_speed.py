@@ -265,3 +265,185 @@ def test_zeroth_order_scores_replaying_the_blocks_before_the_perturbed_one_are_t
     assert fast == full
     assert len(calls) < 0.8 * full_calls, (len(calls), full_calls)
     assert all("forward" not in b.__dict__ for b in blocks)  # every block's own forward is back
+
+
+# ---- exact overhead removals (issue 15 items 3-5): each keeps the values bit for bit ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_zero_masked_is_masked_fill_bit_for_bit(dtype, monkeypatch):
+    from hf_prune import patterns
+
+    monkeypatch.setattr(patterns, "ZERO_CHUNK", 64)  # several chunks, one of them partial
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(37, 40, generator=g).to(dtype)
+    full[0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, 0.0]).to(dtype)
+    full[1, :3] = torch.tensor([float("-inf"), -0.0, float("nan")]).to(dtype)
+    for view in (lambda t: t, lambda t: t[:, 5:29]):  # contiguous, and rows of a wider matrix
+        a, b = full.clone(), full.clone()
+        mask = torch.rand(view(a).shape, generator=g) < 0.5
+        mask[0, :2] = True
+        view(a).masked_fill_(mask, 0)
+        assert patterns.zero_masked_(view(b).clone(), mask, count=False) is None
+        zeros = patterns.zero_masked_(view(b), mask)
+        int_dtype = patterns._SAME_WIDTH_INT[dtype]
+        assert torch.equal(a.view(int_dtype), b.view(int_dtype))  # +0.0 written, NaN/inf/-0.0 kept as they were
+        assert zeros == view(b).numel() - int(torch.count_nonzero(view(b)))  # -0.0 counts as a zero, like the report
+
+
+def test_zero_masked_falls_back_for_other_layouts():
+    from hf_prune.patterns import zero_masked_
+
+    t = torch.randn(6, 8)
+    mask = torch.rand(8, 6) < 0.5
+    expected = t.t().clone().masked_fill_(mask, 0)
+    zeros = zero_masked_(t.t(), mask)  # last dimension not contiguous
+    assert torch.equal(t.t(), expected) and zeros == int((expected == 0).sum())
+    ints = torch.arange(12).view(3, 4)
+    assert zero_masked_(ints, ints % 2 == 0) == 6 and ints.sum() == 1 + 3 + 5 + 7 + 9 + 11
+
+
+def test_kth_smallest_is_kthvalue_with_ties_zeros_and_negatives():
+    from hf_prune.patterns import kth_smallest, smallest_k_mask
+
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(5003, generator=g).to(dtype)
+        x[::7] = 0.0
+        x[::11] = -0.0
+        x[3::13] = x[5]
+        for k in (1, 2, 700, 2500, 5002, 5003):
+            assert kth_smallest(x, k).item() == x.kthvalue(k).values.item()
+            assert kth_smallest(x, k).dtype == dtype
+    scores = (torch.rand(300, 128, generator=g) * 4).round()  # heavy ties: the first tied entries in memory order
+    for k in (0, 1, 9000, 19200, 38400):
+        mask = smallest_k_mask(scores, k)
+        assert int(mask.sum()) == k
+        if 0 < k < scores.numel():
+            flat, m = scores.reshape(-1), mask.reshape(-1)
+            threshold = flat.kthvalue(k).values
+            assert bool((flat[m] <= threshold).all()) and bool((flat[~m] >= threshold).all())
+            tied = torch.nonzero(flat == threshold).squeeze(1)
+            taken = m[tied]
+            assert not bool((~taken[:-1] & taken[1:]).any())  # ties taken as a prefix
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_sparsegpt_leaf_gather_is_the_mask_product_formulation(pattern):
+    """The leaf's system gathered from [I; U^T] equals M U^T + diag(1 - M) (the earlier formulation), so the
+    solve and the whole prune give the same bits as a run that builds it by products."""
+    from hf_prune.methods.sparsegpt import ops
+
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(400, 96, generator=g)
+    X[:, 5] = 0  # a dead input
+    U, _, _ = inverse_hessian_factor(2 * X.T @ X / 400, 0.01)
+    W = torch.randn(150, 96, generator=g)
+    for start, width in ((0, 8), (40, 4), (88, 8)):
+        Ut = U[start:start + width, start:start + width].t()
+        mask = torch.rand(150, width, generator=g) < 0.5
+        mf = mask.to(torch.float32)
+        A = mf.unsqueeze(2) * Ut.unsqueeze(0) + torch.diag_embed(1.0 - mf)
+        expected = torch.linalg.solve_triangular(A, (mf * W[:, :width]).unsqueeze(2), upper=False).squeeze(2)
+        got = ops._solve_leaf(W[:, :width], Ut, torch.eye(width), mask)
+        assert torch.equal(got, expected)
+
+    def reference_leaf(W, Ut, eye, mask):
+        mf = mask.to(W.dtype)
+        A = mf.unsqueeze(2) * Ut.unsqueeze(0) + torch.diag_embed(1.0 - mf)
+        return torch.linalg.solve_triangular(A, (mf * W).unsqueeze(2), upper=False).squeeze(2)
+
+    new = sparsegpt_prune(W, 2 * X.T @ X / 400, 0.5, Pattern.parse(pattern), block_size=32)
+    original = ops._solve_leaf
+    ops._solve_leaf = reference_leaf
+    try:
+        ref = sparsegpt_prune(W, 2 * X.T @ X / 400, 0.5, Pattern.parse(pattern), block_size=32)
+    finally:
+        ops._solve_leaf = original
+    assert torch.equal(new[0], ref[0]) and torch.equal(new[1], ref[1]) and new[2] == ref[2]
+    # a column-major weight (a Conv1D's [in, out] weight seen as [out, in]) gives the same bits
+    column_major = sparsegpt_prune(W.t().contiguous().t(), 2 * X.T @ X / 400, 0.5, Pattern.parse(pattern), block_size=32)
+    assert torch.equal(column_major[0], new[0]) and torch.equal(column_major[1], new[1])
+
+
+@pytest.mark.parametrize("pattern,scope", [("unstructured", "row"), ("2:4", "row"), ("4:8", "row"),
+                                           ("unstructured", "matrix")])
+def test_masks_made_a_chunk_of_rows_at_a_time_equal_the_whole_matrix_mask(pattern, scope, monkeypatch):
+    from hf_prune import patterns
+    from hf_prune.methods.magnitude.ops import magnitude_prune_mask, magnitude_scores
+    from hf_prune.methods.ria.ops import ria_prune_mask, ria_scores
+    from hf_prune.methods.wanda.ops import wanda_prune_mask, wanda_scores
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(203, 64, generator=g)
+    W[::5, ::3] = 0.0  # tied zero scores inside rows
+    W[7] = W[7, 0]  # a row of ties
+    norms = torch.rand(64, generator=g)
+    norms[10] = 0.0  # a dead input
+    p = Pattern.parse(pattern)
+    whole = {"wanda": patterns.mask_from_scores(wanda_scores(W, norms), 0.5, p, scope=scope),
+             "magnitude": patterns.mask_from_scores(magnitude_scores(W), 0.5, p, scope=scope),
+             "ria": patterns.mask_from_scores(ria_scores(W, norms), 0.5, p, scope=scope)}
+    for chunk in (64, 64 * 7, 10 ** 9):  # one row, seven rows (a partial last chunk), everything at once
+        monkeypatch.setattr(patterns, "MASK_CHUNK", chunk)
+        chunked = {"wanda": wanda_prune_mask(W, norms, 0.5, p, scope), "magnitude": magnitude_prune_mask(W, 0.5, p, scope),
+                   "ria": ria_prune_mask(W, norms, 0.5, p, scope=scope)}
+        for name in whole:
+            assert torch.equal(chunked[name], whole[name]), (name, chunk)
+    assert torch.equal(ria_scores(W, norms, rows=slice(20, 50), col_sums=W.abs().sum(0, keepdim=True)),
+                       ria_scores(W, norms)[20:50])
+    with pytest.raises(ValueError, match="col_sums"):
+        ria_scores(W, norms, rows=slice(0, 5))
+
+
+def test_layerwise_report_zeros_counted_while_zeroing_equal_a_recount(tokenizer, corpus, one_thread):
+    from hf_prune.engine.report import count_zeros
+
+    model = make_model("llama", vocab=len(tokenizer))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, :5] = 0.0  # zeros the mask keeps (ties) count too
+    result = Pruner(model, tokenizer).prune(WandaConfig(sparsity=0.5, calibration=CalibrationConfig(num_samples=4)),
+                                            calibration_dataset=corpus, progress=False)
+    per_module = result.report["sparsity"]["per_module"]
+    assert per_module
+    for name, entry in per_module.items():
+        assert entry["zeros"] == count_zeros(model.get_submodule(name).weight)
+
+
+def test_per_row_mask_by_kth_value_is_the_topk_mask_with_ties():
+    from hf_prune.patterns import smallest_k_per_row, smallest_k_per_row_topk
+
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.float64):
+        s = torch.rand(60, 96, generator=g).to(dtype)
+        s[::3, ::5] = 0.0  # ties below the k-th value
+        s[7] = 0.5  # a whole row tied at its k-th value
+        s[8, :60] = 0.25  # ties straddling the k-th value
+        s[9] = torch.arange(96, dtype=dtype) % 4  # many small groups of ties
+        for k in (0, 1, 17, 48, 95, 96):
+            got = smallest_k_per_row(s, k)
+            assert torch.equal(got, smallest_k_per_row_topk(s, k)), (dtype, k)
+            assert bool((got.sum(1) == k).all())
+    s = torch.rand(5, 8, generator=g, requires_grad=True)  # a tensor NumPy cannot read goes through topk
+    assert torch.equal(smallest_k_per_row(s, 3), smallest_k_per_row_topk(s.detach(), 3))
+
+
+def test_triangular_factor_rebuilds_its_freed_working_copy_on_a_retry(monkeypatch):
+    """The triangular path frees its flipped copy of H once factored; a non-finite factor still retries with ten
+    times the dampening on a fresh copy, and gets what a call with that dampening gets."""
+    from hf_prune.methods.sparsegpt import ops
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(300, 100, generator=g)  # one leaf of the triangular inverse: one call per factorisation
+    H = X.t() @ X / 300
+    expected = inverse_hessian_factor(H, 0.1, factorization="triangular_inverse")
+    real, calls = ops.lower_triangular_inverse, []
+
+    def first_overflows(L):
+        calls.append(1)
+        out = real(L)
+        return out.fill_(float("inf")) if len(calls) == 1 else out
+
+    monkeypatch.setattr(ops, "lower_triangular_inverse", first_overflows)
+    U, damp, dead = inverse_hessian_factor(H, 0.01, factorization="triangular_inverse")
+    assert len(calls) == 2 and damp == pytest.approx(0.1)
+    assert torch.equal(U, expected[0]) and torch.equal(dead, expected[2])

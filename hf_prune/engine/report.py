@@ -114,8 +114,9 @@ def count_zeros(tensor: torch.Tensor) -> int:
     return tensor.numel() - int(torch.count_nonzero(tensor))
 
 
-def module_entry(weight: torch.Tensor, target: float | None, pattern: Pattern | None) -> dict:
-    zeros = count_zeros(weight)
+def module_entry(weight: torch.Tensor, target: float | None, pattern: Pattern | None, zeros: int | None = None) -> dict:
+    """``zeros``: the weight's zeros when already counted (as the weight was zeroed); counted here otherwise."""
+    zeros = count_zeros(weight) if zeros is None else zeros
     numel = weight.numel()
     entry = {"shape": list(weight.shape), "numel": numel, "zeros": zeros, "achieved": zeros / max(1, numel)}
     if target is not None:

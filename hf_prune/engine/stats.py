@@ -182,8 +182,9 @@ class StatsCollector:
 
     @token_mask.setter
     def token_mask(self, mask: torch.Tensor | None) -> None:
-        """The next batch's padding mask; the inputs seen so far belong to the previous batch."""
-        self._token_mask = mask
+        """The next batch's padding mask; the inputs seen so far belong to the previous batch. A mask with no padding
+        is dropped: selecting every token is the input's own rows in the same order, without the copy."""
+        self._token_mask = None if mask is not None and bool(mask.all()) else mask
         if self._seen or self._called:
             self._batches += 1
         self._seen.clear()

@@ -26,7 +26,7 @@ from ..engine.stats import LinearStats
 from ..engine.targets import Target, linear_candidates, plan_targets, stored_matrix
 from ..errors import UnsupportedModelError
 from ..models import as_matrix, get_family
-from ..patterns import Pattern, nm_channel_permutation, nm_kept_score
+from ..patterns import Pattern, nm_channel_permutation, nm_kept_score, zero_masked_
 from ..registry import MethodCost, register_method
 from ..result import PruningResult
 from ..structured import mlp_groups
@@ -191,6 +191,7 @@ class LayerwiseProcessor:
         self.permutable = permutable or {}  # MLP output Linear -> its producers (channel_permutation)
         self.expert_calibration = (config.expert_calibration, config.min_expert_tokens)  # read by the walker
         self.info: dict[str, dict] = {}
+        self.zeros: dict[str, int] = {}  # each pruned weight's zeros, counted as it was zeroed
 
     def statistics(self, block_name: str, block: nn.Module) -> dict[str, tuple[nn.Module, frozenset]]:
         if not self.config.statistics:
@@ -221,7 +222,8 @@ class LayerwiseProcessor:
             with torch.no_grad():
                 if new.data_ptr() != weight.data_ptr():  # a method that worked on a copy (or a half-precision model)
                     weight.copy_(new)
-                weight.masked_fill_(prune, 0)  # the one zeroing of the pruned weights, in place
+                # the one zeroing of the pruned weights, in place; its zero count is the report's (read while hot)
+                self.zeros[t.name] = zero_masked_(weight, prune)
             del new
             self.info[t.name] = {**info, **extra, **(getattr(t.module, "report_info", None) or {})}
             if shared is not None:
@@ -304,7 +306,8 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
             "note": "MLP hidden neurons were reordered before each MLP output Linear was pruned (its input columns "
                     "with its producers' rows and biases: the same function); q/k/v and the MLP inputs read the "
                     "residual stream and keep their order, and so do the attention output projection's inputs."}}
-    report = layerwise_report(run, targets, config, processor.info, provenance, meter, sections=sections)
+    report = layerwise_report(run, targets, config, processor.info, provenance, meter, sections=sections,
+                              zeros=processor.zeros)
     if checkpoint is not None:
         checkpoint.finish()
         report["run"]["checkpoint"] = {"folder": checkpoint.folder, "resumed_after": resumed_from}
@@ -312,13 +315,15 @@ def run_layerwise(pruner: Any, config: LayerwiseConfig, *, device: str | torch.d
 
 
 def layerwise_report(run: RunContext, targets: list[Target], config: PrunerConfig, info: dict[str, dict],
-                     provenance: dict, meter: RunMeter, sections: dict | None = None) -> dict:
+                     provenance: dict, meter: RunMeter, sections: dict | None = None,
+                     zeros: dict[str, int] | None = None) -> dict:
     """The report of a layer-wise run: per targeted module its achieved sparsity and what ``info`` says of it
-    (the method's per-module numbers); the model record says how the model was offloaded, if it was."""
+    (the method's per-module numbers); the model record says how the model was offloaded, if it was. ``zeros``:
+    the zeros of the modules counted when they were pruned (a resumed run's earlier modules are counted here)."""
     pattern = Pattern.parse(getattr(config, "pattern", "unstructured"))
     entries = {}
     for t in targets:
-        entry = module_entry(stored_matrix(t.module).detach(), t.sparsity, pattern)
+        entry = module_entry(stored_matrix(t.module).detach(), t.sparsity, pattern, zeros=(zeros or {}).get(t.name))
         entry.update({k: v for k, v in info.get(t.name, {}).items()})
         entries[t.name] = entry
     record = model_record(run.model, run.family.name, run.stages)

@@ -20,6 +20,13 @@ class MagnitudeConfig(LayerwiseConfig):
 
     scope: str = "matrix"
 
+    @staticmethod
+    def solve_cost(in_features: int, out_features: int) -> tuple[int, float]:
+        """The mask's working set per Linear, for the planner's memory: with one threshold per matrix (the default)
+        the float32 scores and NumPy's partitioned copy of them, then the bool mask (9 bytes a weight at most; a
+        per-row budget or N:M needs less, a chunk of rows at a time); no matrix products to speak of."""
+        return 9 * in_features * out_features, 0.0
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_scope(type(self).__name__, self.scope)

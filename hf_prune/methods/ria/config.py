@@ -24,6 +24,13 @@ class RIAConfig(LayerwiseConfig):
     alpha: float = 0.5
     scope: str = "matrix"
 
+    @staticmethod
+    def solve_cost(in_features: int, out_features: int) -> tuple[int, float]:
+        """The mask's working set per Linear, for the planner's memory: RIA's scores of the whole matrix (the default
+        one threshold per matrix) hold |W|, its two relative terms and their sum at once (16 bytes a weight), then
+        the scores, NumPy's partitioned copy and the bool mask; no matrix products to speak of."""
+        return 16 * in_features * out_features, 0.0
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number(type(self).__name__, "alpha", self.alpha, 0.0, 4.0, high_inclusive=True)

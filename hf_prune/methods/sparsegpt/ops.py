@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import NonFiniteStatisticsError
-from ...patterns import Pattern, nm_prune_mask, prune_count, smallest_k_mask
+from ...patterns import Pattern, nm_prune_mask, prune_count, smallest_k_mask, zero_masked_
 
 UNSTRUCTURED_LEAF = 8
 
@@ -88,11 +88,20 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float =
     mean_diag = torch.mean(base)
     current = damp
     while True:
+        if H is None:  # the triangular path gave its working copy up; a retry makes it again
+            H = hessian.flip(0, 1)
+            diag = H.diagonal()
         diag.copy_(base).add_(current * mean_diag)
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
             if reverse:
-                U = lower_triangular_inverse(L).flip(0, 1)
+                # free each n x n buffer once it is read: the flipped copy, then the factor, then its inverse (three
+                # at most with the caller's Hessian, as the default path)
+                H = diag = None
+                inverse = lower_triangular_inverse(L)
+                del L
+                U = inverse.flip(0, 1)
+                del inverse
             else:
                 inverse = torch.cholesky_inverse(L)
                 del L  # at most three n x n buffers at once: H, the inverse, its factor
@@ -108,15 +117,26 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, max_damp: float =
         current *= 10
 
 
-def _solve_leaf(W: torch.Tensor, U: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Errors of a few columns, all rows at once: (M U^T + I - M) e = M w, lower triangular per row."""
-    A = mask.unsqueeze(2) * U.t().unsqueeze(0) + torch.diag_embed(1.0 - mask)
+def _solve_leaf(W: torch.Tensor, Ut: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Errors of a few columns, all rows at once: (M U^T + I - M) e = M w, lower triangular per row.
+
+    ``Ut``: the leaf's U^T; ``eye``: the identity of its size; ``mask``: bool [rows, width]. A row's system has
+    U^T's row where the column is pruned and the identity's row elsewhere: the same values as
+    ``M U^T + diag(1 - M)``, gathered as rows of ``[I; U^T]`` (one copy instead of two products and a sum)."""
+    rows, width = mask.shape
+    index = mask.to(torch.long).mul_(width).add_(torch.arange(width, device=mask.device))
+    A = torch.cat([eye, Ut]).index_select(0, index.reshape(-1)).view(rows, width, width)  # mask may be column-major
     return torch.linalg.solve_triangular(A, (mask * W).unsqueeze(2), upper=False).squeeze(2)
 
 
 def obs_scores(W: torch.Tensor, U: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """SparseGPT's saliency w^2 / [H^-1]_jj (via U_jj^2), zero for inputs that never fire."""
-    return W.pow(2) / torch.diag(U).pow(2).unsqueeze(0) * live.unsqueeze(0)
+    return _scores(W, torch.diag(U).pow(2), live)
+
+
+def _scores(W: torch.Tensor, diag_sq: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``obs_scores`` from U's squared diagonal, computed once per matrix."""
+    return W.pow(2) / diag_sq.unsqueeze(0) * live.unsqueeze(0)
 
 
 def obs_channel_scores(W: torch.Tensor, hessian: torch.Tensor, damp: float, max_damp: float = 1.0,
@@ -128,21 +148,27 @@ def obs_channel_scores(W: torch.Tensor, hessian: torch.Tensor, damp: float, max_
     return W.pow(2) / U.pow(2).sum(dim=0).unsqueeze(0) * (~dead).to(W.dtype).unsqueeze(0)
 
 
-def _solve(W: torch.Tensor, U: torch.Tensor, live: torch.Tensor, mask: torch.Tensor | None, pattern: Pattern,
-           leaf: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Errors and prune mask ([rows, b] each) for a block whose columns are processed left to right."""
+def _solve(W: torch.Tensor, U: torch.Tensor, diag_sq: torch.Tensor, live: torch.Tensor, pattern: Pattern,
+           leaf: int, E: torch.Tensor, mask: torch.Tensor, choose: bool, eyes: dict) -> None:
+    """Errors and prune mask of a block whose columns are processed left to right, written into ``E`` and the bool
+    ``mask`` ([rows, b] views of buffers allocated once). ``choose``: N:M, each leaf is one group whose mask is
+    chosen here from the weights as updated so far; otherwise ``mask`` is given. ``eyes``: the identity of each leaf
+    width, made once per matrix."""
     width = W.shape[1]
     if width <= leaf:
-        if mask is None:  # N:M: this leaf is one group, chosen from the weights as updated so far
-            mask = nm_prune_mask(obs_scores(W, U, live), pattern.n, pattern.m).to(W.dtype)
-        return _solve_leaf(W, U, mask), mask
+        if choose:
+            mask.copy_(nm_prune_mask(_scores(W, diag_sq, live), pattern.n, pattern.m))
+        eye = eyes.get(width)
+        if eye is None:
+            eye = eyes[width] = torch.eye(width, dtype=W.dtype, device=W.device)
+        E.copy_(_solve_leaf(W, U.t(), eye, mask))
+        return
     half = leaf * ((width // leaf + 1) // 2)
-    left_mask = None if mask is None else mask[:, :half]
-    right_mask = None if mask is None else mask[:, half:]
-    E_left, M_left = _solve(W[:, :half], U[:half, :half], live[:half], left_mask, pattern, leaf)
-    W_right = W[:, half:] - E_left @ U[:half, half:]
-    E_right, M_right = _solve(W_right, U[half:, half:], live[half:], right_mask, pattern, leaf)
-    return torch.cat([E_left, E_right], 1), torch.cat([M_left, M_right], 1)
+    _solve(W[:, :half], U[:half, :half], diag_sq[:half], live[:half], pattern, leaf, E[:, :half], mask[:, :half],
+           choose, eyes)
+    W_right = W[:, half:] - E[:, :half] @ U[:half, half:]
+    _solve(W_right, U[half:, half:], diag_sq[half:], live[half:], pattern, leaf, E[:, half:], mask[:, half:], choose,
+           eyes)
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity: float, pattern: Pattern, *,
@@ -169,21 +195,22 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity
         factor = inverse_hessian_factor(hessian.to(torch.float32), damp, max_damp, factorization)
     U, damp_used, dead = factor
     live = (~dead).to(W.dtype)
+    diag_sq = torch.diag(U).pow(2)
     leaf = pattern.m if pattern.is_nm else UNSTRUCTURED_LEAF
     prune = torch.zeros_like(W, dtype=torch.bool)
+    E_buffer = torch.empty(rows, min(block_size, cols), dtype=W.dtype, device=W.device)  # one block's errors
+    eyes: dict = {}
     total_error = 0.0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
-        mask = None
+        E, block_prune = E_buffer[:, :i2 - i1], prune[:, i1:i2]
         if not pattern.is_nm:
             # this block's exact share of the matrix budget (cumulative rounding keeps the total exact)
             k = prune_count(rows * i2, sparsity) - prune_count(rows * i1, sparsity)
-            mask = smallest_k_mask(obs_scores(W1, U1, live[i1:i2]), k).to(W.dtype)
-        E, mask = _solve(W1, U1, live[i1:i2], mask, pattern, leaf)
-        block_prune = mask.bool()
-        W1.sub_(E @ U1).masked_fill_(block_prune, 0.0)
+            block_prune.copy_(smallest_k_mask(_scores(W1, diag_sq[i1:i2], live[i1:i2]), k))
+        _solve(W1, U1, diag_sq[i1:i2], live[i1:i2], pattern, leaf, E, block_prune, pattern.is_nm, eyes)
+        zero_masked_(W1.sub_(E @ U1), block_prune, count=False)
         W[:, i2:].addmm_(E, U[i1:i2, i2:], alpha=-1.0)  # the lazy trailing update, no temporary
-        prune[:, i1:i2] = block_prune
         total_error += float(E.pow(2).sum()) / 2
     return W, prune, {"damp": damp_used, "dead_inputs": int(dead.sum()), "obs_error": total_error}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...patterns import Pattern
+from ...patterns import MASK_CHUNK, Pattern
 from ..layerwise import LayerwiseConfig, check_scope
 from .ops import wanda_prune_mask, wanda_scores
 
@@ -26,10 +26,10 @@ class WandaConfig(LayerwiseConfig):
 
     @staticmethod
     def solve_cost(in_features: int, out_features: int) -> tuple[int, float]:
-        """The mask's working set per Linear, for the planner's memory: float32 scores (4 bytes a weight), the
-        per-row ``topk`` of half the columns (4-byte values and 8-byte indices for half the weights) and the bool
-        mask; no matrix products to speak of."""
-        return 11 * in_features * out_features, 0.0
+        """The mask's working set per Linear, for the planner's memory: the bool mask (a byte a weight) and one chunk
+        of rows at a time (``mask_by_rows``) of float32 scores, the per-row ``topk`` of half the columns (4-byte values
+        and 8-byte indices for half the scores) and the chunk's mask; no matrix products to speak of."""
+        return in_features * out_features + 11 * min(in_features * out_features, MASK_CHUNK), 0.0
 
     def channel_scores(self, weight, stats):
         return wanda_scores(weight, stats.col_sq_mean)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...patterns import Pattern, mask_from_scores
+from ...patterns import Pattern, mask_by_rows
 
 
 def wanda_scores(weight: torch.Tensor, col_sq_mean: torch.Tensor) -> torch.Tensor:
@@ -17,4 +17,7 @@ def wanda_scores(weight: torch.Tensor, col_sq_mean: torch.Tensor) -> torch.Tenso
 
 def wanda_prune_mask(weight: torch.Tensor, col_sq_mean: torch.Tensor, sparsity: float, pattern: Pattern,
                      scope: str = "row") -> torch.Tensor:
-    return mask_from_scores(wanda_scores(weight, col_sq_mean), sparsity, pattern, scope=scope)
+    """Wanda's mask; a per-row budget and N:M are decided a chunk of rows at a time (``mask_by_rows``: the same mask,
+    a bounded working set)."""
+    return mask_by_rows(lambda rows: wanda_scores(weight[rows], col_sq_mean), tuple(weight.shape), sparsity, pattern,
+                        scope=scope)
