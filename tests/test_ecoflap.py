@@ -405,7 +405,7 @@ def test_config_defaults_round_trip_and_stage2():
     (dict(aggregate="max"), "aggregate='max'"),
     (dict(zo_eps=0.0), r"zo_eps=0.0 must be a number in \(0.0, 1.0\]"),
     (dict(zo_num_noise=0), "zo_num_noise=0 must be an integer >= 1"),
-    (dict(zo_perturb="layer"), "zo_perturb='layer' is not supported; choose one of 'tensor', 'block'"),
+    (dict(zo_perturb="layer"), "zo_perturb='layer' is not supported; choose one of 'tensor', 'design', 'block'"),
     (dict(num_score_samples=0), "num_score_samples=0"),
     (dict(per_submodel_budget="yes"), "per_submodel_budget='yes' must be True or False"),
     (dict(pattern="2:4"), "an N:M pattern removes exactly 0.5 of every module"),

@@ -14,7 +14,7 @@ from ..layerwise import LayerwiseConfig
 GRANULARITIES = ("block", "layer", "submodel")
 SCORES = ("zeroth_order", "first_order")
 AGGREGATES = ("sum", "mean")
-PERTURBS = ("tensor", "block")
+PERTURBS = ("tensor", "design", "block")
 # fields of the stage-2 config that ECoFLaP sets itself
 _OWNED = ("sparsity", "pattern", "target_modules", "exclude_modules", "module_sparsity", "calibration")
 
@@ -75,6 +75,9 @@ class ECoFLaPConfig(PrunerConfig):
     zo_num_noise: int = 1
     zo_perturb: str = "tensor"
     num_score_samples: int = 8
+    zo_stop_tol: float | None = None
+    zo_round_samples: int = 2
+    zo_min_samples: int | None = None
     layer_pruner: str = field(default_factory=default_method)  # the registry's default layer-wise pruner
     layer_pruner_kwargs: dict[str, Any] | None = None
     pattern: str = "unstructured"
@@ -105,6 +108,7 @@ class ECoFLaPConfig(PrunerConfig):
         check_int(owner, "zo_num_noise", self.zo_num_noise, 1)
         check_choice(owner, "zo_perturb", self.zo_perturb, PERTURBS)
         check_int(owner, "num_score_samples", self.num_score_samples, 1)
+        self._check_stopping(owner)
         pattern = Pattern.parse(self.pattern)
         if pattern.is_nm:
             raise ValueError(f"{owner}.pattern={self.pattern!r}: an N:M pattern removes exactly "
@@ -126,6 +130,33 @@ class ECoFLaPConfig(PrunerConfig):
                 raise ValueError(f"{owner}.layer_pruner_kwargs sets {owned}, which ECoFLaP sets itself; set them on "
                                  f"{owner} instead.")
         self.layer_pruner_config()  # validates layer_pruner_kwargs now, not after the scores were computed
+
+    def _check_stopping(self, owner: str) -> None:
+        if self.zo_stop_tol is None:
+            return
+        if isinstance(self.zo_stop_tol, bool) or not isinstance(self.zo_stop_tol, (int, float)) \
+                or not 0.0 < self.zo_stop_tol < 1.0:
+            raise ValueError(f"{owner}.zo_stop_tol={self.zo_stop_tol!r} must be a sparsity change in (0, 1) (e.g. "
+                             "0.01: stop once no group's sparsity moves by more than 0.01 between two rounds), or "
+                             "None to score all num_score_samples without early stopping.")
+        self.zo_stop_tol = float(self.zo_stop_tol)
+        if self.score != "zeroth_order":
+            raise ValueError(f"{owner}.zo_stop_tol={self.zo_stop_tol!r} stops zeroth-order scoring early, but "
+                             f"score={self.score!r} (one backward per batch); set zo_stop_tol=None, or "
+                             "score='zeroth_order'.")
+        check_int(owner, "zo_round_samples", self.zo_round_samples, 1)
+        if self.zo_round_samples >= self.num_score_samples:
+            raise ValueError(f"{owner}.zo_round_samples={self.zo_round_samples} must be below num_score_samples="
+                             f"{self.num_score_samples}: early stopping compares the allocations of consecutive "
+                             "rounds, so it needs at least two; lower zo_round_samples or raise num_score_samples "
+                             "(or set zo_stop_tol=None).")
+        if self.zo_min_samples is None:
+            self.zo_min_samples = min(2 * self.zo_round_samples, self.num_score_samples)
+        check_int(owner, "zo_min_samples", self.zo_min_samples, 1)
+        if not 2 * self.zo_round_samples <= self.zo_min_samples <= self.num_score_samples:
+            raise ValueError(f"{owner}.zo_min_samples={self.zo_min_samples} must lie between two rounds "
+                             f"(2 * zo_round_samples = {2 * self.zo_round_samples}) and num_score_samples="
+                             f"{self.num_score_samples}, the most early stopping may use.")
 
     def layer_pruner_config(self, module_sparsity: Any = None) -> LayerwiseConfig:
         """The stage-2 config: ``layer_pruner`` with this config's shared fields and ``module_sparsity``."""
