@@ -485,9 +485,10 @@ def test_planner_adds_the_scoring_stage_with_the_whole_model_on_the_device():
     scores, decoder = eco.stages
     assert scores.name == "ecoflap scores (zeroth_order)" and decoder == wanda.stages[0]  # then Wanda as usual
     assert scores.device_peak > eco.weight_bytes and eco.device_peak == scores.device_peak
-    blocks, head = 2 * 8 * decoder.block_params * 32 * 2048, 2 * 8 * 32000 * 4096 * 2048  # one batch of 8
+    # the default scores at most 16 samples, early-stopped in rounds of 2: batches of 2; the estimate is the most
+    blocks, head = 2 * 2 * decoder.block_params * 32 * 2048, 2 * 2 * 32000 * 4096 * 2048  # one batch of 2
     perturbed = head + blocks * 33 / 64  # the blocks before the perturbed one are replayed: (32 + 1) / (2 x 32)
-    # 8 samples = 1 batch: 7 Linears x 32 blocks x (+eps, -eps) perturbed passes and one recording pass
-    assert scores.flops == pytest.approx((7 * 32) * 2 * perturbed + blocks + head)
+    # per batch: 32 blocks x 8 passes (the sign design of 7 Linears) and one recording pass; 8 batches
+    assert scores.flops == pytest.approx(8 * (32 * 8 * perturbed + blocks + head))
     assert eco.flops == scores.flops + wanda.flops
 

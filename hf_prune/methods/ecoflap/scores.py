@@ -200,7 +200,8 @@ def zeroth_order_sums(model: nn.Module, units: list[Unit], batches: list[dict], 
     unit_block = {unit.name: owner.get(id(unit.params[0])) if unit.params else None for unit in units}
     if any(len({id(owner.get(id(p))) for p in unit.params}) > 1 for unit in units):
         unit_block = {unit.name: None for unit in units}  # a unit spanning blocks: no replay at all
-    if design and not loss.label_free:
+    design = design and not loss.label_free
+    if design:
         sets: dict[Any, list[Unit]] = {}
         for unit in units:  # the units of one block together; a unit outside every block alone
             block = unit_block[unit.name]
