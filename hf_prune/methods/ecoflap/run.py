@@ -184,7 +184,9 @@ def _zeroth_order_rounds(model: Any, config: ECoFLaPConfig, plan: Plan, groups: 
     totals = {unit.name: 0.0 for unit in units}
     rounds, previous, used, samples, reason = [], None, 0, 0, "maximum"
     for start, stop in _rounds(batches, config.zo_round_samples):
-        lo, hi = distributed.shard_range(stop - start)
+        # a round with fewer batches than ranks leaves some idle (the rounds, hence the result, do not depend on the
+        # number of processes); zo_round_samples >= processes x batch size keeps every rank busy
+        lo, hi = distributed.shard_bounds(stop - start, distributed.world_size())[distributed.rank()]
         share = batches[start + lo:start + hi]
         sums = _summed(lambda: zeroth_order_sums(
             model, units, share, loss, eps=config.zo_eps, num_noise=config.zo_num_noise, seed=config.calibration.seed,
