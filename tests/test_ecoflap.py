@@ -609,3 +609,16 @@ def test_early_stopping_is_recorded_in_the_report(tokenizer, corpus):
 def test_bad_early_stopping_values_name_the_problem(kwargs, words):
     with pytest.raises(ValueError, match=words):
         ECoFLaPConfig(**kwargs)
+
+
+def test_cli_turns_early_stopping_off_with_none():
+    from hf_prune.cli import _split_config_args, build_parser
+
+    argv = ["prune", "m", "--method", "ecoflap", "--zo-stop-tol", "none", "--zo-perturb", "tensor"]
+    method_args, _ = _split_config_args(build_parser(argv).parse_args(argv))
+    assert method_args["zo_stop_tol"] is None and ECoFLaPConfig(**method_args).zo_stop_tol is None
+    argv[5] = "0.02"
+    assert _split_config_args(build_parser(argv).parse_args(argv))[0]["zo_stop_tol"] == 0.02
+    argv[5] = "soon"
+    with pytest.raises(SystemExit):
+        build_parser(argv).parse_args(argv)

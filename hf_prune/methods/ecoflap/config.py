@@ -45,14 +45,30 @@ class ECoFLaPConfig(PrunerConfig):
       blocks; sum |W| * |dL/dW|, each gradient reduced and freed as soon as it is complete).
     - ``aggregate``: a group's score is the ``"sum"`` over its weights, or their ``"mean"``.
     - ``zo_eps``, ``zo_num_noise``: perturbation size and number of Gaussian directions per batch.
-    - ``zo_perturb``: ``"tensor"`` perturbs one weight tensor at a time (the paper); ``"block"`` is ours:
-      it perturbs every weight of a group at once with one Gaussian direction, so a block costs one pair
-      of forward passes instead of one per Linear (7x fewer for LLaMA blocks, 4-10x for the others). It
-      then estimates the norm of the group's whole gradient rather than the sum of its tensors' norms.
-    - ``num_score_samples``: calibration samples used for the scores (default 8; stage 2 uses
-      ``calibration.num_samples``); both are drawn from ``calibration``'s source and seed. On the shared trained
-      decoder at 60% (``benchmarks/ecoflap_cost.py``) 8 samples allocated every block within 0.012 of what 32 did,
-      with the same held-out perplexity, for under a quarter of the run time; raise it for a steadier allocation.
+    - ``zo_perturb``: how a batch's forward passes perturb the weights. ``"tensor"``: one weight tensor at a time,
+      2 passes per Linear (the paper). ``"design"`` (default, ours): the paper's per-tensor statistic, cheaper: the
+      Linears of a block are perturbed together, each along its own direction (the one ``"tensor"`` draws) with
+      the signs of a Hadamard matrix, and each one's |<grad, z>| is read off the signed sum of the passes: 8 passes
+      for a LLaMA block's 7 Linears instead of 14 (8 for OPT/BERT's 6 instead of 12). Its error is O(zo_eps) (the
+      other tensors' cross terms; ``"tensor"``'s central difference is O(zo_eps^2)): on the shared trained decoder it
+      allocated every block within 0.001 of ``"tensor"`` with the same samples. ``"block"`` is ours too: one
+      direction for all of a group's weights, one pair of passes per group (7x fewer for LLaMA blocks); it
+      estimates the norm of the group's whole gradient, a different statistic from the sum of its tensors' norms.
+      A label-free loss perturbs one tensor at a time with ``"design"`` (its one-sided passes need no pair).
+    - ``num_score_samples``: the most calibration samples scored (default 16; stage 2 uses
+      ``calibration.num_samples``); both are drawn from ``calibration``'s source and seed.
+    - Early stopping (zeroth order): ``zo_stop_tol`` (default 0.01) scores ``zo_round_samples`` (default 2) samples
+      at a time (in batches of at most that many), turns the running scores into the allocation after each round,
+      and stops at the first round, once ``zo_min_samples`` (default two rounds) are scored, where no group's
+      sparsity moved by more than ``zo_stop_tol`` since the previous round; at most ``num_score_samples``. The
+      decision reads only values summed across processes, so every rank of a data-parallel run stops after the same
+      round. ``zo_stop_tol=None`` scores all ``num_score_samples`` in batches of ``calibration.batch_size``, exactly
+      as before early stopping existed. The report's ``allocation.provenance.early_stopping`` records the rounds,
+      the samples used and why it stopped. On the shared trained decoder at 60% (64 x 256 calibration tokens,
+      ``benchmarks/ecoflap_cost.py``) the defaults stopped after 6 samples, allocated every block within 0.012 of
+      the paper's setting (``"tensor"``, 32 samples, 16x a uniform Wanda run) and cost about 2.4x a uniform Wanda
+      run in all (stage 1 plus the Wanda stage); raise ``num_score_samples`` and lower ``zo_stop_tol`` for a steadier
+      allocation.
     - ``layer_pruner``: stage 2, one of the registered layer-wise methods (``"wanda"``, ``"sparsegpt"``,
       ``"ria"``, ``"magnitude"``); ``layer_pruner_kwargs``: its own options, e.g. ``{"block_size": 64}``.
     - ``pattern``: only ``"unstructured"``: an N:M pattern fixes every module's sparsity, leaving nothing
