@@ -7,7 +7,9 @@ with each zeroth-order setting (perturbation unit / most scoring samples [/ earl
 each from a fresh copy of the dense model. For each: the whole run's time over uniform Wanda's, stage 1's time, the
 samples scored (and, early-stopped, the rounds and why it stopped), the forward passes, the per-block sparsities it
 allocated, Spearman's rank correlation of its per-module sparsities with the first (most expensive) setting's, the
-largest per-block difference from it, and perplexity on ``pylm-data/heldout.txt``. Prints; never asserts.
+largest per-block difference from it, and perplexity on ``pylm-data/heldout.txt``. Prints; never asserts. With
+``--paired`` each setting's ``x Wanda`` divides by a uniform Wanda run timed just before it (a shared machine's load
+then hits both).
 
     OMP_NUM_THREADS=1 python benchmarks/ecoflap_cost.py --settings tensor/32 default design/16/0.005/2
 """
@@ -83,6 +85,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=48)
+    parser.add_argument("--paired", action="store_true",
+                        help="time a uniform Wanda run right before each setting and divide by that one")
     parser.add_argument("--settings", nargs="+", default=["tensor/32", "tensor/8", "design/32", "design/8", "block/16",
                                                           "default"],
                         help=f"named settings ({', '.join(SETTINGS)}) or PERTURB/MAX/TOL/ROUND")
@@ -100,13 +104,18 @@ def main() -> None:
     # a first Wanda run warms what every later run reuses (the calibration text read and tokenized), unmeasured
     Pruner(copy.deepcopy(base.model), base.tokenizer).prune(WandaConfig(sparsity=args.sparsity, calibration=cal),
                                                             progress=False)
-    pruner = Pruner(copy.deepcopy(base.model), base.tokenizer)
-    start = time.perf_counter()
-    pruner.prune(WandaConfig(sparsity=args.sparsity, calibration=cal), progress=False)
-    wanda = time.perf_counter() - start
+    def wanda_run():
+        pruner = Pruner(copy.deepcopy(base.model), base.tokenizer)
+        start = time.perf_counter()
+        pruner.prune(WandaConfig(sparsity=args.sparsity, calibration=cal), progress=False)
+        return time.perf_counter() - start, pruner
+
+    wanda, pruner = wanda_run()
     rows.append(["uniform Wanda", f"{wanda:.1f}", "1.00", "-", "-", "-", "-", "-", "-", f"{ppl(pruner.model):.3f}"])
     first = first_blocks = None
     for name in args.settings:
+        if args.paired:  # the reference measured just before, so that a change of load hits both
+            wanda = wanda_run()[0]
         pruner = Pruner(copy.deepcopy(base.model), base.tokenizer)
         config = ECoFLaPConfig(sparsity=args.sparsity, calibration=cal, **setting(name))
         start = time.perf_counter()

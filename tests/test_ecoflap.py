@@ -485,11 +485,10 @@ def test_planner_adds_the_scoring_stage_with_the_whole_model_on_the_device():
     scores, decoder = eco.stages
     assert scores.name == "ecoflap scores (zeroth_order)" and decoder == wanda.stages[0]  # then Wanda as usual
     assert scores.device_peak > eco.weight_bytes and eco.device_peak == scores.device_peak
-    # the default scores at most 16 samples, early-stopped in rounds of 2: batches of 2; the estimate is the most
-    blocks, head = 2 * 2 * decoder.block_params * 32 * 2048, 2 * 2 * 32000 * 4096 * 2048  # one batch of 2
+    blocks, head = 2 * 8 * decoder.block_params * 32 * 2048, 2 * 8 * 32000 * 4096 * 2048  # one batch of 8
     perturbed = head + blocks * 33 / 64  # the blocks before the perturbed one are replayed: (32 + 1) / (2 x 32)
-    # per batch: 32 blocks x 8 passes (the sign design of 7 Linears) and one recording pass; 8 batches
-    assert scores.flops == pytest.approx(8 * (32 * 8 * perturbed + blocks + head))
+    # 8 samples = 1 batch: 32 blocks x 8 passes (the sign design of 7 Linears) and one recording pass
+    assert scores.flops == pytest.approx(32 * 8 * perturbed + blocks + head)
     assert eco.flops == scores.flops + wanda.flops
 
 
@@ -590,7 +589,8 @@ def test_early_stopping_stops_once_the_allocation_converges_and_records_its_roun
 def test_early_stopping_is_recorded_in_the_report(tokenizer, corpus):
     model = make_model("llama", vocab=len(tokenizer))
     batches = make_batches("llama", tokenizer, corpus, n=8, batch=1)
-    config = ECoFLaPConfig(sparsity=0.5, num_score_samples=8, zo_stop_tol=0.5, calibration=_cal(batches))
+    config = ECoFLaPConfig(sparsity=0.5, num_score_samples=8, zo_stop_tol=0.5, zo_round_samples=2,
+                           calibration=_cal(batches))
     result = Pruner(model, tokenizer).prune(config, calibration_dataset=batches, progress=False)
     record = result.report["allocation"]["provenance"]["early_stopping"]
     assert record["stopped"] == "converged" and record["samples_used"] == 4 and len(record["rounds"]) == 2
@@ -602,9 +602,9 @@ def test_early_stopping_is_recorded_in_the_report(tokenizer, corpus):
     (dict(zo_stop_tol=True), "zo_stop_tol=True must be a sparsity change"),
     (dict(zo_stop_tol="0.01"), "zo_stop_tol='0.01' must be a sparsity change"),
     (dict(zo_round_samples=0), "zo_round_samples=0 must be an integer >= 1"),
-    (dict(zo_min_samples=0), "zo_min_samples=0 must be an integer between 1 and num_score_samples=16"),
-    (dict(num_score_samples=8, zo_min_samples=12), "zo_min_samples=12 must be an integer between 1 and "
-                                                   "num_score_samples=8.*raise num_score_samples"),
+    (dict(zo_min_samples=0), "zo_min_samples=0 must be an integer between 1 and num_score_samples=8"),
+    (dict(num_score_samples=32, zo_stop_tol=0.01, zo_min_samples=40),
+     "zo_min_samples=40 must be an integer between 1 and num_score_samples=32.*raise num_score_samples"),
 ])
 def test_bad_early_stopping_values_name_the_problem(kwargs, words):
     with pytest.raises(ValueError, match=words):
