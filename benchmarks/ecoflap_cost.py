@@ -2,9 +2,9 @@
 
     OMP_NUM_THREADS=1 python benchmarks/ecoflap_cost.py              # ../shared/models/pylm, 60%, 64 x 256 tokens
 
-One process, one thread: uniform Wanda first (the cost reference, after one unmeasured warm-up run), then ECoFLaP + Wanda
-with each zeroth-order setting (perturbation unit / most scoring samples [/ early-stopping tolerance / round size]),
-each from a fresh copy of the dense model. For each: the whole run's time over uniform Wanda's, stage 1's time, the
+One process, one thread: uniform Wanda first (the cost reference, after one unmeasured warm-up run), then
+ECoFLaP + Wanda with each zeroth-order setting (perturbation unit / most scoring samples [/ early-stopping
+tolerance / round size]), each from a fresh copy of the dense model. For each: the whole run's time over uniform Wanda's, stage 1's time, the
 samples scored (and, early-stopped, the rounds and why it stopped), the forward passes, the per-block sparsities it
 allocated, Spearman's rank correlation of its per-module sparsities with the first (most expensive) setting's, the
 largest per-block difference from it, and perplexity on ``pylm-data/heldout.txt``. Prints; never asserts. With
@@ -134,8 +134,8 @@ def main() -> None:
         samples = (f"{stopping['samples_used']} of {stopping['max_samples']} ({len(stopping['rounds'])} rounds, "
                    f"{stopping['stopped']})" if stopping else str(config.num_score_samples))
         scores = provenance["run"]["phases_s"]["scores"]
-        label = name if name != "default" else (f"default ({config.zo_perturb}/{config.num_score_samples}/"
-                                                f"{config.zo_stop_tol:g}/{config.zo_round_samples})")
+        stop = "" if config.zo_stop_tol is None else f"/{config.zo_stop_tol:g}/{config.zo_round_samples}"
+        label = name if name != "default" else f"default ({config.zo_perturb}/{config.num_score_samples}{stop})"
         rows.append([f"ECoFLaP ZO {label} + Wanda", f"{seconds:.1f}", f"{seconds / wanda:.2f}", f"{scores:.1f}",
                      samples, str(provenance["passes"]["forward"]), " ".join(f"{b:.3f}" for b in blocks),
                      f"{rho:.3f}", f"{worst:.3f}", f"{ppl(pruner.model):.3f}"])

@@ -493,7 +493,7 @@ def test_planner_adds_the_scoring_stage_with_the_whole_model_on_the_device():
 
 
 
-# ------------------------------------------------------------------------------------------------ cost: design, early stop
+# ----------------------------------------------------------------------------------------- cost: design, early stop
 
 
 def test_sign_design_is_balanced_orthogonal_and_the_central_difference_for_one_tensor():

@@ -25,7 +25,8 @@ def scores_stage(allocator: ECoFLaPConfig, model: nn.Module, stages: list, plann
 
     Zeroth order: 2 forward passes per perturbation unit (a Linear, or a group) per batch, or with
     ``zo_perturb="design"`` n per block (the smallest power of two above its Linears), plus a snapshot and a float32
-    direction of the largest unit (design: of a block); with early stopping, for the most samples it may score; a perturbed pass replays the blocks before the perturbed one, so
+    direction of the largest unit (design: of a block); with early stopping, for the most samples it may score; a
+    perturbed pass replays the blocks before the perturbed one, so
     it costs the head plus on average (L + 1) / 2L of the L blocks' work, and one unperturbed pass per batch
     records them. First order: 2 forwards and a backward (about 2 forwards)
     per batch, with every block's input kept and one block's activations and gradients recomputed.

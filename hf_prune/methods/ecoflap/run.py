@@ -173,8 +173,9 @@ def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[s
     return raw, passes, stopping
 
 
-def _zeroth_order_rounds(model: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[str, list[Target]], units: list[Unit],
-                         blocks: list, design: bool, progress: bool) -> tuple[dict[str, float], int, dict]:
+def _zeroth_order_rounds(model: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[str, list[Target]],
+                         units: list[Unit], blocks: list, design: bool,
+                         progress: bool) -> tuple[dict[str, float], int, dict]:
     """Early stopping: score ``zo_round_samples`` samples at a time (each round's batches split across ranks and
     its sums added across ranks, so every rank holds the same totals), solve the allocation from the running means
     after each round, and stop once at least ``zo_min_samples`` samples are scored and no group's sparsity moved

@@ -10,7 +10,9 @@ averaged over batches and ``zo_num_noise`` directions. With ``design=True`` (``z
 tensors of a block are perturbed together in n passes (n: the smallest power of two above m), pass r at
 W_j + s_rj eps z_j with the signs s of a Hadamard matrix (``sign_design``); sum_r s_rj L_r / (n eps) is <grad_j L, z_j>
 plus O(eps) cross terms of the other tensors (the unperturbed loss and each tensor's own curvature cancel), so each
-tensor keeps its own estimate, from the same z_j, for n passes instead of 2 m. A perturbation of a block's weights cannot change what the
+tensor keeps its own estimate, from the same z_j, for n passes instead of 2 m.
+
+A perturbation of a block's weights cannot change what the
 blocks that ran before it computed: one unperturbed forward per batch records every block's output, and while a
 unit of block ``b`` is perturbed the blocks that ran before ``b`` return those recorded outputs (copies) instead of
 recomputing them, so the passes start, in effect, at ``b`` (the same numbers, about half the block work on a
