@@ -60,7 +60,7 @@ class ECoFLaPConfig(PrunerConfig):
       decoder at 60% (64 x 256 calibration tokens, ``benchmarks/ecoflap_cost.py``) the defaults (``"design"``, 8
       samples) allocated every block within 0.012 of the paper's setting (``"tensor"``, 32 samples: 15x a uniform
       Wanda run) and within 0.001 of the previous default (``"tensor"``, 8 samples: 4.3x) at the same held-out
-      perplexity (6.092 / 6.108 / 6.090), for 3.0x a uniform Wanda run in all (stage 1 and the Wanda stage).
+      perplexity (6.092 / 6.108 / 6.090), for 2.9-3.1x a uniform Wanda run in all (stage 1 and the Wanda stage).
     - Early stopping (zeroth order, off by default): ``zo_stop_tol`` scores ``zo_round_samples`` (default 8)
       samples at a time (in batches of at most that many), turns the running scores into the allocation after each
       round, and stops at the first round, once ``zo_min_samples`` (default two rounds) are scored, where no group's
