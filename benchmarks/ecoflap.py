@@ -43,8 +43,8 @@ from hf_prune import CalibrationConfig, ECoFLaPConfig, Pruner, WandaConfig  # no
 from hf_prune.engine.report import _reset_vm_hwm, _vm_hwm_bytes, format_table  # noqa: E402
 
 SCORERS = {  # name -> ECoFLaPConfig overrides
-    "zeroth_order/tensor": dict(score="zeroth_order", zo_perturb="tensor"),
-    "zeroth_order/block": dict(score="zeroth_order", zo_perturb="block"),
+    "zeroth_order/tensor": dict(score="zeroth_order", zo_perturb="tensor", zo_stop_tol=None),
+    "zeroth_order/block": dict(score="zeroth_order", zo_perturb="block", zo_stop_tol=None),
     "first_order": dict(score="first_order"),
 }
 

@@ -2,11 +2,16 @@
 
     OMP_NUM_THREADS=1 python benchmarks/ecoflap_cost.py              # ../shared/models/pylm, 60%, 64 x 256 tokens
 
-One process, one thread: uniform Wanda first (the cost reference, after one unmeasured warm-up run), then ECoFLaP + Wanda with each zeroth-order
-setting (perturbation unit x scoring samples), each from a fresh copy of the dense model. For each: the whole run's
-time over uniform Wanda's, the per-block sparsities it allocated, Spearman's rank correlation of its per-module
-sparsities with the first (most expensive) setting's, their largest difference, and perplexity on
-``pylm-data/heldout.txt``. Prints; never asserts.
+One process, one thread: uniform Wanda first (the cost reference, after one unmeasured warm-up run), then
+ECoFLaP + Wanda with each zeroth-order setting (perturbation unit / most scoring samples [/ early-stopping
+tolerance / round size]), each from a fresh copy of the dense model. For each: the whole run's time over uniform Wanda's, stage 1's time, the
+samples scored (and, early-stopped, the rounds and why it stopped), the forward passes, the per-block sparsities it
+allocated, Spearman's rank correlation of its per-module sparsities with the first (most expensive) setting's, the
+largest per-block difference from it, and perplexity on ``pylm-data/heldout.txt``. Prints; never asserts. With
+``--paired`` each setting's ``x Wanda`` divides by a uniform Wanda run timed just before it (a shared machine's load
+then hits both).
+
+    OMP_NUM_THREADS=1 python benchmarks/ecoflap_cost.py --settings tensor/32 default design/16/0.005/2
 """
 
 from __future__ import annotations
@@ -27,15 +32,31 @@ from hf_prune import CalibrationConfig, ECoFLaPConfig, Pruner, WandaConfig  # no
 from hf_prune.engine.report import format_table  # noqa: E402
 from hf_prune.evaluation import perplexity  # noqa: E402
 
-SETTINGS = {  # name -> ECoFLaPConfig overrides
-    "tensor/32": dict(zo_perturb="tensor", num_score_samples=32),
-    "tensor/16": dict(zo_perturb="tensor", num_score_samples=16),
-    "tensor/8": dict(zo_perturb="tensor", num_score_samples=8),
-    "tensor/4": dict(zo_perturb="tensor", num_score_samples=4),
-    "block/32": dict(zo_perturb="block", num_score_samples=32),
-    "block/16": dict(zo_perturb="block", num_score_samples=16),
-    "block/8": dict(zo_perturb="block", num_score_samples=8),
+SETTINGS = {  # name -> ECoFLaPConfig overrides (no early stopping unless the name says so)
+    "tensor/32": dict(zo_perturb="tensor", num_score_samples=32, zo_stop_tol=None),
+    "tensor/16": dict(zo_perturb="tensor", num_score_samples=16, zo_stop_tol=None),
+    "tensor/8": dict(zo_perturb="tensor", num_score_samples=8, zo_stop_tol=None),
+    "tensor/4": dict(zo_perturb="tensor", num_score_samples=4, zo_stop_tol=None),
+    "design/32": dict(zo_perturb="design", num_score_samples=32, zo_stop_tol=None),
+    "design/16": dict(zo_perturb="design", num_score_samples=16, zo_stop_tol=None),
+    "design/8": dict(zo_perturb="design", num_score_samples=8, zo_stop_tol=None),
+    "block/16": dict(zo_perturb="block", num_score_samples=16, zo_stop_tol=None),
+    "block/8": dict(zo_perturb="block", num_score_samples=8, zo_stop_tol=None),
+    "default": dict(),  # ECoFLaPConfig's defaults: design, early stopping
 }
+
+
+def setting(name: str) -> dict:
+    """A named setting, or ``PERTURB/MAX/TOL/ROUND`` (e.g. ``design/16/0.01/2``): early stopping with that tolerance
+    and round size, at most MAX samples."""
+    if name in SETTINGS:
+        return SETTINGS[name]
+    try:
+        perturb, most, tol, round_samples = name.split("/")
+        return dict(zo_perturb=perturb, num_score_samples=int(most), zo_stop_tol=float(tol),
+                    zo_round_samples=int(round_samples))
+    except ValueError:
+        raise SystemExit(f"unknown setting {name!r}: one of {', '.join(SETTINGS)} or PERTURB/MAX/TOL/ROUND") from None
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -64,7 +85,11 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=48)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--paired", action="store_true",
+                        help="time a uniform Wanda run right before each setting and divide by that one")
+    parser.add_argument("--settings", nargs="+", default=["tensor/32", "tensor/8", "design/32", "design/8", "block/16",
+                                                          "default"],
+                        help=f"named settings ({', '.join(SETTINGS)}) or PERTURB/MAX/TOL/ROUND")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = Pruner.from_pretrained(args.model, dtype=torch.float32)
@@ -75,38 +100,50 @@ def main() -> None:
     def ppl(model):
         return perplexity(model, base.tokenizer, heldout, seq_len=args.seq_len, max_windows=args.eval_windows)
 
-    rows = [["dense", "-", "-", "-", "-", "-", f"{ppl(base.model):.3f}"]]
+    rows = [["dense", "-", "-", "-", "-", "-", "-", "-", "-", f"{ppl(base.model):.3f}"]]
     # a first Wanda run warms what every later run reuses (the calibration text read and tokenized), unmeasured
     Pruner(copy.deepcopy(base.model), base.tokenizer).prune(WandaConfig(sparsity=args.sparsity, calibration=cal),
                                                             progress=False)
-    pruner = Pruner(copy.deepcopy(base.model), base.tokenizer)
-    start = time.perf_counter()
-    pruner.prune(WandaConfig(sparsity=args.sparsity, calibration=cal), progress=False)
-    wanda = time.perf_counter() - start
-    rows.append(["uniform Wanda", f"{wanda:.1f}", "1.0", "-", "-", "-", f"{ppl(pruner.model):.3f}"])
-    first = None
-    for name in args.settings:
+    def wanda_run():
         pruner = Pruner(copy.deepcopy(base.model), base.tokenizer)
-        config = ECoFLaPConfig(sparsity=args.sparsity, calibration=cal, **SETTINGS[name])
+        start = time.perf_counter()
+        pruner.prune(WandaConfig(sparsity=args.sparsity, calibration=cal), progress=False)
+        return time.perf_counter() - start, pruner
+
+    wanda, pruner = wanda_run()
+    rows.append(["uniform Wanda", f"{wanda:.1f}", "1.00", "-", "-", "-", "-", "-", "-", f"{ppl(pruner.model):.3f}"])
+    first = first_blocks = None
+    for name in args.settings:
+        if args.paired:  # the reference measured just before, so that a change of load hits both
+            wanda = wanda_run()[0]
+        pruner = Pruner(copy.deepcopy(base.model), base.tokenizer)
+        config = ECoFLaPConfig(sparsity=args.sparsity, calibration=cal, **setting(name))
         start = time.perf_counter()
         result = pruner.prune(config, progress=False)
         seconds = time.perf_counter() - start
-        per_module = result.report["sparsity"]["per_module"]
-        names = sorted(per_module)
-        values = [per_module[n]["achieved"] for n in names]
-        blocks = " ".join(f"{b['achieved']:.3f}" for b in result.report["sparsity"]["per_block"].values())
+        allocation = result.allocation
+        names = sorted(allocation.module_sparsity)
+        values = [allocation.module_sparsity[n] for n in names]
+        blocks = [g["sparsity"] for g in allocation.groups.values()]
         if first is None:
-            first = values
+            first, first_blocks = values, blocks
         rho = spearman(values, first)
-        worst = max(abs(a - b) for a, b in zip(values, first))
-        rows.append([f"ECoFLaP ZO {name} + Wanda", f"{seconds:.1f}", f"{seconds / wanda:.1f}", blocks,
+        worst = max(abs(a - b) for a, b in zip(blocks, first_blocks))
+        provenance = allocation.provenance
+        stopping = provenance.get("early_stopping")
+        samples = (f"{stopping['samples_used']} of {stopping['max_samples']} ({len(stopping['rounds'])} rounds, "
+                   f"{stopping['stopped']})" if stopping else str(config.num_score_samples))
+        scores = provenance["run"]["phases_s"]["scores"]
+        stop = "" if config.zo_stop_tol is None else f"/{config.zo_stop_tol:g}/{config.zo_round_samples}"
+        label = name if name != "default" else f"default ({config.zo_perturb}/{config.num_score_samples}{stop})"
+        rows.append([f"ECoFLaP ZO {label} + Wanda", f"{seconds:.1f}", f"{seconds / wanda:.2f}", f"{scores:.1f}",
+                     samples, str(provenance["passes"]["forward"]), " ".join(f"{b:.3f}" for b in blocks),
                      f"{rho:.3f}", f"{worst:.3f}", f"{ppl(pruner.model):.3f}"])
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print(f"{args.model}, {args.sparsity:g} sparsity, {args.num_samples} x {args.seq_len} calibration tokens "
           f"(calibration.txt), perplexity over {args.eval_windows} windows of heldout.txt, 1 thread")
-    print(format_table(rows, ["run", "time s", "x Wanda", "per-block sparsity", "rho vs first", "max |d|",
-                              "perplexity"]))
-
+    print(format_table(rows, ["run", "time s", "x Wanda", "scores s", "score samples", "forwards",
+                              "per-block sparsity", "rho vs first", "max block |d| vs first", "perplexity"]))
 
 if __name__ == "__main__":
     main()

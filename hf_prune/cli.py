@@ -72,6 +72,16 @@ def _json_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is neither JSON nor the path of a JSON file") from None
 
 
+def _float_or_none(text: str) -> float | None:
+    """A number, or ``none`` for an optional one (e.g. ``--zo-stop-tol none``)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'none'") from None
+
+
 def _help_text(text: str) -> str:
     return text.replace("%", "%%")  # argparse formats help strings with %
 
@@ -140,7 +150,7 @@ def _add_field(parser: Any, flag: str, hint: Any, default: Any, dest: str, owner
     elif "dict" in text:
         parser.add_argument(flag, type=_json_value, metavar="JSON", **kwargs)
     elif "float" in text:
-        parser.add_argument(flag, type=float, metavar=metavar, **kwargs)
+        parser.add_argument(flag, type=_float_or_none if "None" in text else float, metavar=metavar, **kwargs)
     elif "int" in text:
         parser.add_argument(flag, type=int, metavar=metavar, **kwargs)
     else:

@@ -58,7 +58,8 @@ def one_shot() -> dict:
         "wanda64": WandaConfig(sparsity=0.5, accum_dtype="float64"),  # statistics summed in float64
         "ria": RIAConfig(sparsity=0.5),
         "sparsegpt": SparseGPTConfig(pattern="2:4"),
-        "ecoflap": ECoFLaPConfig(sparsity=0.5, score="zeroth_order", zo_num_noise=1, num_score_samples=4),
+        "ecoflap": ECoFLaPConfig(sparsity=0.5, score="zeroth_order", zo_num_noise=1, num_score_samples=4,
+                                 zo_stop_tol=0.5, zo_round_samples=2),  # early stopping: rounds of 1 batch
         "modhifi": ModHiFiConfig(sparsity=0.25),
         "spp": SPPConfig(sparsity=0.5, training_free=True),
     }

@@ -111,6 +111,9 @@ def test_report_and_card_record_the_split_and_only_rank_0_saves(runs):
         assert record["batches"] == 6 and record["batches_per_rank"] == [3, 3], name
     allocation = json.load(open(runs / "ecoflap_rank0.json"))["allocation"]
     assert allocation["distributed"]["batches_per_rank"] == [1, 1]  # the score set: 4 samples in 2 batches of 2
+    # ECoFLaP's early stopping (rounds of 2 samples = 1 batch, the other rank idle) decided the same on both ranks
+    stops = [json.load(open(runs / f"ecoflap_rank{r}.json"))["allocation"]["early_stopping"] for r in (0, 1)]
+    assert stops[0] == stops[1] and [r["samples"] for r in stops[0]["rounds"]] == [2, 4]
     saved = runs / "saved"
     report = json.load(open(saved / "pruning_report.json"))
     assert report["run"]["distributed"]["world_size"] == 2

@@ -405,7 +405,7 @@ def test_config_defaults_round_trip_and_stage2():
     (dict(aggregate="max"), "aggregate='max'"),
     (dict(zo_eps=0.0), r"zo_eps=0.0 must be a number in \(0.0, 1.0\]"),
     (dict(zo_num_noise=0), "zo_num_noise=0 must be an integer >= 1"),
-    (dict(zo_perturb="layer"), "zo_perturb='layer' is not supported; choose one of 'tensor', 'block'"),
+    (dict(zo_perturb="layer"), "zo_perturb='layer' is not supported; choose one of 'tensor', 'design', 'block'"),
     (dict(num_score_samples=0), "num_score_samples=0"),
     (dict(per_submodel_budget="yes"), "per_submodel_budget='yes' must be True or False"),
     (dict(pattern="2:4"), "an N:M pattern removes exactly 0.5 of every module"),
@@ -487,7 +487,138 @@ def test_planner_adds_the_scoring_stage_with_the_whole_model_on_the_device():
     assert scores.device_peak > eco.weight_bytes and eco.device_peak == scores.device_peak
     blocks, head = 2 * 8 * decoder.block_params * 32 * 2048, 2 * 8 * 32000 * 4096 * 2048  # one batch of 8
     perturbed = head + blocks * 33 / 64  # the blocks before the perturbed one are replayed: (32 + 1) / (2 x 32)
-    # 8 samples = 1 batch: 7 Linears x 32 blocks x (+eps, -eps) perturbed passes and one recording pass
-    assert scores.flops == pytest.approx((7 * 32) * 2 * perturbed + blocks + head)
+    # 8 samples = 1 batch: 32 blocks x 8 passes (the sign design of 7 Linears) and one recording pass
+    assert scores.flops == pytest.approx(32 * 8 * perturbed + blocks + head)
     assert eco.flops == scores.flops + wanda.flops
 
+
+
+# ----------------------------------------------------------------------------------------- cost: design, early stop
+
+
+def test_sign_design_is_balanced_orthogonal_and_the_central_difference_for_one_tensor():
+    from hf_prune.methods.ecoflap.scores import sign_design
+
+    assert sign_design(1) == [[1.0], [-1.0]]  # L(W + eps z) - L(W - eps z): the paper's pair
+    for m, n in [(2, 4), (3, 4), (4, 8), (6, 8), (7, 8), (8, 16)]:
+        rows = torch.tensor(sign_design(m))
+        assert rows.shape == (n, m)
+        assert torch.equal(rows.sum(0), torch.zeros(m))  # the unperturbed loss cancels
+        assert torch.equal(rows.T @ rows, n * torch.eye(m))  # each tensor's derivative read off alone
+
+
+def _scoring_setup(tokenizer, corpus):
+    from hf_prune.methods.ecoflap.losses import ScoringLoss
+    from hf_prune.methods.ecoflap.scores import Unit
+
+    model = make_model("llama", vocab=len(tokenizer))
+    blocks = list(model.model.layers)
+    units = [Unit(name, name, [m.weight]) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    return model, blocks, units, make_batches("llama", tokenizer, corpus, n=4, batch=2), ScoringLoss("causal_lm")
+
+
+def test_design_reads_each_tensors_directional_derivative_off_the_blocks_passes(tokenizer, corpus):
+    from hf_prune.methods.ecoflap.scores import zeroth_order_scores
+
+    model, blocks, units, batches, loss = _scoring_setup(tokenizer, corpus)
+    before = _snapshot(model)
+    common = dict(num_noise=2, seed=0, device=CPU, progress=False, blocks=blocks)
+    tensor = zeroth_order_scores(model, units, batches, loss, eps=1e-3, **common)
+    design = zeroth_order_scores(model, units, batches, loss, eps=1e-3, design=True, **common)
+    assert _unchanged(model, before)
+    # the same directions z_j, 8 passes per block instead of 14: the same |<grad_j L, z_j>| up to the other tensors'
+    # O(eps) cross terms, small against a block's score (what the block allocation uses) ...
+    for i in range(2):
+        names = [n for n in tensor if n.startswith(f"model.layers.{i}.")]
+        assert sum(design[n] for n in names) == pytest.approx(sum(tensor[n] for n in names), rel=1e-2)
+    # ... and shrinking with eps: per tensor too (the smallest scores here are 1/200 of the largest)
+    tensor = zeroth_order_scores(model, units, batches, loss, eps=1e-4, **common)
+    design = zeroth_order_scores(model, units, batches, loss, eps=1e-4, design=True, **common)
+    for name in tensor:
+        assert design[name] == pytest.approx(tensor[name], rel=6e-2), name
+    common["eps"] = 1e-3
+    # a unit alone (no blocks: nothing to perturb it with) gets exactly the central difference
+    alone = zeroth_order_scores(model, units, batches, loss, design=True, **{**common, "blocks": None})
+    assert alone == zeroth_order_scores(model, units, batches, loss, **{**common, "blocks": None})
+
+
+def test_without_early_stopping_the_scores_are_the_old_ones_bit_for_bit(tokenizer, corpus):
+    from hf_prune.methods.ecoflap.scores import Unit, zeroth_order_scores
+
+    model = make_model("llama", vocab=len(tokenizer))
+    batches = make_batches("llama", tokenizer, corpus, n=4, batch=2)
+    config = ECoFLaPConfig(zo_perturb="tensor", zo_stop_tol=None, num_score_samples=4, granularity="layer",
+                           calibration=_cal(batches))
+    allocation = allocate(Pruner(model, tokenizer), config, progress=False)
+    assert "early_stopping" not in allocation.provenance
+    # the scoring as it was before early stopping: every batch at once, one Linear at a time, nothing replayed
+    units = [Unit(name, name, [model.get_submodule(name).weight]) for name in allocation.groups]
+    from hf_prune.methods.ecoflap.losses import ScoringLoss
+    old = zeroth_order_scores(model, units, batches, ScoringLoss("causal_lm"), eps=config.zo_eps, num_noise=1,
+                              seed=config.calibration.seed, device=CPU, progress=False)
+    assert {g: e["raw_score"] for g, e in allocation.groups.items()} == old  # ==: bit for bit
+    assert allocation.provenance["passes"]["forward"] == 2 * (len(units) * 2 + 1)
+
+
+@pytest.mark.parametrize("tol,stopped", [(0.5, "converged"), (1e-9, "maximum")])
+def test_early_stopping_stops_once_the_allocation_converges_and_records_its_rounds(tol, stopped, tokenizer, corpus):
+    model = make_model("llama", vocab=len(tokenizer))
+    before = _snapshot(model)
+    batches = make_batches("llama", tokenizer, corpus, n=8, batch=1)
+    config = ECoFLaPConfig(sparsity=0.5, num_score_samples=8, zo_stop_tol=tol, zo_round_samples=2,
+                           calibration=_cal(batches))
+    assert config.zo_min_samples == 4  # two rounds by default
+    allocation = allocate(Pruner(model, tokenizer), config, progress=False)
+    assert _unchanged(model, before)
+    record = allocation.provenance["early_stopping"]
+    assert record["stopped"] == stopped
+    rounds = record["rounds"]
+    assert [r["samples"] for r in rounds] == list(range(2, record["samples_used"] + 1, 2))
+    assert rounds[0]["max_sparsity_change"] is None and all(r["max_sparsity_change"] >= 0 for r in rounds[1:])
+    if stopped == "converged":  # a loose tolerance: the first round that may stop does
+        assert record["samples_used"] == 4 < config.num_score_samples
+        assert rounds[-1]["max_sparsity_change"] <= tol
+    else:  # a tolerance no noisy estimate meets: every sample is scored
+        assert record["samples_used"] == 8 and all(r["max_sparsity_change"] > tol for r in rounds[1:])
+    per_batch = 2 * 8 + 1  # 2 blocks x 8 passes of the design (7 Linears each), one recording pass
+    assert allocation.provenance["passes"]["forward"] == record["batches_used"] * per_batch
+    assert record["batches_used"] == record["samples_used"]  # batches of one sample
+
+
+def test_early_stopping_is_recorded_in_the_report(tokenizer, corpus):
+    model = make_model("llama", vocab=len(tokenizer))
+    batches = make_batches("llama", tokenizer, corpus, n=8, batch=1)
+    config = ECoFLaPConfig(sparsity=0.5, num_score_samples=8, zo_stop_tol=0.5, zo_round_samples=2,
+                           calibration=_cal(batches))
+    result = Pruner(model, tokenizer).prune(config, calibration_dataset=batches, progress=False)
+    record = result.report["allocation"]["provenance"]["early_stopping"]
+    assert record["stopped"] == "converged" and record["samples_used"] == 4 and len(record["rounds"]) == 2
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(zo_stop_tol=0.0), r"zo_stop_tol=0.0 must be a sparsity change in \(0, 1\)"),
+    (dict(zo_stop_tol=1.5), r"zo_stop_tol=1.5 must be a sparsity change in \(0, 1\).*or None to score all"),
+    (dict(zo_stop_tol=True), "zo_stop_tol=True must be a sparsity change"),
+    (dict(zo_stop_tol="0.01"), "zo_stop_tol='0.01' must be a sparsity change"),
+    (dict(zo_round_samples=0), "zo_round_samples=0 must be an integer >= 1"),
+    (dict(zo_min_samples=0), "zo_min_samples=0 must be an integer between 1 and num_score_samples=8"),
+    (dict(num_score_samples=32, zo_stop_tol=0.01, zo_min_samples=40),
+     "zo_min_samples=40 must be an integer between 1 and num_score_samples=32.*raise num_score_samples"),
+])
+def test_bad_early_stopping_values_name_the_problem(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        ECoFLaPConfig(**kwargs)
+
+
+def test_cli_turns_early_stopping_off_with_none():
+    from hf_prune.cli import _split_config_args, build_parser
+
+    argv = ["prune", "m", "--method", "ecoflap", "--zo-stop-tol", "none", "--zo-perturb", "tensor"]
+    method_args, _ = _split_config_args(build_parser(argv).parse_args(argv))
+    assert method_args["zo_stop_tol"] is None and ECoFLaPConfig(**method_args).zo_stop_tol is None
+    argv[5] = "0.02"
+    assert _split_config_args(build_parser(argv).parse_args(argv))[0]["zo_stop_tol"] == 0.02
+    argv[5] = "soon"
+    with pytest.raises(SystemExit):
+        build_parser(argv).parse_args(argv)

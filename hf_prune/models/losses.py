@@ -28,11 +28,16 @@ def token_labels(batch: dict, ignore_token: int | None = None) -> torch.Tensor:
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over the labelled tokens: per-token values in float32, their mean in float64, so
-    that the tiny loss differences of zeroth-order scoring are not lost to a float32 accumulation."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:].to(logits.device).reshape(-1)
-    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=-100,
-                                      reduction="none")
+    that the tiny loss differences of zeroth-order scoring are not lost to a float32 accumulation.
+
+    The logits are read in place (a contiguous view; the last position gets the ignored label) instead of being
+    sliced and copied first: the same per-token values summed in the same order, about half the time."""
+    batch, length, vocab = logits.shape
+    logits = logits.float()
+    target = torch.full((batch, length), -100, dtype=labels.dtype, device=logits.device)
+    target[:, :-1] = labels[:, 1:].to(logits.device)
+    nll = nn.functional.cross_entropy(logits.reshape(-1, vocab), target.reshape(-1), ignore_index=-100,
+                                      reduction="none").view(batch, length)[:, :-1]
     count = int((target != -100).sum())
     if count == 0:
         raise CalibrationDataError("a scoring batch has no token to predict (all padding or image placeholders); "

@@ -10,6 +10,7 @@ from ...engine.targets import linear_candidates
 from ...planner import StagePlan
 from ...registry import MethodCost, get_method
 from .config import ECoFLaPConfig
+from .scores import sign_design
 
 
 def ecoflap_cost(config: ECoFLaPConfig) -> MethodCost:
@@ -22,13 +23,18 @@ def scores_stage(allocator: ECoFLaPConfig, model: nn.Module, stages: list, plann
                  batch_size: int, seq_len: int) -> StagePlan:
     """ECoFLaP's stage 1 (with the config's defaults): whole-model passes with every weight on the device.
 
-    Zeroth order: 2 forward passes per perturbation unit (a Linear, or a group) per batch, plus a snapshot
-    and a float32 direction of the largest unit; a perturbed pass replays the blocks before the perturbed one, so
+    Zeroth order: 2 forward passes per perturbation unit (a Linear, or a group) per batch, or with
+    ``zo_perturb="design"`` n per block (the smallest power of two above its Linears), plus a snapshot and a float32
+    direction of the largest unit (design: of a block); with early stopping, for the most samples it may score; a
+    perturbed pass replays the blocks before the perturbed one, so
     it costs the head plus on average (L + 1) / 2L of the L blocks' work, and one unperturbed pass per batch
     records them. First order: 2 forwards and a backward (about 2 forwards)
     per batch, with every block's input kept and one block's activations and gradients recomputed.
     """
     linears = linear_candidates(model, stages)
+    stopping = allocator.score == "zeroth_order" and allocator.zo_stop_tol is not None
+    if stopping:  # early stopping scores rounds of whole batches; the estimate is for the most samples it may use
+        batch_size = min(batch_size, allocator.zo_round_samples)
     batches = -(-allocator.num_score_samples // batch_size)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_params = head.weight.numel() if head is not None else 0
@@ -40,13 +46,17 @@ def scores_stage(allocator: ECoFLaPConfig, model: nn.Module, stages: list, plann
     block_count = sum(s.blocks for s in planned)
     if allocator.score == "zeroth_order":
         if allocator.zo_perturb == "tensor":
-            units, largest = len(linears), max(m.weight.numel() for _, m, *_ in linears)
+            pairs, largest = 2 * len(linears), max(m.weight.numel() for _, m, *_ in linears)
+            extra = largest * (width + 4)
+        elif allocator.zo_perturb == "design":  # n passes per block for its m < n Linears, all perturbed at once
+            pairs = block_count * len(sign_design(-(-len(linears) // max(block_count, 1))))
+            extra = max(s.block_params for s in planned) * (width + 8)  # snapshots and float32 directions
         else:
             units = {"layer": len(linears), "block": block_count, "submodel": len(stages)}[allocator.granularity]
-            largest = max(s.block_params for s in planned)  # a block's weights (a bound for one group)
-        extra = largest * (width + 4)
+            pairs = 2 * units
+            extra = max(s.block_params for s in planned) * (width + 4)  # a block's weights (a bound for one group)
         perturbed = head_flops + block_flops * (block_count + 1) / (2 * block_count)  # replayed prefix
-        flops = batches * (units * allocator.zo_num_noise * 2 * perturbed + forward_flops)
+        flops = batches * (pairs * allocator.zo_num_noise * perturbed + forward_flops)
     else:
         extra = sum(s.blocks * batch_size * s.tokens_per_sample * s.hidden * width for s in planned) \
             + 2 * max(s.forward_bytes + s.block_params * width for s in planned)

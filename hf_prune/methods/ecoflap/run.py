@@ -30,7 +30,7 @@ from ..layerwise import LayerwiseConfig, run_layerwise
 from .config import ECoFLaPConfig
 from .losses import ScoringLoss, check_batches, choose_loss, describe
 from .ops import min_keep, solve_budget, split_keep
-from .scores import Unit, first_order_scores, zeroth_order_scores
+from .scores import Unit, first_order_scores, sign_design, zeroth_order_scores, zeroth_order_sums
 
 
 @dataclass
@@ -60,6 +60,8 @@ def make_plan(pruner: Any, config: ECoFLaPConfig, *, with_prune_data: bool) -> P
     layer_config = config.layer_pruner_config()
     targets = plan_targets(model, stages, layer_config)
     score_cal = dataclasses.replace(config.calibration, num_samples=config.num_score_samples)
+    if config.zo_stop_tol is not None and config.score == "zeroth_order":  # a round is whole batches
+        score_cal = dataclasses.replace(score_cal, batch_size=min(score_cal.batch_size, config.zo_round_samples))
     # stage 1 runs the whole model: its data feeds every stage
     score_data = run.calibration(score_cal, tokenizer=pruner.tokenizer, processor=pruner.processor)
     prune_data = None
@@ -86,40 +88,133 @@ def _summed(score: Any) -> dict[str, float]:
     return distributed.reduce_floats(partial)
 
 
+def _batch_samples(batch: dict) -> int:
+    """How many samples a calibration batch holds (its first tensor's leading dimension)."""
+    for value in batch.values():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def _rounds(batches: list[dict], round_samples: int) -> list[tuple[int, int]]:
+    """Consecutive runs of whole batches holding at least ``round_samples`` samples each (the last may hold fewer)."""
+    bounds, start, held = [], 0, 0
+    for i, batch in enumerate(batches):
+        held += _batch_samples(batch)
+        if held >= round_samples:
+            bounds.append((start, i + 1))
+            start, held = i + 1, 0
+    if start < len(batches):
+        bounds.append((start, len(batches)))
+    return bounds
+
+
+def _zo_units(config: ECoFLaPConfig, groups: dict[str, list[Target]]) -> list[Unit]:
+    if config.zo_perturb == "block":
+        return [Unit(group, group, [t.module.weight for t in ts]) for group, ts in groups.items()]
+    return [Unit(t.name, group, [t.module.weight]) for group, ts in groups.items() for t in ts]
+
+
+def _unit_passes(config: ECoFLaPConfig, units: list[Unit], blocks: list, label_free: bool) -> int:
+    """Perturbed forward passes per batch and direction."""
+    if label_free:
+        return len(units)
+    if config.zo_perturb != "design":
+        return 2 * len(units)
+    owner = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    sizes: dict = {}
+    for unit in units:
+        key = owner.get(id(unit.params[0]), ("alone", unit.name))
+        sizes[key] = sizes.get(key, 0) + 1
+    return sum(len(sign_design(m)) for m in sizes.values())
+
+
 def _group_scores(pruner: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[str, list[Target]],
-                  progress: bool) -> tuple[dict[str, float], dict]:
+                  progress: bool) -> tuple[dict[str, float], dict, dict | None]:
     """Raw score per group. Under several processes each rank scores its contiguous share of the batches (the
-    perturbation seeds follow the global batch index) and the per-rank sums are added across ranks."""
+    perturbation seeds follow the global batch index) and the per-rank sums are added across ranks. With
+    ``zo_stop_tol`` the batches are scored in rounds (see ``_zeroth_order_rounds``); the third value records them."""
     model, loss, batches = pruner.model, plan.loss, plan.score_data.batches
     lo, hi = distributed.shard_range(len(batches))
     share, show = batches[lo:hi], progress and distributed.is_main()
     seed = config.calibration.seed
+    blocks = [block for stage in plan.stages for block in stage.blocks(model)]
+    stopping = None
     if config.score == "zeroth_order":
-        if config.zo_perturb == "tensor":
-            units = [Unit(t.name, group, [t.module.weight]) for group, ts in groups.items() for t in ts]
+        units = _zo_units(config, groups)
+        design = config.zo_perturb == "design"
+        if config.zo_stop_tol is None:
+            unit_scores = _summed(lambda: zeroth_order_scores(
+                model, units, share, loss, eps=config.zo_eps, num_noise=config.zo_num_noise, seed=seed,
+                device=plan.score_device, progress=show, batch_offset=lo, total_batches=len(batches), blocks=blocks,
+                design=design))
+            used = len(batches)
         else:
-            units = [Unit(group, group, [t.module.weight for t in ts]) for group, ts in groups.items()]
-        blocks = [block for stage in plan.stages for block in stage.blocks(model)]
-        unit_scores = _summed(lambda: zeroth_order_scores(
-            model, units, share, loss, eps=config.zo_eps, num_noise=config.zo_num_noise, seed=seed,
-            device=plan.score_device, progress=show, batch_offset=lo, total_batches=len(batches), blocks=blocks))
+            unit_scores, used, stopping = _zeroth_order_rounds(model, config, plan, groups, units, blocks, design,
+                                                                 show)
         raw = {group: 0.0 for group in groups}
         for unit in units:
             raw[unit.group] += unit_scores[unit.name]
-        per_direction = 1 if loss.label_free else 2
-        passes = {"forward": len(batches) * (len(units) * config.zo_num_noise * per_direction + 1), "backward": 0,
-                  "perturbation_units": len(units),
+        per_batch = _unit_passes(config, units, blocks, loss.label_free) * config.zo_num_noise + 1
+        passes = {"forward": used * per_batch, "backward": 0, "perturbation_units": len(units),
                   "note": "one unperturbed forward per batch records the blocks' outputs; a perturbed pass replays "
                           "those of the blocks before the perturbed one"}
+        if design and not loss.label_free:
+            passes["design"] = ("the Linears of a block perturbed together with the signs of a Hadamard matrix of "
+                                "order n (the smallest power of two above their count): n passes per block and "
+                                "direction, each Linear's estimate read off the signed sum")
     else:
         weights = {t.name: t.module.weight for ts in groups.values() for t in ts}
-        blocks = [block for stage in plan.stages for block in stage.blocks(model)]
         tensor_scores = _summed(lambda: first_order_scores(
             model, weights, share, loss, seed=seed, device=plan.score_device, progress=show, blocks=blocks,
             batch_offset=lo, total_batches=len(batches)))
         raw = {group: sum(tensor_scores[t.name] for t in ts) for group, ts in groups.items()}
         passes = {"forward": len(batches), "backward": len(batches), "block_recomputations": len(batches)}
-    return raw, passes
+    return raw, passes, stopping
+
+
+def _zeroth_order_rounds(model: Any, config: ECoFLaPConfig, plan: Plan, groups: dict[str, list[Target]],
+                         units: list[Unit], blocks: list, design: bool,
+                         progress: bool) -> tuple[dict[str, float], int, dict]:
+    """Early stopping: score ``zo_round_samples`` samples at a time (each round's batches split across ranks and
+    its sums added across ranks, so every rank holds the same totals), solve the allocation from the running means
+    after each round, and stop once at least ``zo_min_samples`` samples are scored and no group's sparsity moved
+    by more than ``zo_stop_tol`` since the previous round (or when the ``num_score_samples`` are used up). The
+    decision reads only all-reduced values: every rank stops after the same round."""
+    loss, batches = plan.loss, plan.score_data.batches
+    totals = {unit.name: 0.0 for unit in units}
+    rounds, previous, used, samples, reason = [], None, 0, 0, "maximum"
+    for start, stop in _rounds(batches, config.zo_round_samples):
+        # a round with fewer batches than ranks leaves some idle (the rounds, hence the result, do not depend on the
+        # number of processes); zo_round_samples >= processes x batch size keeps every rank busy
+        lo, hi = distributed.shard_bounds(stop - start, distributed.world_size())[distributed.rank()]
+        share = batches[start + lo:start + hi]
+        sums = _summed(lambda: zeroth_order_sums(
+            model, units, share, loss, eps=config.zo_eps, num_noise=config.zo_num_noise, seed=config.calibration.seed,
+            device=plan.score_device, progress=progress, batch_offset=start + lo, blocks=blocks, design=design))
+        for name, value in sums.items():
+            totals[name] += value
+        used, samples = stop, samples + sum(_batch_samples(b) for b in batches[start:stop])
+        count = used * config.zo_num_noise
+        raw = {group: 0.0 for group in groups}
+        for unit in units:
+            raw[unit.group] += totals[unit.name] / count
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an all-zero round warns once, from the final allocation
+            sparsity = {g: e["sparsity"] for g, e in solve_allocation(config, groups, raw).groups.items()}
+        change = None if previous is None else max(abs(sparsity[g] - previous[g]) for g in sparsity)
+        rounds.append({"samples": samples, "batches": used, "max_sparsity_change": change})
+        previous = sparsity
+        if change is not None and samples >= config.zo_min_samples and change <= config.zo_stop_tol:
+            reason = "converged"
+            break
+    count = used * config.zo_num_noise
+    record = {"tol": config.zo_stop_tol, "round_samples": config.zo_round_samples,
+              "min_samples": config.zo_min_samples, "max_samples": config.num_score_samples,
+              "samples_used": samples, "batches_used": used, "rounds": rounds, "stopped": reason,
+              "rule": "stop after the first round, at or after min_samples, where no group's sparsity changed by "
+                      "more than tol since the previous round"}
+    return {name: total / count for name, total in totals.items()}, used, record
 
 
 def allocate(pruner: Any, config: ECoFLaPConfig, *, device: str | torch.device | None = None,
@@ -135,7 +230,7 @@ def allocate(pruner: Any, config: ECoFLaPConfig, *, device: str | torch.device |
         groups.setdefault(group_of(t, config.granularity), []).append(t)
     with RunMeter() as meter:
         with meter.phase("scores"):
-            raw, passes = _group_scores(pruner, config, plan, groups, progress)
+            raw, passes, stopping = _group_scores(pruner, config, plan, groups, progress)
         with meter.phase("allocation"):
             allocation = solve_allocation(config, groups, raw)
     allocation.provenance.update({
@@ -144,6 +239,7 @@ def allocate(pruner: Any, config: ECoFLaPConfig, *, device: str | torch.device |
         "calibration": plan.score_data.provenance,
         "seed": config.calibration.seed,
         "passes": passes,
+        **({"early_stopping": stopping} if stopping is not None else {}),
         "score_device": str(plan.score_device),
         "run": meter.to_dict(),
     })

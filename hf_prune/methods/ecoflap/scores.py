@@ -6,7 +6,13 @@ Zeroth order (forward passes only). For a perturbation *unit* (one weight tensor
     real loss:    |L(W + eps z) - L(W - eps z)| / (2 eps)      ~ |<grad_W L, z>|, mean sqrt(2/pi) ||grad_W L||
     label-free:   ||f(W + eps z) - f(W)|| / eps                ~ ||J_W z||   (see ``losses``)
 
-averaged over batches and ``zo_num_noise`` directions. A perturbation of a block's weights cannot change what the
+averaged over batches and ``zo_num_noise`` directions. With ``design=True`` (``zo_perturb="design"``) the m weight
+tensors of a block are perturbed together in n passes (n: the smallest power of two above m), pass r at
+W_j + s_rj eps z_j with the signs s of a Hadamard matrix (``sign_design``); sum_r s_rj L_r / (n eps) is <grad_j L, z_j>
+plus O(eps) cross terms of the other tensors (the unperturbed loss and each tensor's own curvature cancel), so each
+tensor keeps its own estimate, from the same z_j, for n passes instead of 2 m.
+
+A perturbation of a block's weights cannot change what the
 blocks that ran before it computed: one unperturbed forward per batch records every block's output, and while a
 unit of block ``b`` is perturbed the blocks that ran before ``b`` return those recorded outputs (copies) instead of
 recomputing them, so the passes start, in effect, at ``b`` (the same numbers, about half the block work on a
@@ -68,17 +74,27 @@ class _Generators:
 
 
 class _Perturbation:
-    """Snapshot of a unit's weights; ``set(sign)`` writes W + sign * eps * z, ``restore`` copies back."""
+    """Snapshot of a unit's weights; ``set(sign)`` writes W + sign * eps * z, ``restore`` copies back.
+    ``set(signs)`` with one sign per tensor writes W_j + sign_j * eps * z_j (the sign design); the directions are
+    then drawn once and kept (float32), as every pass of the design reuses them."""
 
-    def __init__(self, params: list[nn.Parameter], seeds: list[int], eps: float, generators: _Generators):
+    def __init__(self, params: list[nn.Parameter], seeds: list[int], eps: float, generators: _Generators,
+                 keep_directions: bool = False):
         self.params, self.seeds, self.eps, self.generators = params, seeds, eps, generators
         self.snapshots = [p.detach().clone() for p in params]
+        self.directions = [self._direction(p, seed) for p, seed in zip(params, seeds)] if keep_directions else None
 
-    def set(self, sign: float) -> None:
-        for p, snap, seed in zip(self.params, self.snapshots, self.seeds):
-            z = torch.randn(p.shape, generator=self.generators.seeded(p.device, seed), device=p.device,
-                            dtype=torch.float32)
-            z.mul_(sign * self.eps).add_(snap)  # float32: snapshot + sign * eps * z
+    def _direction(self, p: nn.Parameter, seed: int) -> torch.Tensor:
+        return torch.randn(p.shape, generator=self.generators.seeded(p.device, seed), device=p.device,
+                           dtype=torch.float32)
+
+    def set(self, sign: float | list[float]) -> None:
+        signs = sign if isinstance(sign, list) else [sign] * len(self.params)
+        for j, (p, snap, seed, s) in enumerate(zip(self.params, self.snapshots, self.seeds, signs)):
+            if self.directions is not None:
+                z = torch.mul(self.directions[j], s * self.eps).add_(snap)
+            else:
+                z = self._direction(p, seed).mul_(s * self.eps).add_(snap)  # float32: snapshot + sign * eps * z
             p.copy_(z)  # one cast to the weight's dtype
             del z
 
@@ -162,17 +178,25 @@ class _BlockPrefix:
         self.outputs, self.position, self.valid = {}, {}, False
 
 
-def zeroth_order_scores(model: nn.Module, units: list[Unit], batches: list[dict], loss: ScoringLoss, *,
-                        eps: float, num_noise: int, seed: int, device: torch.device,
-                        progress: bool = True, batch_offset: int = 0, total_batches: int | None = None,
-                        blocks: list[nn.Module] | None = None) -> dict[str, float]:
-    """Mean zeroth-order estimate per unit (see the module docstring). Weights are restored exactly,
-    also when a forward pass fails half-way. ``blocks``: the model's transformer blocks, whose recorded outputs
-    are replayed for the blocks that run before a perturbed unit's block (None: every pass runs in full).
+def sign_design(m: int) -> list[list[float]]:
+    """The sign design of ``m`` tensors perturbed together: rows of the Sylvester-Hadamard matrix of order n (the
+    smallest power of two above ``m``), columns 1..m. Every column sums to zero and any two are orthogonal, so
+    with L_r the loss at W_j + s_rj eps z_j (all j at once), sum_r s_rj L_r / (n eps) = <grad_j L, z_j> + O(eps):
+    the unperturbed loss and every tensor's own second-order term cancel. m = 1 is the central difference."""
+    n = 2
+    while n <= m:
+        n *= 2
+    return [[-1.0 if bin(r & c).count("1") % 2 else 1.0 for c in range(1, m + 1)] for r in range(n)]
 
-    ``batches`` may be one process's share of the calibration set: ``batch_offset`` is the global index of its
-    first batch (the perturbations are seeded by it) and ``total_batches`` the size of the whole set (the mean's
-    divisor), so the shares' results add up to the whole set's."""
+
+def zeroth_order_sums(model: nn.Module, units: list[Unit], batches: list[dict], loss: ScoringLoss, *,
+                      eps: float, num_noise: int, seed: int, device: torch.device, progress: bool = True,
+                      batch_offset: int = 0, blocks: list[nn.Module] | None = None,
+                      design: bool = False) -> dict[str, float]:
+    """The sum over ``batches`` and ``num_noise`` directions of each unit's zeroth-order estimate (see
+    ``zeroth_order_scores``). ``design``: the units (weight tensors) of one block are perturbed together, with
+    the signs of ``sign_design``, and each one's estimate is read off the signed sum of the block's passes (real
+    losses only; a label-free loss perturbs one unit at a time)."""
     from tqdm.auto import tqdm
 
     generators = _Generators()
@@ -182,6 +206,15 @@ def zeroth_order_scores(model: nn.Module, units: list[Unit], batches: list[dict]
     unit_block = {unit.name: owner.get(id(unit.params[0])) if unit.params else None for unit in units}
     if any(len({id(owner.get(id(p))) for p in unit.params}) > 1 for unit in units):
         unit_block = {unit.name: None for unit in units}  # a unit spanning blocks: no replay at all
+    design = design and not loss.label_free
+    if design:
+        sets: dict[Any, list[Unit]] = {}
+        for unit in units:  # the units of one block together; a unit outside every block alone
+            block = unit_block[unit.name]
+            sets.setdefault(id(block) if block is not None else ("alone", unit.name), []).append(unit)
+        unit_sets = list(sets.values())
+    else:
+        unit_sets = [[unit] for unit in units]
     bar = tqdm(total=len(batches) * len(units), desc="ecoflap scores (zeroth order)", unit="unit",
                disable=not progress, leave=False)
     with calibration_mode(model):
@@ -192,15 +225,38 @@ def zeroth_order_scores(model: nn.Module, units: list[Unit], batches: list[dict]
                 if loss.label_free or blocks:
                     with prefix.record():
                         reference = loss.outputs(model, batch) if loss.label_free else loss.value(model, batch)
-                for unit in units:
-                    prefix.replay(unit_block[unit.name])
-                    totals[unit.name] += _unit_estimate(model, unit, batch, batch_offset + b, loss, reference, eps, num_noise, seed,
-                                                        generators)
-                    bar.update(1)
+                for unit_set in unit_sets:
+                    prefix.replay(unit_block[unit_set[0].name])
+                    if len(unit_set) == 1 and not design:
+                        unit = unit_set[0]
+                        totals[unit.name] += _unit_estimate(model, unit, batch, batch_offset + b, loss, reference, eps,
+                                                            num_noise, seed, generators)
+                    else:
+                        for unit, estimate in zip(unit_set, _design_estimates(
+                                model, unit_set, batch, batch_offset + b, loss, eps, num_noise, seed, generators)):
+                            totals[unit.name] += estimate
+                    bar.update(len(unit_set))
                 prefix.clear()
         finally:
             prefix.clear()
     bar.close()
+    return totals
+
+
+def zeroth_order_scores(model: nn.Module, units: list[Unit], batches: list[dict], loss: ScoringLoss, *,
+                        eps: float, num_noise: int, seed: int, device: torch.device,
+                        progress: bool = True, batch_offset: int = 0, total_batches: int | None = None,
+                        blocks: list[nn.Module] | None = None, design: bool = False) -> dict[str, float]:
+    """Mean zeroth-order estimate per unit (see the module docstring). Weights are restored exactly,
+    also when a forward pass fails half-way. ``blocks``: the model's transformer blocks, whose recorded outputs
+    are replayed for the blocks that run before a perturbed unit's block (None: every pass runs in full).
+    ``design``: see ``zeroth_order_sums``.
+
+    ``batches`` may be one process's share of the calibration set: ``batch_offset`` is the global index of its
+    first batch (the perturbations are seeded by it) and ``total_batches`` the size of the whole set (the mean's
+    divisor), so the shares' results add up to the whole set's."""
+    totals = zeroth_order_sums(model, units, batches, loss, eps=eps, num_noise=num_noise, seed=seed, device=device,
+                               progress=progress, batch_offset=batch_offset, blocks=blocks, design=design)
     count = (len(batches) if total_batches is None else total_batches) * num_noise
     return {name: total / count for name, total in totals.items()}
 
@@ -229,6 +285,30 @@ def _unit_estimate(model: nn.Module, unit: Unit, batch: dict, b: int, loss: Scor
         del perturbation
         total += estimate
     return total
+
+
+def _design_estimates(model: nn.Module, unit_set: list[Unit], batch: dict, b: int, loss: ScoringLoss, eps: float,
+                      num_noise: int, seed: int, generators: _Generators) -> list[float]:
+    """The sum over ``num_noise`` directions of each unit's estimate on one batch, the units perturbed together
+    with the signs of ``sign_design`` (n passes for m < n units instead of 2 m). Each unit's direction is the one
+    ``_unit_estimate`` draws for it; a single unit gets exactly ``_unit_estimate``'s central difference."""
+    rows = sign_design(len(unit_set))
+    params = [p for unit in unit_set for p in unit.params]
+    totals = [0.0] * len(unit_set)
+    for k in range(num_noise):
+        seeds = [derive_seed(seed, unit.name, b, k, j) for unit in unit_set for j in range(len(unit.params))]
+        perturbation = _Perturbation(params, seeds, eps, generators, keep_directions=True)
+        values = []
+        try:
+            for row in rows:
+                perturbation.set([s for s, unit in zip(row, unit_set) for _ in unit.params])
+                values.append(_check_finite(float(loss.value(model, batch)), unit_set[0].name))
+        finally:
+            perturbation.restore()
+        del perturbation
+        for i in range(len(unit_set)):
+            totals[i] += abs(sum(row[i] * v for row, v in zip(rows, values))) / (len(rows) * eps)
+    return totals
 
 
 @contextlib.contextmanager
