@@ -12,8 +12,10 @@ from conftest import FAMILIES, make_batches, make_model
 
 from hf_prune import CalibrationConfig, Pruner, SparseGPTConfig, WandaConfig
 from hf_prune.engine.stats import LinearStats, StatsCollector
+from hf_prune.engine import walker
 from hf_prune.engine.walker import calibration_mode
 from hf_prune.methods.sparsegpt import config as sparsegpt_config
+from hf_prune.models import get_family
 from hf_prune.methods.sparsegpt.ops import inverse_hessian_factor, lower_triangular_inverse, sparsegpt_prune
 from hf_prune.patterns import Pattern
 
@@ -447,3 +449,54 @@ def test_triangular_factor_rebuilds_its_freed_working_copy_on_a_retry(monkeypatc
     U, damp, dead = inverse_hessian_factor(H, 0.01, factorization="triangular_inverse")
     assert len(calls) == 2 and damp == pytest.approx(0.1)
     assert torch.equal(U, expected[0]) and torch.equal(dead, expected[2])
+
+
+# ------------------------------------------------------------------ the capture's whole-stage forward on one row
+
+
+def test_probe_batch_is_the_first_row_only_when_every_input_is_batch_first():
+    ids = torch.arange(12).view(3, 4)
+    probe = walker.probe_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids), "return_loss": True})
+    assert torch.equal(probe["input_ids"], ids[:1]) and probe["attention_mask"].shape == (1, 4)
+    assert probe["return_loss"] is True
+    flattened = {"input_ids": ids, "pixel_values": torch.zeros(7, 5), "image_grid_thw": torch.ones(3, 3)}
+    assert walker.probe_batch(flattened) is None  # Qwen2-VL's patches are not batch-first
+    assert walker.probe_batch({"input_ids": ids[:1]}) is None  # one row already
+    assert walker.probe_batch({"input_ids": ids, "extra": [1, 2, 3]}) is None
+    assert walker.probe_batch({"input_ids": ids, "scale": torch.tensor(2.0)}) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "t5"])
+def test_capture_on_a_probe_row_keeps_every_cached_input_and_runs_the_whole_stage_on_one_row(
+        family, tokenizer, corpus, monkeypatch):
+    """The capture's whole-stage forward and the replay check run on the first row of the first batch; the cached
+    inputs of every batch (hidden states, extra inputs, every block's own where they differ: Gemma 3's per-layer
+    rotary tables and masks, T5's handed-on position bias) are exactly those of a capture without the probe, and
+    the last block sees one row when the blocks share their inputs, every batch when they do not."""
+    model = make_model(family, vocab=len(tokenizer)).eval()
+    batches = make_batches(family, tokenizer, corpus, n=8, batch=4)
+    family_spec = get_family(model)
+    stages = family_spec.stages(model)
+    stage = stages[0]
+    blocks = stage.blocks(model)
+    seen = []
+    handle = blocks[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            probed = walker.capture_stage_inputs(model, stage, stages, batches, torch.device("cpu"))
+            rows_seen = list(seen)
+            monkeypatch.setattr(walker, "probe_batch", lambda batch: None)
+            whole = walker.capture_stage_inputs(model, stage, stages, batches, torch.device("cpu"))
+    finally:
+        handle.remove()
+    per_block = any(own for own in whole.own)
+    probe_calls = [1, 1] if len(blocks) == 2 else [1]  # the real forward, and the replay check's run of block 1
+    assert rows_seen == probe_calls + ([4] * len(batches) if per_block else [])
+    assert per_block == (family != "llama")
+    assert len(probed.hidden) == len(whole.hidden) == len(batches)
+    for i in range(len(batches)):
+        assert torch.equal(probed.hidden[i], whole.hidden[i])
+        for index in range(len(blocks)):
+            (a_args, a_kwargs), (b_args, b_kwargs) = probed.extra(i, index), whole.extra(i, index)
+            assert not walker._differs((a_args, a_kwargs), (b_args, b_kwargs))
+        assert (probed.masks[i] is None) == (whole.masks[i] is None)

@@ -301,18 +301,56 @@ def verify_replay(stage: Stage, blocks: nn.ModuleList, captured: StageInputs, re
         hidden = out
 
 
+def probe_batch(batch: dict) -> dict | None:
+    """The first row of a calibration batch, when that is well defined: every tensor in it is batch-first with the
+    same batch size above one, and every other value is a plain scalar or None (a flattened input such as
+    Qwen2-VL's image patches is not batch-first: no probe). The capture's whole-stage forward and the replay check
+    then run on one row instead of the whole batch."""
+    sizes = set()
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0:
+                return None
+            sizes.add(value.shape[0])
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            return None
+    if len(sizes) != 1 or next(iter(sizes)) < 2:
+        return None
+    return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def capture_stage_inputs(model: nn.Module, stage: Stage, all_stages: list[Stage], batches: list[dict],
                          device: torch.device, *, verify: bool = True) -> StageInputs:
     """The inputs of the stage's first block for every batch (see ``StageInputs``).
 
-    The first batch runs through the whole stage: every block's extra inputs are compared with the first block's
-    (where some differ, e.g. per-layer-type rotary tables, every batch keeps every block's own), and with
-    ``verify`` the first two blocks are replayed against the real forward (``verify_replay``). Later batches stop
-    at the first block when all blocks take the same extra inputs."""
+    One forward runs through the whole stage first, on the first row of the first batch (``probe_batch``; the
+    whole first batch where no row can be taken alone): every block's extra inputs are compared with the first
+    block's, and with ``verify`` the first two blocks are replayed against that real forward (``verify_replay``).
+    Where all blocks take the same extra inputs every batch then stops at the first block; where some differ (e.g.
+    per-layer-type rotary tables) every batch runs the whole stage and keeps every block's own."""
+    blocks = stage.blocks(model)
+    probe = probe_batch(batches[0]) if batches else None
+    if probe is None:
+        captured, _ = _capture(model, stage, all_stages, batches, device, full=True, verify=verify)
+        return captured
+    real: dict[int, torch.Tensor] = {}
+    probed, per_block = _capture(model, stage, all_stages, [probe], device, full=True, verify=verify, real=real)
+    if verify and real:
+        verify_replay(stage, blocks, probed, real, device)
+    captured, _ = _capture(model, stage, all_stages, batches, device, full=per_block, verify=False)
+    return captured
+
+
+def _capture(model: nn.Module, stage: Stage, all_stages: list[Stage], batches: list[dict], device: torch.device, *,
+             full: bool, verify: bool, real: dict | None = None) -> tuple[StageInputs, bool]:
+    """``capture_stage_inputs`` over ``batches``: ``full`` runs the first batch through the whole stage (and every
+    batch, if some block's extra inputs differ from the first block's); returns the inputs and whether they differ.
+    With ``verify`` and no ``real`` given, the replay check runs here; a given ``real`` dict receives the real
+    outputs of blocks 0 and 1 for the caller to check."""
     blocks = stage.blocks(model)
     first, last = blocks[0], len(blocks) - 1
     captured = StageInputs()
-    state: dict[str, Any] = {"full": True, "per_block": False, "raw": {}, "real": {}}
+    state: dict[str, Any] = {"full": full, "per_block": False, "raw": {}, "real": {} if real is None else real}
 
     def grab(module, args, kwargs):
         hidden, args, kwargs = _split_inputs(stage, 0, args, kwargs)
@@ -378,9 +416,9 @@ def capture_stage_inputs(model: nn.Module, stage: Stage, all_stages: list[Stage]
             raise NonFiniteStatisticsError(
                 f"NaN/inf in the inputs of {stage.path}.0 before it was pruned; the model's forward pass "
                 f"overflows in {hidden.dtype} on these inputs ({fix}).")
-    if verify and state["real"]:
+    if verify and real is None and state["real"]:
         verify_replay(stage, blocks, captured, state["real"], device)
-    return captured
+    return captured, state["per_block"]
 
 
 def _run_block(block: nn.Module, inputs: StageInputs, i: int, device: torch.device, index: int = 0,
