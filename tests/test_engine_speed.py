@@ -11,12 +11,12 @@ import torch
 from conftest import FAMILIES, make_batches, make_model
 
 from hf_prune import CalibrationConfig, Pruner, SparseGPTConfig, WandaConfig
-from hf_prune.engine.stats import LinearStats, StatsCollector
 from hf_prune.engine import walker
+from hf_prune.engine.stats import LinearStats, StatsCollector
 from hf_prune.engine.walker import calibration_mode
 from hf_prune.methods.sparsegpt import config as sparsegpt_config
-from hf_prune.models import get_family
 from hf_prune.methods.sparsegpt.ops import inverse_hessian_factor, lower_triangular_inverse, sparsegpt_prune
+from hf_prune.models import get_family
 from hf_prune.patterns import Pattern
 
 CAL = CalibrationConfig(num_samples=8)
