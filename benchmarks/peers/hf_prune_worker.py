@@ -45,10 +45,11 @@ def main() -> None:
     parser.add_argument("--pattern", default="unstructured")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration samples per batch (the peer runs one)")
     args = parser.parse_args()
     pruner = Pruner.from_pretrained(args.model, dtype=torch.float32)
     ids = torch.load(args.calibration)
-    batches = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(8)]
+    batches = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(args.batch_size)]
     calibration = CalibrationConfig(num_samples=len(ids))
     if args.method == "modhifi":
         config = ModHiFiConfig(sparsity=args.sparsity, calibration=calibration)
