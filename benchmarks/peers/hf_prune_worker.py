@@ -10,6 +10,7 @@ import sys
 import time
 
 import torch
+from measure import page_in, rss_now  # this folder is sys.path[0] when a worker runs
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
@@ -20,21 +21,6 @@ CONFIGS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": Spar
            "modhifi": ModHiFiConfig}  # modhifi: --sparsity is the fraction of MLP neurons removed (equal widths)
 
 
-def rss_now() -> int:
-    """The process's resident memory now (VmRSS): what a prune's peak is measured above."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def page_in(model) -> None:
-    """from_pretrained leaves the weights memory-mapped until first read: read every one once, so that the RSS
-    before the prune holds them and the prune's +RSS is its working memory, not the weights paged in."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sum()
 
 
 def main() -> None:

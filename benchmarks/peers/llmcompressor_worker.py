@@ -10,31 +10,7 @@ import json
 import time
 
 import torch
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def rss_now() -> int:
-    """The process's resident memory now (VmRSS): what a prune's peak is measured above."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def page_in(model) -> None:
-    """from_pretrained leaves the weights memory-mapped until first read: read every one once, so that the RSS
-    before the prune holds them and the prune's +RSS is its working memory, not the weights paged in."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sum()
+from measure import page_in, peak_rss, rss_now  # this folder is sys.path[0] when a worker runs
 
 
 def main() -> None:
