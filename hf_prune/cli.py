@@ -255,6 +255,14 @@ def _limit(text: str) -> int | float:
     return int(value) if value.is_integer() else value
 
 
+def _add_task_options(parser: Any, prefix: str) -> None:
+    """The lm-evaluation-harness options ``prune`` (``--eval-...``) and ``eval`` (``--...``) share."""
+    parser.add_argument(f"{prefix}num-fewshot", type=int, default=0, help="few-shot examples per task (default: 0)")
+    parser.add_argument(f"{prefix}limit", type=_limit, default=None,
+                        help="at most this many examples per task (a number below 1: that fraction; default: all)")
+    parser.add_argument(f"{prefix}include-path", default=None, help="a folder of your own lm-eval task YAML files")
+
+
 def _dtype(text: str) -> Any:
     import torch
 
@@ -682,11 +690,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--eval-tasks", default=None,
                     help="lm-evaluation-harness tasks, comma-separated (e.g. boolq,piqa,hellaswag,winogrande,"
                          "arc_easy,arc_challenge,openbookqa); needs hf-prune[eval]")
-    ev.add_argument("--eval-num-fewshot", type=int, default=0, help="few-shot examples per task (default: 0)")
-    ev.add_argument("--eval-limit", type=_limit, default=None,
-                    help="at most this many examples per task (a number below 1: that fraction; default: all)")
+    _add_task_options(ev, prefix="--eval-")
     ev.add_argument("--eval-batch-size", type=int, default=1, help="batch size of the task passes (default: 1)")
-    ev.add_argument("--eval-include-path", default=None, help="a folder of your own lm-eval task YAML files")
     p.add_argument("--resume", action="store_true",
                    help="continue the run checkpointed for this --output (same model, method options and data)")
     p.add_argument("--checkpoint-dir", default=None,
@@ -713,10 +718,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--tasks", default=None,
                    help="lm-evaluation-harness tasks, comma-separated, e.g. boolq,piqa,hellaswag (needs "
                         "hf-prune[eval]; the standard tasks download their data)")
-    e.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per task (default: 0)")
-    e.add_argument("--limit", type=_limit, default=None,
-                   help="at most this many examples per task (a number below 1: that fraction; default: all)")
-    e.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAML files")
+    _add_task_options(e, prefix="--")
     e.add_argument("--revision", default=None, help="Hub revision of MODEL")
     e.add_argument("--token", default=None, help="Hub token for MODEL")
     e.add_argument("--seq-len", type=int, default=None,

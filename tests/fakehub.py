@@ -315,13 +315,9 @@ def _handler(hub: FakeHub) -> type:
 
         def _tree(self, repo_id: str, rev: str, folder: str, *, recursive: bool) -> None:
             """The Hub's file tree (``list_repo_tree``): the files and folders under ``folder`` at ``rev``."""
-            repo = self._repo(repo_id)
-            if repo is None:
-                return None
-            resolved = repo.resolve(rev)
+            resolved = self._revision(repo_id, rev)
             if resolved is None:
-                return self._send(404, b"", headers={"X-Error-Code": "RevisionNotFound",
-                                                    "X-Error-Message": "Invalid rev id"})
+                return None
             _, files = resolved
             prefix = f"{folder}/" if folder else ""
             entries: dict[str, dict] = {}
@@ -340,14 +336,20 @@ def _handler(hub: FakeHub) -> type:
                                                     "X-Error-Message": f"{folder} does not exist on {rev}"})
             return self._send(200, json.dumps(list(entries.values())).encode())
 
-        def _resolve(self, repo_id: str, rev: str, filename: str) -> None:
+        def _revision(self, repo_id: str, rev: str) -> tuple | None:
+            """``(commit, files)`` of ``repo_id`` at ``rev``, or None after answering the Hub's 404 for it."""
             repo = self._repo(repo_id)
             if repo is None:
                 return None
             resolved = repo.resolve(rev)
             if resolved is None:
-                return self._send(404, b"", headers={"X-Error-Code": "RevisionNotFound",
-                                                    "X-Error-Message": "Invalid rev id"})
+                self._send(404, b"", headers={"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"})
+            return resolved
+
+        def _resolve(self, repo_id: str, rev: str, filename: str) -> None:
+            resolved = self._revision(repo_id, rev)
+            if resolved is None:
+                return None
             oid, files = resolved
             if filename not in files:
                 return self._send(404, b"", headers={"X-Error-Code": "EntryNotFound",

@@ -330,27 +330,24 @@ def capture_stage_inputs(model: nn.Module, stage: Stage, all_stages: list[Stage]
     per-layer-type rotary tables) every batch runs the whole stage and keeps every block's own."""
     blocks = stage.blocks(model)
     probe = probe_batch(batches[0]) if batches else None
-    if probe is None:
-        captured, _ = _capture(model, stage, all_stages, batches, device, full=True, verify=verify)
-        return captured
-    real: dict[int, torch.Tensor] = {}
-    probed, per_block = _capture(model, stage, all_stages, [probe], device, full=True, verify=verify, real=real)
+    first = batches if probe is None else [probe]
+    captured, per_block, real = _capture(model, stage, all_stages, first, device, full=True, keep_real=verify)
     if verify and real:
-        verify_replay(stage, blocks, probed, real, device)
-    captured, _ = _capture(model, stage, all_stages, batches, device, full=per_block, verify=False)
+        verify_replay(stage, blocks, captured, real, device)
+    if probe is not None:
+        captured, _, _ = _capture(model, stage, all_stages, batches, device, full=per_block, keep_real=False)
     return captured
 
 
 def _capture(model: nn.Module, stage: Stage, all_stages: list[Stage], batches: list[dict], device: torch.device, *,
-             full: bool, verify: bool, real: dict | None = None) -> tuple[StageInputs, bool]:
+             full: bool, keep_real: bool) -> tuple[StageInputs, bool, dict[int, torch.Tensor]]:
     """``capture_stage_inputs`` over ``batches``: ``full`` runs the first batch through the whole stage (and every
-    batch, if some block's extra inputs differ from the first block's); returns the inputs and whether they differ.
-    With ``verify`` and no ``real`` given, the replay check runs here; a given ``real`` dict receives the real
-    outputs of blocks 0 and 1 for the caller to check."""
+    batch, if some block's extra inputs differ from the first block's). Returns the inputs, whether the blocks'
+    extra inputs differ, and with ``keep_real`` the first batch's real outputs of blocks 0 and 1."""
     blocks = stage.blocks(model)
     first, last = blocks[0], len(blocks) - 1
     captured = StageInputs()
-    state: dict[str, Any] = {"full": full, "per_block": False, "raw": {}, "real": {} if real is None else real}
+    state: dict[str, Any] = {"full": full, "per_block": False, "raw": {}, "real": {}}
 
     def grab(module, args, kwargs):
         hidden, args, kwargs = _split_inputs(stage, 0, args, kwargs)
@@ -370,7 +367,7 @@ def _capture(model: nn.Module, stage: Stage, all_stages: list[Stage], batches: l
 
     def finish(index: int):
         def hook(module, args, output):
-            if state["full"] and verify and index < 2 and len(captured.hidden) == 1:
+            if state["full"] and keep_real and index < 2 and len(captured.hidden) == 1:
                 state["real"][index] = first_tensor(output).detach().cpu()
             if state["full"] and index == last:
                 raise _StopForward
@@ -416,9 +413,7 @@ def _capture(model: nn.Module, stage: Stage, all_stages: list[Stage], batches: l
             raise NonFiniteStatisticsError(
                 f"NaN/inf in the inputs of {stage.path}.0 before it was pruned; the model's forward pass "
                 f"overflows in {hidden.dtype} on these inputs ({fix}).")
-    if verify and real is None and state["real"]:
-        verify_replay(stage, blocks, captured, state["real"], device)
-    return captured, state["per_block"]
+    return captured, state["per_block"], state["real"]
 
 
 def _run_block(block: nn.Module, inputs: StageInputs, i: int, device: torch.device, index: int = 0,
