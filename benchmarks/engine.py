@@ -38,6 +38,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from peers.measure import rss_now  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-2:4", "ria")
 GIB = 2 ** 30
 
@@ -45,13 +47,6 @@ GIB = 2 ** 30
 def intermediate_of(hidden: int) -> int:
     return int(round(hidden * 2.6875 / 16)) * 16
 
-
-def _rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def sparsegpt_floor_flops(hidden: int, intermediate: int, tokens: int, factorization: str | None) -> float:
@@ -76,7 +71,7 @@ def child(args: argparse.Namespace) -> None:
     from hf_prune.models import get_family
     from hf_prune.planner import measure_matmul_flops, plan
 
-    runtime = _rss()  # the interpreter and its imports, before any model exists
+    runtime = rss_now()  # the interpreter and its imports, before any model exists
 
     torch.set_num_threads(args.threads)
     hidden = args.hidden[0]
@@ -125,7 +120,7 @@ def child(args: argparse.Namespace) -> None:
         floor = 2 * forward + args.layers * sparsegpt_floor_flops(
             hidden, intermediate_of(hidden), args.samples * args.tokens, args.factorization) / gemm
     pruner = Pruner(model, None)
-    before = _rss()
+    before = rss_now()
     _reset_vm_hwm()
     profile = []
     start = time.perf_counter()

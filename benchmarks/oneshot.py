@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from peers.measure import rss_now  # noqa: E402
 from pylm_paths import PYLM, PYLM_DATA  # noqa: E402  (this folder is on sys.path when a script here runs)
 
 from hf_prune import CalibrationConfig, MagnitudeConfig, Pruner, RIAConfig, SparseGPTConfig, WandaConfig  # noqa: E402
@@ -38,13 +39,6 @@ from hf_prune.models import get_family  # noqa: E402
 
 METHODS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig, "ria": RIAConfig}
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:
@@ -123,7 +117,7 @@ def main() -> None:
             config = METHODS[method](sparsity=args.sparsity if pattern == "unstructured" else None, pattern=pattern,
                                      calibration=cal, channel_permutation=permute)
             solve_time[0] = 0.0
-            before = rss_bytes()
+            before = rss_now()
             result = Pruner(model, tokenizer).prune(config, progress=False)
             run = result.report["run"]
             ppl = perplexity(model, tokenizer, args.eval, seq_len=args.seq_len, max_windows=args.eval_windows,

@@ -1,6 +1,7 @@
-"""What every worker of ``benchmarks/vs_peers.py`` measures the same way, whichever virtual environment it runs in
-(standard library and torch only, never hf_prune): the process's resident memory from ``/proc/self/status``, and
-the weights paged in before the baseline is read. A worker imports it from its own folder."""
+"""What the benchmarks measure the same way (every worker of ``vs_peers.py``, whichever virtual environment it runs
+in, and ``engine.py`` and ``oneshot.py``), with the standard library and torch only, never hf_prune: the process's
+resident memory from ``/proc/self/status``, and the weights paged in before the baseline is read. A worker imports
+it from its own folder, a script in ``benchmarks/`` as ``peers.measure``."""
 
 from __future__ import annotations
 
